@@ -1,0 +1,295 @@
+"""Frozen, versioned configuration: what to quantize and how.
+
+A :class:`Recipe` *decides* (which module gets which :class:`QuantSpec`); layers and
+quantizers *convert and run*. Every config object round-trips through a plain dict
+(``to_dict`` / ``from_dict``) so that a pack's ``config.json`` records every choice.
+
+Conventions
+-----------
+- ``bits``: 1 (binary, sign x scale when symmetric), 1.58 (ternary {-1, 0, +1} x scale),
+  2, 3, 4, 5, 6, 8.
+- ``group_size``: 32, 64, 128, 256 or 512 weights share a scale (and zero point);
+  ``0`` means per output channel (one group per row), ``-1`` per tensor.
+- ``symmetric``: levels are centred on zero, ``w = s * (q - (L-1)/2)`` with ``L`` levels, so only
+  the scale is free; asymmetric (affine) has a free offset ``w = s * q + b``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DupqError
+
+RECIPE_VERSION = 1
+TERNARY = 1.58
+SUPPORTED_BITS = (1, TERNARY, 2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUPS = (32, 64, 128, 256, 512, 0, -1)
+# group sizes mlx's own affine format (mx.quantize / nn.QuantizedLinear) can express
+MLX_GROUPS = (32, 64, 128)
+MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def parse_bits(value: Any) -> float:
+    """Normalise a bit width (``"1.58"``, ``"ternary"``, ``2``) to an element of SUPPORTED_BITS."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("ternary", "t", "1.58", "1.6"):
+            return TERNARY
+        try:
+            value = float(v)
+        except ValueError:
+            raise DupqError(
+                f"bit width {value!r} is not a number; use one of 1, 1.58 (ternary), 2, 3, 4, 5, 6, 8"
+            ) from None
+    value = float(value)
+    if abs(value - TERNARY) < 0.05:
+        return TERNARY
+    if value.is_integer() and int(value) in SUPPORTED_BITS:
+        return int(value)
+    raise DupqError(
+        f"bit width {value:g} is not supported; use one of 1, 1.58 (ternary), 2, 3, 4, 5, 6, 8"
+    )
+
+
+def parse_group_size(value: Any) -> int:
+    """Normalise a group size; accepts ints and the words ``channel`` / ``tensor``."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("channel", "per-channel", "row"):
+            return 0
+        if v in ("tensor", "per-tensor"):
+            return -1
+        try:
+            value = int(v)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_GROUPS:
+        raise DupqError(
+            f"group size {value!r} is not supported; use 32, 64, 128, 256, 512, "
+            "0 (per channel) or -1 (per tensor)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight matrix is quantized (round-to-nearest unless a recipe says more)."""
+
+    bits: float = 2
+    group_size: int = 64
+    symmetric: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+        object.__setattr__(self, "group_size", parse_group_size(self.group_size))
+        object.__setattr__(self, "symmetric", bool(self.symmetric))
+
+    @property
+    def ternary(self) -> bool:
+        return self.bits == TERNARY
+
+    @property
+    def levels(self) -> int:
+        """Number of quantization levels (3 for ternary)."""
+        return 3 if self.ternary else 2 ** int(self.bits)
+
+    @property
+    def mlx_native(self) -> bool:
+        """True when mlx's own affine format stores this exactly (nn.QuantizedLinear)."""
+        return (not self.ternary) and self.bits in MLX_BITS and self.group_size in MLX_GROUPS
+
+    def group_for(self, in_features: int) -> int:
+        """Actual number of weights per group for a row of ``in_features`` weights."""
+        if self.group_size in (0, -1):
+            return in_features
+        return self.group_size
+
+    def fit(self, in_features: int) -> "QuantSpec":
+        """The spec adjusted so that groups tile a row of ``in_features`` weights.
+
+        A group size that does not divide the row falls back to the largest supported
+        smaller one that does (e.g. 128 -> 64 for SmolLM2's 576-wide rows). The caller
+        records the adjusted spec, so the fallback is visible in the pack.
+        """
+        if self.group_size in (0, -1) or in_features % self.group_size == 0:
+            return self
+        for g in (512, 256, 128, 64, 32):
+            if g < self.group_size and in_features % g == 0:
+                return dataclasses.replace(self, group_size=g)
+        return dataclasses.replace(self, group_size=0)
+
+    def label(self) -> str:
+        b = "t" if self.ternary else f"{int(self.bits)}"
+        g = {0: "ch", -1: "tensor"}.get(self.group_size, str(self.group_size))
+        return f"w{b}g{g}{'s' if self.symmetric else ''}"
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise DupqError(f"unknown quantization option(s) {sorted(unknown)}; known: bits, group_size, symmetric")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``pattern`` (a regular expression searched in the module path) -> spec, or full precision."""
+
+    pattern: str
+    spec: QuantSpec | None  # None keeps the module in full precision
+
+    def matches(self, path: str) -> bool:
+        return re.search(self.pattern, path) is not None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"pattern": self.pattern}
+        d.update({"keep": True} if self.spec is None else self.spec.to_dict())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rule":
+        d = dict(d)
+        if "pattern" not in d:
+            raise DupqError(f"recipe rule {d} has no 'pattern'")
+        pattern = d.pop("pattern")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise DupqError(f"recipe rule pattern {pattern!r} is not a valid regular expression ({e})") from None
+        if d.pop("keep", False):
+            return cls(pattern, None)
+        return cls(pattern, QuantSpec.from_dict(d))
+
+
+ROUTER_PATTERN = r"(^|\.)(router|gate|shared_expert_gate)$"
+EMBED_PATTERN = r"(^|\.)(embed_tokens|wte|tok_embeddings)$"
+LM_HEAD_PATTERN = r"(^|\.)(lm_head|output)$"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, versioned set of per-module quantization decisions.
+
+    Resolution order for a module path: explicit ``rules`` (first match wins), then the
+    router / embedding / lm_head roles, then ``default``.
+    """
+
+    name: str = "rtn"
+    description: str = ""
+    version: int = RECIPE_VERSION
+    default: QuantSpec = field(default_factory=QuantSpec)
+    embed: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=8, group_size=64))
+    lm_head: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=8, group_size=64))
+    rules: tuple[Rule, ...] = ()
+    router_full_precision: bool = True
+    dtype: str = "float16"  # storage dtype of scales and unquantized tensors
+
+    def __post_init__(self):
+        if self.dtype not in STORAGE_DTYPES:
+            raise DupqError(f"storage dtype {self.dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
+        if self.version > RECIPE_VERSION:
+            raise DupqError(
+                f"recipe {self.name!r} has version {self.version}, newer than this mlx-dupq "
+                f"understands ({RECIPE_VERSION}); upgrade mlx-dupq"
+            )
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    def spec_for(self, path: str) -> QuantSpec | None:
+        """The spec for the module at ``path`` (None = keep full precision)."""
+        for rule in self.rules:
+            if rule.matches(path):
+                return rule.spec
+        if self.router_full_precision and re.search(ROUTER_PATTERN, path):
+            return None
+        if re.search(EMBED_PATTERN, path):
+            return self.embed
+        if re.search(LM_HEAD_PATTERN, path):
+            return self.lm_head
+        return self.default
+
+    def with_overrides(self, **kw: Any) -> "Recipe":
+        """A copy with ``default`` fields (bits, group_size, symmetric) or recipe fields replaced."""
+        spec_kw = {k: kw.pop(k) for k in ("bits", "group_size", "symmetric") if kw.get(k) is not None}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        out = self
+        if spec_kw:
+            out = dataclasses.replace(out, default=dataclasses.replace(out.default, **spec_kw))
+        if kw:
+            out = dataclasses.replace(out, **kw)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "version": self.version,
+            "default": self.default.to_dict(),
+            "embed": None if self.embed is None else self.embed.to_dict(),
+            "lm_head": None if self.lm_head is None else self.lm_head.to_dict(),
+            "rules": [r.to_dict() for r in self.rules],
+            "router_full_precision": self.router_full_precision,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DupqError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+
+        def spec(v):
+            if v is None or v is False or (isinstance(v, dict) and v.get("keep")):
+                return None
+            return QuantSpec.from_dict(v)
+
+        for key in ("embed", "lm_head"):
+            if key in d:
+                d[key] = spec(d[key])
+        if "default" in d:
+            d["default"] = QuantSpec.from_dict(d["default"])
+        if "rules" in d:
+            d["rules"] = tuple(Rule.from_dict(r) for r in d["rules"])
+        return cls(**d)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in ``recipes/``."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str | Path | None) -> Recipe:
+    """A recipe from a shipped name (``recipes/NAME.toml``), a TOML/JSON file, or the default."""
+    if name_or_path is None:
+        return Recipe()
+    p = Path(name_or_path)
+    if not p.exists():
+        p = RECIPES_DIR / f"{name_or_path}.toml"
+    if not p.exists():
+        shipped = ", ".join(list_recipes()) or "none"
+        raise DupqError(f"recipe {str(name_or_path)!r} not found (shipped recipes: {shipped}; or pass a .toml file)")
+    try:
+        if p.suffix == ".json":
+            import json
+
+            data = json.loads(p.read_text())
+        else:
+            data = tomllib.loads(p.read_text())
+    except (ValueError, OSError) as e:
+        raise DupqError(f"recipe file {p} could not be read ({e}); fix its syntax") from None
+    data.setdefault("name", p.stem)
+    return Recipe.from_dict(data)

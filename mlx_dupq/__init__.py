@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def convert(*args, **kwargs):
-    """Convert a model to an mlx-dupq pack; see :func:`mlx_dupq.convert.convert`."""
-    from .convert import convert as _convert
+    """Convert a model to an mlx-dupq pack; see :func:`mlx_dupq.pipeline.convert`."""
+    from .pipeline import convert as _convert
 
     return _convert(*args, **kwargs)
 

@@ -209,3 +209,31 @@ def open_source(model: str | Path) -> Source:
         f"{s} does not exist; pass a local model directory, a .gguf file, a Hugging Face repo id "
         f"(org/name) or a named model ({names})"
     )
+
+
+def write_hf_dir(src: Source, path: str | Path, dtype: str = "float32") -> Path:
+    """Write ``src`` as a plain Hugging Face directory (config.json + safetensors + tokenizer).
+
+    Used to hand a GGUF model to tools that only read Hugging Face directories (e.g. mlx-lm's
+    own ``convert``), streaming one group of tensors per shard. Written to a temp dir, then renamed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dt = getattr(mx, dtype)
+    weight_map = {}
+    groups = src.groups()
+    for i, (_, keys) in enumerate(groups):
+        shard = {k: src.get(k).astype(dt) for k in keys}
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        mx.save_safetensors(str(tmp / name), shard, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        del shard
+    config = dict(src.config, torch_dtype=dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    src.save_tokenizer(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path

@@ -5,7 +5,11 @@ A weight ``w`` of shape ``(..., in)`` is cut along its last axis into groups of 
 ``b``; each weight an integer code ``q`` in ``[0, L-1]`` (``L = spec.levels``)::
 
     asymmetric:  w_hat = s * q + b
-    symmetric:   w_hat = s * (q - (L - 1) / 2)        (b is implied: -s * (L-1)/2)
+    symmetric:   w_hat = s * q + b,  b = -s * (L - 1) / 2 rounded to the scales' dtype
+
+The symmetric offset is implied, never stored by us; it is rounded to the storage dtype
+(:func:`symmetric_offsets`) because that is the exact bias mlx's affine kernels (which always
+take a bias) run with, so the grid a quantizer optimises is the grid that is executed.
 
 Per-tensor quantization (group_size -1) stores one scale for the whole tensor, broadcast
 over rows here as ``(..., 1)`` with identical values. Quantizers (RTN, GPTQ, scale search)
@@ -49,7 +53,17 @@ class QTensor:
         """Per-group offset ``b`` (..., n_groups), float32, for both symmetric and asymmetric."""
         if self.biases is not None:
             return self.biases.astype(mx.float32)
-        return -self.scales.astype(mx.float32) * ((self.spec.levels - 1) / 2)
+        return symmetric_offsets(self.scales, self.spec.levels).astype(mx.float32)
+
+
+def symmetric_offsets(scales: mx.array, levels: int) -> mx.array:
+    """Implied offset of a symmetric grid: ``-s * (L-1)/2`` in the dtype of ``scales``.
+
+    (..., n) -> (..., n). The product is formed in float32 (exact for fp16/bf16 scales) and
+    rounded once to the storage dtype, so every consumer (packer, kernels, quantizers) agrees
+    bit for bit.
+    """
+    return (-(scales.astype(mx.float32) * ((levels - 1) / 2))).astype(scales.dtype)
 
 
 def grouped(w: mx.array, group: int) -> mx.array:

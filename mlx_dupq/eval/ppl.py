@@ -1,0 +1,112 @@
+"""Perplexity with the standard GPTQ / QuaRot protocol.
+
+1. The whole text is tokenized once with the tokenizer's default special tokens. A tokenizer
+   that adds BOS (Llama, SmolLM2) adds exactly one, at the start of the stream, so it lands in
+   the first window only; Qwen's adds none. Windows never get a BOS of their own (as in GPTQ).
+2. The ids are cut into non-overlapping windows of ``ctx`` tokens; the remainder is dropped.
+3. Each window is run from an empty context; token ``t`` (t = 2..ctx) is predicted from tokens
+   ``1..t-1``, so a window contributes ``ctx - 1`` predictions.
+4. ``nll`` = mean negative log-likelihood over all predictions of all windows; ``ppl = exp(nll)``.
+   This equals GPTQ's ``exp(sum(mean_loss_w * ctx) / (W * ctx))`` since every window scores the
+   same number of predictions.
+
+Memory: the model returns (batch, ctx, vocab) logits (1.2 GB in float32 for Qwen's 152k vocab at
+ctx 2048, batch 1). The loss is computed from them in row chunks of about 256 MB, each cast to
+float32 on its own, so peak memory is the model's logits plus one chunk, never a second full
+float32 copy. ``batch_size`` windows run per forward pass: memory grows linearly with it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import DupqError
+from .data import tokenize
+
+CHUNK_BYTES = 256 << 20  # float32 logits per loss chunk
+
+
+def windows_of(ids: np.ndarray, ctx: int, windows: int | None = None) -> np.ndarray:
+    """(T,) token ids -> (W, ctx) non-overlapping windows, remainder dropped, first ``windows`` only."""
+    total = len(ids) // ctx
+    if total < 1:
+        raise DupqError(
+            f"the text has {len(ids)} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx"
+        )
+    n = total if windows is None else min(windows, total)
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+def token_nll_sum(logits: mx.array, targets: mx.array) -> float:
+    """Sum over positions of ``-log softmax(logits)[target]``, computed in float32.
+
+    logits: (B, L, V), any float dtype (may be a strided slice); targets: (B, L) int -> python
+    float. Rows are processed in chunks of ~CHUNK_BYTES, one float32 chunk at a time; nothing
+    else of size (L, V) is copied."""
+    B, L, V = logits.shape
+    rows = max(1, CHUNK_BYTES // (4 * V))
+    total = 0.0
+    for b in range(B):
+        for s in range(0, L, rows):
+            chunk = logits[b, s : s + rows].astype(mx.float32)  # (r, V)
+            t = targets[b, s : s + rows]
+            picked = mx.take_along_axis(chunk, t[:, None], axis=-1)[:, 0]
+            nll = mx.logsumexp(chunk, axis=-1) - picked  # stable log-softmax
+            total += float(nll.sum().item())
+    return total
+
+
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    ctx: int = 2048,
+    windows: int | None = None,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Perplexity of ``model`` on ``text`` (see the module docstring for the protocol).
+
+    ``model(tokens)``: (B, ctx) int -> (B, ctx, vocab) logits (an mlx-lm model).
+    ``windows``: score only the first N windows (all when None; fewer if the text is shorter —
+    the result's ``windows`` says how many were scored). ``progress(done, total)`` is called
+    after each batch with window counts.
+
+    Returns ``{"ppl", "nll", "ctx", "windows", "tokens", "text_tokens", "seconds"}`` where
+    ``tokens`` is the number of predicted tokens (``windows * (ctx - 1)``) and ``text_tokens``
+    the length of the tokenized text."""
+    if ctx < 2:
+        raise DupqError(f"context length {ctx} is too short; use --ctx 2 or more (2048 is standard)")
+    if windows is not None and windows < 1:
+        raise DupqError(f"--windows {windows} must be at least 1 (or left out for all windows)")
+    if batch_size < 1:
+        raise DupqError(f"batch size {batch_size} must be at least 1")
+    t0 = time.perf_counter()
+    ids = tokenize(tokenizer, text)
+    wins = windows_of(ids, ctx, windows)
+    n = len(wins)
+    total_nll = 0.0
+    for s in range(0, n, batch_size):
+        x = mx.array(wins[s : s + batch_size])
+        logits = model(x)
+        mx.eval(logits)
+        total_nll += token_nll_sum(logits[:, :-1, :], x[:, 1:])
+        del logits
+        if progress is not None:
+            progress(min(s + batch_size, n), n)
+    predicted = n * (ctx - 1)
+    nll = total_nll / predicted
+    return {
+        "ppl": math.exp(nll) if nll < 700 else math.inf,
+        "nll": nll,
+        "ctx": ctx,
+        "windows": n,
+        "tokens": predicted,
+        "text_tokens": int(len(ids)),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,78 @@
+"""``load(MODEL) -> (model, tokenizer)`` for every kind of MODEL.
+
+- an mlx-dupq pack: rebuilt exactly from its config.json (:func:`mlx_dupq.io.pack.load_pack`);
+- an mlx-lm model directory (``quantization`` in config.json): mlx-lm's own loader;
+- anything :func:`mlx_dupq.io.source.open_source` accepts (named model, .gguf, HF directory,
+  hub id): the float model, dequantized, in ``compute_dtype`` — the "full-precision reference".
+
+Models are mlx-lm ``nn.Module``s; tokenizers mlx-lm ``TokenizerWrapper``s. On the CPU compute
+in float32 (mlx's CPU build runs fp16/bf16 quantized matmuls ~9x slower).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import DupqError
+from . import pack as packio
+from .source import open_source
+
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _tokenizer(path: Path, config: dict):
+    from mlx_lm.utils import load_tokenizer
+
+    eos = config.get("eos_token_id")
+    try:
+        return load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    except Exception as e:
+        raise DupqError(f"could not load the tokenizer from {path} ({type(e).__name__}: {e})") from None
+
+
+def load_model(model: str | Path, compute_dtype: str = "float32", lazy: bool = False) -> tuple[nn.Module, dict, Path]:
+    """(model, config, tokenizer directory) for MODEL; see the module docstring."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise DupqError(f"compute dtype {compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+    p = Path(str(model)).expanduser()
+    if p.is_dir() and packio.is_pack(p):
+        m, config = packio.load_pack(p, compute_dtype=compute_dtype, lazy=lazy)
+        return m, config, p
+    if p.is_dir() and (p / "config.json").exists() and "quantization" in packio.read_config(p):
+        from mlx_lm.utils import load_model as mlx_load_model
+
+        try:
+            m, config = mlx_load_model(p, lazy=True)
+        except Exception as e:
+            raise DupqError(f"mlx-lm could not load {p} ({type(e).__name__}: {e})") from None
+        packio.cast_floats(m, getattr(mx, compute_dtype))
+        if not lazy:
+            mx.eval(m.parameters())
+        return m, config, p
+
+    src = open_source(model)
+    from ..pipeline import build_skeleton
+
+    m = build_skeleton(src.config)
+    weights = {k: src.get(k) for k in src.keys()}
+    if hasattr(m, "sanitize"):
+        weights = m.sanitize(weights)
+    dtype = getattr(mx, compute_dtype)
+    weights = [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
+    m.eval()
+    try:
+        m.load_weights(weights, strict=True)
+    except ValueError as e:
+        raise DupqError(f"the weights of {src.name} do not match its config ({e})") from None
+    if not lazy:
+        mx.eval(m.parameters())
+    return m, src.config, src.tokenizer_dir()
+
+
+def load(model: str | Path, compute_dtype: str = "float32", lazy: bool = False):
+    """Load MODEL as ``(model, tokenizer)``; MODEL is a pack, mlx-lm dir, HF dir, .gguf, name or hub id."""
+    m, config, tok_dir = load_model(model, compute_dtype=compute_dtype, lazy=lazy)
+    return m, _tokenizer(tok_dir, config)

@@ -1,0 +1,260 @@
+"""The mlx-dupq pack: a self-describing MLX model directory.
+
+Layout (a superset of an mlx-lm model directory)::
+
+    config.json                  the source model's config, plus
+                                   "quantization": mlx-lm's per-layer map (so mlx_lm.load works
+                                                   when every quantized layer uses mlx's format)
+                                   "mlx_dupq":     format version, recipe, every module's entry
+                                                   (kind, format, bits, group size, ...), source,
+                                                   parameter count, stored bytes, all-in bpw
+    model-NNNNN-of-MMMMM.safetensors   one file per streamed group (decoder layer / tensor)
+    model.safetensors.index.json
+    tokenizer.json, tokenizer_config.json, ...
+
+A module whose entry has ``format: "mlx"`` is an ``nn.QuantizedLinear`` / ``QuantizedEmbedding``
+/ ``QuantizedSwitchLinear``; ``format: "dupq"`` is one of our layers (ternary, groups of
+256/512, per-channel, per-tensor). ``load_pack`` rebuilds exactly what the entries say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from ..errors import DupqError
+
+PACK_FORMAT_VERSION = 1
+PROGRESS_FILE = "progress.json"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def mlx_quantization_map(entries: dict[str, dict]) -> dict:
+    """mlx-lm's ``quantization`` config: per-path {group_size, bits} for mlx-format modules.
+
+    Modules in our own format are mapped to False so mlx-lm never re-quantizes them.
+    """
+    native = [e for e in entries.values() if e["format"] == "mlx"]
+    first = native[0] if native else {"group_size": 64, "bits": 4}
+    q: dict = {"group_size": first["group_size"], "bits": int(first["bits"]), "mode": "affine"}
+    for path, e in sorted(entries.items()):
+        q[path] = {"group_size": e["group_size"], "bits": int(e["bits"])} if e["format"] == "mlx" else False
+    return q
+
+
+class PartialState:
+    """An in-progress conversion directory (``OUT.partial``) and its progress record."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root = root
+        self.data = data
+
+    @property
+    def done(self) -> dict[str, dict]:
+        return self.data["done"]
+
+    @classmethod
+    def open(cls, root: Path, fingerprint: str, recipe: dict, n_groups: int, resume: bool) -> "PartialState":
+        progress = root / PROGRESS_FILE
+        if resume and progress.exists():
+            try:
+                data = json.loads(progress.read_text())
+            except ValueError:
+                raise DupqError(f"{progress} is damaged; pass --force to start the conversion over") from None
+            if data.get("fingerprint") != fingerprint or data.get("recipe") != recipe or data.get("n_groups") != n_groups:
+                raise DupqError(
+                    f"{root} was started with another model or recipe; pass --force to start over"
+                )
+            for rec in data["done"].values():  # a group whose file vanished is redone
+                if rec.get("file") and not (root / rec["file"]).exists():
+                    data["done"] = {k: v for k, v in data["done"].items() if v is not rec}
+            return cls(root, data)
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        data = {"fingerprint": fingerprint, "recipe": recipe, "n_groups": n_groups, "done": {}}
+        state = cls(root, data)
+        _write_json_atomic(progress, data)
+        return state
+
+    def write_group(
+        self, index: int, name: str, arrays: dict[str, mx.array], entries: dict[str, dict], n_params: int, bits: int
+    ) -> None:
+        """Write one group's tensors to its shard and record it as done."""
+        fname = None
+        if arrays:
+            fname = shard_name(index, self.data["n_groups"])
+            tmp = self.root / f"tmp-{fname}"
+            mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
+            os.replace(tmp, self.root / fname)
+        self.done[name] = {
+            "file": fname,
+            "keys": sorted(arrays),
+            "entries": entries,
+            "n_params": n_params,
+            "bits": bits,
+        }
+        _write_json_atomic(self.root / PROGRESS_FILE, self.data)
+
+    def finish(self, src, recipe) -> dict:
+        """Write config.json, the index and the tokenizer; return the pack summary."""
+        entries: dict[str, dict] = {}
+        weight_map: dict[str, str] = {}
+        n_params = 0
+        bits = 0
+        for rec in self.done.values():
+            entries.update(rec["entries"])
+            n_params += rec["n_params"]
+            bits += rec["bits"]
+            for k in rec["keys"]:
+                weight_map[k] = rec["file"]
+        stored_bytes = bits // 8
+        bpw = bits / n_params if n_params else 0.0
+        config = dict(src.config)
+        config["quantization"] = mlx_quantization_map(entries)
+        config["quantization_config"] = config["quantization"]
+        config["mlx_dupq"] = {
+            "format_version": PACK_FORMAT_VERSION,
+            "source": {"name": src.name, "fingerprint": src.fingerprint()},
+            "recipe": recipe.to_dict(),
+            "n_params": n_params,
+            "stored_bytes": stored_bytes,
+            "bits_per_weight": bpw,
+            "modules": dict(sorted(entries.items())),
+        }
+        _write_json_atomic(self.root / "config.json", config)
+        index = {"metadata": {"total_size": stored_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json_atomic(self.root / "model.safetensors.index.json", index)
+        src.save_tokenizer(self.root)
+        (self.root / PROGRESS_FILE).unlink()
+        return config["mlx_dupq"]
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+
+
+def read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        raise DupqError(f"config.json not found in {path} (expected a Hugging Face model directory or a .gguf file)")
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError as e:
+        raise DupqError(f"{cfg} is not valid JSON ({e})") from None
+
+
+def is_pack(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    try:
+        return "mlx_dupq" in json.loads((p / "config.json").read_text())
+    except ValueError:
+        return False
+
+
+def _load_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise DupqError(f"no model*.safetensors in {path}; the pack is incomplete, convert it again")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise DupqError(f"{f} could not be read ({e}); the pack is damaged, convert it again") from None
+    return weights
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast every floating parameter (weights, scales, biases, norms) to ``dtype`` in place."""
+    model.update(
+        tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
+
+
+def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild a pack's model exactly as its config.json records it."""
+    from ..pipeline import build_skeleton
+    from ..layers.quant_linear import build_module
+
+    path = Path(path)
+    config = read_config(path)
+    meta = config.get("mlx_dupq")
+    if meta is None:
+        raise DupqError(f"{path} is not an mlx-dupq pack (no 'mlx_dupq' section in config.json)")
+    if meta.get("format_version", 0) > PACK_FORMAT_VERSION:
+        raise DupqError(f"{path} was written by a newer mlx-dupq (pack format {meta['format_version']}); upgrade")
+    model = build_skeleton(config)
+    weights = _load_weights(path)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    entries: dict[str, dict] = meta["modules"]
+    mods = dict(model.named_modules())
+
+    native = {p: e for p, e in entries.items() if e["format"] == "mlx"}
+    if native:
+        nn.quantize(
+            model,
+            class_predicate=lambda p, m: (
+                {"group_size": native[p]["group_size"], "bits": int(native[p]["bits"])} if p in native else False
+            ),
+        )
+    custom = []
+    for p, e in entries.items():
+        if e["format"] == "mlx":
+            continue
+        if p not in mods:
+            raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
+        has_bias = f"{p}.bias" in weights
+        custom.append((p, build_module(e["kind"], tuple(e["shape"]), e, has_bias)))
+    if custom:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(custom))
+    rotations = meta.get("online_rotations")
+    if rotations:
+        from ..layers.online_rotation import apply_online_rotations
+
+        apply_online_rotations(model, rotations)
+    model.eval()
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise DupqError(f"the weights in {path} do not match its config.json ({e}); convert it again") from None
+    cast_floats(model, getattr(mx, compute_dtype))
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def pack_summary(path: str | Path) -> dict:
+    """The per-module choices and all-in numbers of a pack (for ``inspect``)."""
+    config = read_config(Path(path))
+    meta = config.get("mlx_dupq")
+    if meta is None:
+        raise DupqError(f"{path} is not an mlx-dupq pack")
+    return meta
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(int(v.size) for _, v in tree_flatten(model.parameters()))

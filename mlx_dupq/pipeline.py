@@ -1,0 +1,220 @@
+"""Streaming conversion: a float model in, an mlx-dupq pack out, one layer at a time.
+
+The recipe decides every module's :class:`~mlx_dupq.config.QuantSpec`; this module only
+walks the source, quantizes and writes. Peak memory is about one decoder layer (plus the
+largest single non-layer tensor, e.g. the embedding), never the whole model.
+
+Crash safety: everything is written into ``OUT.partial/`` and renamed to ``OUT`` at the end.
+Each finished group (one decoder layer, or one non-layer tensor) is recorded in
+``OUT.partial/progress.json``; ``resume=True`` continues an interrupted conversion without
+redoing those groups.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import Recipe, load_recipe
+from .errors import DupqError
+from .io import pack as packio
+from .io.source import Source, open_source
+from .quant.bpw import tensor_bits
+from .layers.quant_linear import quantize_tensor
+
+Progress = Callable[[str, int, int], None]  # (message, done, total)
+CHUNK_ELEMS = 1 << 26  # quantize big tensors in row blocks of ~64M weights
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    bits_per_weight: float
+    n_params: int
+    stored_bytes: int
+    seconds: float
+    groups_total: int
+    groups_resumed: int
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """'linear' | 'embedding' | 'switch_linear' for quantizable modules, else None."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, SwitchLinear):
+        return "switch_linear"
+    return None
+
+
+def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dict]:
+    """quantize_tensor over row blocks so that temporaries stay small; same result.
+
+    Row blocks are independent for group / channel granularity; per-tensor (-1) needs the
+    whole tensor and is quantized in one piece.
+    """
+    rows = w.shape[-2] if w.ndim >= 2 else 1
+    if w.ndim != 2 or spec.group_size == -1 or w.size <= CHUNK_ELEMS:
+        return quantize_tensor(w, spec, dtype)
+    step = max(1, CHUNK_ELEMS // w.shape[-1])
+    parts: list[dict[str, mx.array]] = []
+    entry: dict = {}
+    for r in range(0, rows, step):
+        arrays, entry = quantize_tensor(w[r : r + step], spec, dtype)
+        mx.eval(arrays)
+        parts.append(arrays)
+    merged = {k: mx.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+    mx.eval(merged)
+    return merged, entry
+
+
+def _fail_write(path: Path, e: OSError) -> DupqError:
+    return DupqError(
+        f"could not write {path} ({e.strerror or e}); free disk space or choose another output "
+        "directory, then rerun with --resume"
+    )
+
+
+def _stream_groups(src: Source) -> list[tuple[str, list[str]]]:
+    """Decoder layers as groups; every non-layer tensor (embedding, norm, lm_head) on its own."""
+    out: list[tuple[str, list[str]]] = []
+    for name, keys in src.groups():
+        if name == "other":
+            out += [(k, [k]) for k in keys]
+        else:
+            out.append((name, keys))
+    return out
+
+
+def build_skeleton(config: dict) -> nn.Module:
+    """The mlx-lm model for ``config`` with lazy (never evaluated) random weights."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError:
+        raise DupqError(
+            f"model type {config.get('model_type')!r} is not supported by mlx-lm; "
+            "use a Qwen2/Qwen3/Llama/DeepSeek-MoE style model"
+        ) from None
+    try:
+        return model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, ValueError) as e:
+        raise DupqError(f"config.json does not describe a valid {config.get('model_type')} model ({e})") from None
+
+
+def convert(
+    model: str | Path,
+    out: str | Path,
+    recipe: Recipe | str | Path | None = None,
+    *,
+    bits: float | str | None = None,
+    group_size: int | str | None = None,
+    symmetric: bool | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Quantize ``model`` (named model, HF dir, hub id or .gguf) into the pack directory ``out``.
+
+    ``bits`` / ``group_size`` / ``symmetric`` override the recipe's default spec; ``dtype``
+    its storage dtype. Returns where the pack went and its all-in bits per weight.
+    """
+    t0 = time.time()
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rec = rec.with_overrides(bits=bits, group_size=group_size, symmetric=symmetric, dtype=dtype)
+    out = Path(out).expanduser()
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not force:
+        raise DupqError(f"output {out} already exists; pass --force to overwrite it or choose another -o")
+    if partial.exists() and not resume:
+        if not force:
+            raise DupqError(
+                f"{partial} holds an interrupted conversion; pass --resume to continue it or --force to start over"
+            )
+        shutil.rmtree(partial)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _fail_write(out.parent, e) from None
+
+    src = open_source(model)
+    skeleton = build_skeleton(src.config)
+    modules = dict(skeleton.named_modules())
+    groups = _stream_groups(src)
+    storage = getattr(mx, rec.dtype)
+
+    state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
+    resumed = len(state.done)
+    say = progress or (lambda *a: None)
+    for gi, (gname, keys) in enumerate(groups):
+        say(f"quantizing {gname}", gi, len(groups))
+        if gname in state.done:
+            continue
+        weights = {k: src.get(k) for k in keys}
+        if hasattr(skeleton, "sanitize"):
+            weights = skeleton.sanitize(weights)
+        n_params = sum(int(v.size) for v in weights.values()) if weights else 0
+        arrays: dict[str, mx.array] = {}
+        entries: dict[str, dict] = {}
+        for key in sorted(weights):
+            w = weights[key]
+            path, _, param = key.rpartition(".")
+            mod = modules.get(path)
+            kind = module_kind(mod) if mod is not None else None
+            spec = rec.spec_for(path) if kind and param == "weight" else None
+            if spec is None:
+                arrays[key] = w.astype(storage) if mx.issubdtype(w.dtype, mx.floating) else w
+                continue
+            fitted = spec.fit(w.shape[-1])
+            q_arrays, entry = quantize_chunked(w, fitted, storage)
+            entry = dict(entry, kind=kind, shape=list(w.shape))
+            if fitted != spec:
+                entry["requested_group_size"] = spec.group_size
+            entries[path] = entry
+            for suffix, a in q_arrays.items():
+                arrays[f"{path}.{suffix}"] = a
+        del weights
+        mx.eval(arrays)
+        try:
+            state.write_group(gi, gname, arrays, entries, n_params, tensor_bits(arrays))
+        except OSError as e:
+            raise _fail_write(partial, e) from None
+        del arrays
+        mx.clear_cache()
+    say("writing config and tokenizer", len(groups), len(groups))
+
+    try:
+        info = state.finish(src, rec)
+    except OSError as e:
+        raise _fail_write(partial, e) from None
+    try:
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(out)
+    except OSError as e:
+        raise _fail_write(out, e) from None
+    return ConvertResult(
+        path=out,
+        bits_per_weight=info["bits_per_weight"],
+        n_params=info["n_params"],
+        stored_bytes=info["stored_bytes"],
+        seconds=time.time() - t0,
+        groups_total=len(groups),
+        groups_resumed=resumed,
+    )

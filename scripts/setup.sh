@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up mlx-dupq on a fresh Linux or macOS machine: a fast BLAS for MLX's CPU build, then the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ "$(uname -s)" = "Linux" ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] \
+   && [ ! -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing OpenBLAS (libopenblas0-pthread) for fast fp32 matmuls"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null) \
+      || echo "setup: warning: could not install libopenblas0-pthread; everything works, only slower"
+  else
+    echo "setup: note: install libopenblas0-pthread (as root) to make MLX's CPU matmuls ~50x faster"
+  fi
+fi
+"$PY" -m pip install -q --disable-pip-version-check -e .
+echo "setup: done ($("$PY" -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__)'))"

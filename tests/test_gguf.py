@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import gguf
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io.gguf import GGUFSource, llama3_rope_scaling, unpermute_qk
 
@@ -454,3 +454,26 @@ def test_open_source_dispatches_gguf(tmp_path):
     assert isinstance(src, GGUFSource)
     groups = src.groups()
     assert groups[0][0] == "other" and [g for g, _ in groups[1:]] == ["layer.0", "layer.1"]
+
+
+@pytest.mark.parametrize(
+    "model_type,kind,expected",
+    [
+        ("qwen2", gguf.RopeScalingType.LINEAR, {"type": "linear", "factor": 2.0}),
+        ("qwen3", gguf.RopeScalingType.YARN, {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}),
+    ],
+)
+def test_rope_scaling_metadata_reaches_the_model(tmp_path, model_type, kind, expected):
+    def scaling(w):
+        w.add_rope_scaling_type(kind)
+        w.add_rope_scaling_factor(2.0)
+        w.add_rope_scaling_orig_ctx_len(128)
+
+    path, ref, _ = make_float_gguf(tmp_path, model_type, extra=scaling)
+    src = GGUFSource(path)
+    assert expected.items() <= src.config["rope_scaling"].items()
+    model = model_from_source(src)
+    # scaled RoPE changes attention at positions > 0: the logits differ from the unscaled model
+    a, b = logits(model), logits(ref)
+    np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-5, atol=1e-5)
+    assert np.abs(a[:, 1:] - b[:, 1:]).max() > 1e-3

@@ -50,16 +50,17 @@ def close(a, b, scale):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
-def test_linear_forward_equals_dequantized_matmul(spec):
+@pytest.mark.parametrize("lead", [(1,), (3, 7)], ids=["decode", "batch"])  # packed kernel / CPU dense rule
+def test_linear_forward_equals_dequantized_matmul(spec, lead):
     w = mx.random.normal((48, 512), key=mx.random.key(1)) * 0.05
-    x = mx.random.normal((3, 7, 512), key=mx.random.key(2))
+    x = mx.random.normal((*lead, 512), key=mx.random.key(2))
     bias = mx.random.normal((48,), key=mx.random.key(3))
     arrays, entry = quantize_tensor(w, spec, mx.float16)
     m = loaded("linear", (48, 512), arrays, entry, bias)
     assert isinstance(m, nn.QuantizedLinear if spec.mlx_native else DupqLinear)
     ref = x @ ref_weight(arrays, entry).T + bias
     y = m(x)
-    assert y.shape == (3, 7, 48) and y.dtype == mx.float32
+    assert y.shape == (*lead, 48) and y.dtype == mx.float32
     assert close(y, ref, mx.max(mx.abs(ref)).item())
     # the module's parameters are exactly the pack's arrays (checked after the first call)
     params = dict(tree_flatten(m.parameters()))

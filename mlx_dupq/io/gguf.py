@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -97,7 +97,7 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _can_dequantize(qtype) -> bool:
     """Whether gguf's numpy code can dequantize this GGML type (probed on one zero block)."""
     import gguf
@@ -110,6 +110,15 @@ def _can_dequantize(qtype) -> bool:
     except Exception:  # NotImplementedError, or an unknown type: "cannot", not a crash
         return False
     return True
+
+
+@lru_cache(maxsize=2)
+def _open_reader(path: str, size: int, mtime_ns: int):
+    """A memory-mapped reader, shared by sources on the same unchanged file (parsing a header with
+    a 150k-token vocabulary takes seconds)."""
+    import gguf
+
+    return gguf.GGUFReader(path, "r")
 
 
 def _plain_float(qtype) -> bool:
@@ -182,21 +191,19 @@ class GGUFSource(Source):
     """A ``.gguf`` file: metadata -> HF config, tensors dequantized to float32 one at a time."""
 
     def __init__(self, path: str | Path, name: str | None = None):
-        import gguf
-
         self.path = Path(path)
         self.name = name or str(self.path)
         fname = self.path.name
         if not self.path.is_file():
             raise DupqError(f"{self.path} does not exist (expected a .gguf file)")
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
+            st = self.path.stat()
+            self._reader = _open_reader(str(self.path.resolve()), st.st_size, st.st_mtime_ns)
             tensors = {t.name: t for t in self._reader.tensors}
         except Exception as e:  # gguf raises ValueError/IndexError/struct.error/... on bad bytes
             raise DupqError(f"{fname} is not a valid GGUF file ({_one_line(e)}); re-download it") from None
-        size = self.path.stat().st_size
         for t in tensors.values():
-            if int(t.data_offset) + int(t.n_bytes) > size:
+            if int(t.data_offset) + int(t.n_bytes) > st.st_size:
                 raise DupqError(f"{fname} is not a valid GGUF file (truncated in tensor {t.name}); re-download it")
 
         self.architecture = self._meta("general.architecture")
@@ -259,7 +266,7 @@ class GGUFSource(Source):
 
     def _build_config(self) -> dict:
         arch = self.architecture
-        a = lambda key, default=KeyError: self._meta(f"{arch}.{key}", default)  # noqa: E731
+        a = lambda key, default=KeyError: self._meta(f"{arch}.{key}", default)
         model_type, hf_arch = ARCHITECTURES[arch]
         hidden = int(a("embedding_length"))
         heads = a("attention.head_count")

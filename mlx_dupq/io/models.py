@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import DupqError
 
@@ -240,7 +240,7 @@ def _pip_download(package: str, version: str, dest: Path) -> Path:
         f"{package}=={version}", "-d", str(dest),
     ]  # fmt: skip
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_NO_INPUT": "1"})
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "PIP_NO_INPUT": "1"})
     except OSError as e:
         raise RuntimeError(str(e)) from None
     wheels = sorted(dest.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
@@ -353,7 +353,8 @@ def open_named(name: str, progress: Progress | None = None):
 
 
 def list_models() -> list[dict]:
-    """One dict per named model: name, aliases, architecture, parameters, quant, licence, origin, path."""
+    """One dict per named model: name, aliases, architecture, parameters, quant_type (of the GGUF),
+    licence, origin, size_bytes, sha256, packages, cached (bool) and path (the cached file or None)."""
     out = []
     for m in MODELS:
         cached = cached_path(m.name)
@@ -363,12 +364,13 @@ def list_models() -> list[dict]:
                 "aliases": list(m.aliases),
                 "architecture": m.architecture,
                 "parameters": m.parameters,
-                "quant": m.quant,
+                "quant_type": m.quant,
                 "licence": m.licence,
                 "origin": m.origin,
                 "size_bytes": m.size,
                 "sha256": m.sha256,
                 "packages": [f"{p.package}=={p.version}" for p in m.parts],
+                "cached": cached is not None,
                 "path": str(cached) if cached else None,
             }
         )

@@ -58,9 +58,15 @@ def _locate(model: nn.Module, path: str):
         elif isinstance(node, dict) and part in node:
             key, node = part, node[part]
         else:
-            raise DupqError(f"online rotation for {path}: the model has no module there; the pack's config.json does not match this model")
+            raise DupqError(
+                f"online rotation for {path}: the model has no module there; "
+                "the pack's config.json does not match this model"
+            )
     if not isinstance(node, nn.Module):
-        raise DupqError(f"online rotation for {path}: that is not a module; the pack's config.json does not match this model")
+        raise DupqError(
+            f"online rotation for {path}: that is not a module; "
+            "the pack's config.json does not match this model"
+        )
     return parent, key, node
 
 
@@ -85,7 +91,10 @@ def apply_online_rotations(model: nn.Module, entries: Mapping[str, object],
                 raise DupqError(f"online rotation for {path}: its width is unknown; record 'size' in the rotation dict")
             rot = make_rotation(spec, size, arrays=(arrays or {}).get(path))
         if n is not None and rot.size != n:
-            raise DupqError(f"online rotation for {path} has width {rot.size} but the module takes {n} inputs; the pack does not match this model")
+            raise DupqError(
+                f"online rotation for {path} has width {rot.size} but the module takes {n} inputs; "
+                "the pack does not match this model"
+            )
         wrapped = RotatedInput(module, rot)
         if isinstance(parent, list):
             parent[key] = wrapped

@@ -7,9 +7,10 @@ A weight ``w`` of shape ``(..., in)`` is cut along its last axis into groups of 
     asymmetric:  w_hat = s * q + b
     symmetric:   w_hat = s * q + b,  b = -s * (L - 1) / 2 rounded to the scales' dtype
 
-The symmetric offset is implied, never stored by us; it is rounded to the storage dtype
-(:func:`symmetric_offsets`) because that is the exact bias mlx's affine kernels (which always
-take a bias) run with, so the grid a quantizer optimises is the grid that is executed.
+The symmetric offset is implied (the dupq format does not store it; mlx's format must). It is
+rounded to the storage dtype (:func:`symmetric_offsets`) because that is the exact bias mlx's
+affine kernels (which always take a bias) run with, so the grid a quantizer optimises is the
+grid that is executed.
 
 Per-tensor quantization (group_size -1) stores one scale for the whole tensor, broadcast
 over rows here as ``(..., 1)`` with identical values. Quantizers (RTN, GPTQ, scale search)

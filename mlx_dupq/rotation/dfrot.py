@@ -92,7 +92,10 @@ def _gamma(gamma, start_err: mx.array, mask: mx.array) -> float:
     except (TypeError, ValueError):
         g = -1.0
     if not g >= 1.0:
-        raise DupqError(f"dfrot gamma {gamma!r} is not valid; use a number >= 1 (the documents use 50, 100, 150, 200) or 'adaptive'")
+        raise DupqError(
+            f"dfrot gamma {gamma!r} is not valid; "
+            "use a number >= 1 (the documents use 50, 100, 150, 200) or 'adaptive'"
+        )
     return g
 
 
@@ -119,13 +122,19 @@ def dfrot(
     number of massive tokens and the objective before and after.
     """
     if x.ndim != 2 or x.shape[0] < 1:
-        raise DupqError(f"dfrot needs calibration activations shaped (tokens, hidden), got {tuple(x.shape)}; collect activations first")
+        raise DupqError(
+            f"dfrot needs calibration activations shaped (tokens, hidden), got {tuple(x.shape)}; "
+            "collect activations first"
+        )
     n = x.shape[-1]
     x = x.astype(mx.float32)
     q = quantizer if quantizer is not None else per_token_quantizer(bits)
     r0 = make_rotation(dict(start) if start is not None else {"kind": "block_hadamard", "seed": seed}, n)
     if r0.dense is not None:
-        raise DupqError(f"dfrot must start from a Hadamard-type rotation, not {r0.kind}; use block_hadamard or randomized_hadamard")
+        raise DupqError(
+            f"dfrot must start from a Hadamard-type rotation, not {r0.kind}; "
+            "use block_hadamard or randomized_hadamard"
+        )
     xs = r0.apply(x)
     mask = massive_tokens(x, massive_ratio)
     g = _gamma(gamma, token_errors(xs, q), mask)
@@ -178,13 +187,22 @@ def dfrot_from_dict(d: dict, n: int, *, arrays: Mapping[str, mx.array] | None = 
     if arrays is not None and "dense" in arrays:
         dense = arrays["dense"]
         if tuple(dense.shape) != (n, n):
-            raise DupqError(f"stored dfrot matrix has shape {tuple(dense.shape)}, expected ({n}, {n}); the pack is inconsistent, re-convert it")
+            raise DupqError(
+                f"stored dfrot matrix has shape {tuple(dense.shape)}, expected ({n}, {n}); "
+                "the pack is inconsistent, re-convert it"
+            )
         r0 = make_rotation(d.get("start", {"kind": "block_hadamard", "seed": d.get("seed", 0)}), n)
         meta = {k: v for k, v in d.items() if k not in ("size", "start")}
         return from_learned(r0, dense, meta)
     if calib is None:
-        raise DupqError("a dfrot rotation needs its stored matrix (from the pack) or calibration activations to learn it; pass arrays= or calib=")
+        raise DupqError(
+            "a dfrot rotation needs its stored matrix (from the pack) or calibration activations to learn it; "
+            "pass arrays= or calib="
+        )
     if calib.shape[-1] != n:
-        raise DupqError(f"dfrot calibration activations have width {calib.shape[-1]}, expected {n}; collect them at the rotated layer's input")
+        raise DupqError(
+            f"dfrot calibration activations have width {calib.shape[-1]}, expected {n}; "
+            "collect them at the rotated layer's input"
+        )
     kw = {k: d[k] for k in _LEARN_KEYS if k in d}
     return dfrot(calib, quantizer, **kw)

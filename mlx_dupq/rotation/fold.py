@@ -80,7 +80,10 @@ def _f32(a: mx.array) -> mx.array:
 
 def _require(weights: dict, key: str) -> mx.array:
     if key not in weights:
-        raise DupqError(f"tensor {key} is missing from the model weights; the checkpoint is incomplete or not a llama/qwen layout")
+        raise DupqError(
+            f"tensor {key} is missing from the model weights; "
+            "the checkpoint is incomplete or not a llama/qwen layout"
+        )
     return weights[key]
 
 
@@ -136,7 +139,10 @@ def rotate_linear_input(weights: dict, name: str, r: Rotation) -> dict:
     key = f"{name}.weight"
     w = _require(weights, key)
     if w.shape[-1] != r.size:
-        raise DupqError(f"{r.kind} rotation of width {r.size} does not fit {key} with {w.shape[-1]} inputs; use a rotation of width {w.shape[-1]}")
+        raise DupqError(
+            f"{r.kind} rotation of width {r.size} does not fit {key} with {w.shape[-1]} inputs; "
+            f"use a rotation of width {w.shape[-1]}"
+        )
     out = dict(weights)
     out[key] = rotate_in(w, r)
     return out
@@ -161,9 +167,15 @@ def rotate_layer(
     check_model_type(config)
     dims = model_dims(config)
     if r.size != dims["hidden"]:
-        raise DupqError(f"residual rotation has width {r.size} but the model's hidden size is {dims['hidden']}; build it with size {dims['hidden']}")
+        raise DupqError(
+            f"residual rotation has width {r.size} but the model's hidden size is {dims['hidden']}; "
+            f"build it with size {dims['hidden']}"
+        )
     if head_rotation is not None and head_rotation.size != dims["head_dim"]:
-        raise DupqError(f"head rotation has width {head_rotation.size} but head_dim is {dims['head_dim']}; build it with size {dims['head_dim']}")
+        raise DupqError(
+            f"head rotation has width {head_rotation.size} but head_dim is {dims['head_dim']}; "
+            f"build it with size {dims['head_dim']}"
+        )
     if down_rotation is not None and down_rotation.size != dims["intermediate"]:
         raise DupqError(f"down_proj rotation has width {down_rotation.size} but intermediate_size is {dims['intermediate']}")
     p = f"model.layers.{i}."

@@ -38,6 +38,7 @@ O(n^3) to build (about 1 s at n = 1536, 12 s (QR) / 45 s (SVD) at n = 4864 on tw
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,24 +101,22 @@ class Rotation:
     def matrix(self) -> mx.array:
         """The explicit (n, n) float32 matrix ``R``, built from its parts (not via :meth:`apply`)."""
         n = self.size
+        s = mx.ones((n,)) if self.signs is None else self.signs.astype(mx.float32)
         if self.block:
-            b = self.block
-            hb = np.array(block_hadamard(mx.eye(b, dtype=mx.float32), b))
-            m = np.zeros((n, n), dtype=np.float32)
-            for j in range(0, n, b):
-                m[j : j + b, j : j + b] = hb
+            b, k = self.block, n // self.block
+            hb = block_hadamard(mx.eye(b, dtype=mx.float32), b)
+            # M[(p, a), (q, c)] = s[p, a] * delta(p, q) * H_b[a, c]: one broadcast, no per-block copies
+            m = mx.eye(k)[:, None, :, None] * (s.reshape(k, b)[:, :, None, None] * hb[None, :, None, :])
+            m = m.reshape(n, n)
         else:
-            m = np.eye(n, dtype=np.float32)
-        if self.signs is not None:
-            m *= np.array(self.signs)[:, None]
-        out = mx.array(m)
+            m = s[:, None] * mx.eye(n)
         if self.dense is not None:
-            out = out @ self.dense.astype(mx.float32)
-        return out
+            m = m @ self.dense.astype(mx.float32)
+        return m
 
     def to_dict(self) -> dict:
         """A small JSON-able dict; :func:`make_rotation` rebuilds the same rotation from it."""
-        return dict(self.meta)
+        return copy.deepcopy(self.meta)
 
     def arrays(self) -> dict[str, mx.array]:
         """Arrays that the dict alone cannot regenerate (``{"dense": D}`` for dfrot), else ``{}``."""
@@ -166,6 +165,8 @@ def randomized_hadamard(n: int, seed: int = 0) -> Rotation:
 def block_hadamard_rotation(n: int, seed: int = 0, block: int | None = None) -> Rotation:
     """R = diag(s) . blockdiag(H_b); ``block`` None picks the largest supported block dividing n."""
     b = largest_block(n) if block is None else int(block)
+    if block is None and b < 8:
+        raise DupqError(f"width {n} has no Hadamard block of 8 or more (largest: {b}); use kind random_orthogonal")
     if n % b != 0 or not hadamard_supported(b):
         fits = ", ".join(map(str, [x for x in block_sizes(n) if x >= 8][-6:]))
         raise DupqError(f"Hadamard block {b} does not tile width {n}; use one of {fits} (or omit block)")
@@ -195,7 +196,10 @@ def perturbed(n: int, seed: int = 0, eps: float = 0.05, base: Mapping | None = N
     """R = H . P with P = polar(I + eps * G), G_ij ~ N(0, 1/n) seeded; eps in [0, 0.5]."""
     eps = float(eps)
     if not 0.0 <= eps <= EPS_MAX:
-        raise DupqError(f"perturbation eps {eps:g} is out of range; use a value in [0.01, {EPS_MAX}] (0 = no perturbation)")
+        raise DupqError(
+            f"perturbation eps {eps:g} is out of range; "
+            f"use a value in [0.01, {EPS_MAX}] (0 = no perturbation)"
+        )
     base_spec = dict(base) if base is not None else {"kind": "block_hadamard", "seed": seed}
     if base_spec.get("kind") in ("perturbed", "dfrot"):
         raise DupqError("perturbed rotation base must be a fixed rotation (hadamard, block_hadamard, ...), not perturbed or dfrot")
@@ -226,12 +230,15 @@ def _spec_dict(spec: Any) -> dict:
         return dict(spec)
     if hasattr(spec, "to_dict"):
         return dict(spec.to_dict())
-    raise DupqError(f"rotation spec {spec!r} is neither a kind name nor a dict; use e.g. {{'kind': 'block_hadamard', 'seed': 0}}")
+    raise DupqError(
+        f"rotation spec {spec!r} is neither a kind name nor a dict; "
+        f"use e.g. {{'kind': 'block_hadamard', 'seed': 0}}"
+    )
 
 
-_ALLOWED = {
-    "identity": {"kind", "size"},
-    "hadamard": {"kind", "size"},
+_ALLOWED = {  # "seed" is accepted (and ignored) by the deterministic kinds so recipes can set it globally
+    "identity": {"kind", "size", "seed"},
+    "hadamard": {"kind", "size", "seed"},
     "randomized_hadamard": {"kind", "size", "seed"},
     "block_hadamard": {"kind", "size", "seed", "block"},
     "random_orthogonal": {"kind", "size", "seed"},
@@ -254,14 +261,20 @@ def make_rotation(spec: Any, n: int, *, arrays: Mapping[str, mx.array] | None = 
         raise DupqError(f"unknown rotation kind {kind!r}; use one of {', '.join(KINDS)}")
     size = d.get("size", n)
     if size != n:
-        raise DupqError(f"{kind} rotation was recorded for width {size} but is applied to width {n}; the pack does not match this model")
+        raise DupqError(
+            f"{kind} rotation was recorded for width {size} but is applied to width {n}; "
+            "the pack does not match this model"
+        )
     if kind == "dfrot":
         from .dfrot import dfrot_from_dict
 
         return dfrot_from_dict(d, n, arrays=arrays, calib=calib, quantizer=quantizer)
     unknown = set(d) - _ALLOWED[kind]
     if unknown:
-        raise DupqError(f"unknown option(s) {sorted(unknown)} for rotation kind {kind}; known: {', '.join(sorted(_ALLOWED[kind] - {'kind'}))}")
+        raise DupqError(
+            f"unknown option(s) {sorted(unknown)} for rotation kind {kind}; "
+            f"known: {', '.join(sorted(_ALLOWED[kind] - {'kind'}))}"
+        )
     seed = int(d.get("seed", 0))
     if kind == "identity":
         return identity(n)

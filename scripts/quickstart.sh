@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: set up, convert the built-in default model (SmolLM2-135M-Instruct)
+# to 2 bits, measure its perplexity next to the full-precision reference, and generate from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RECIPE=${RECIPE:-rtn2}
+OUT=${OUT:-packs/smollm2-135m-${RECIPE}}
+bash scripts/setup.sh
+mlx-dupq models fetch default
+mlx-dupq convert default -o "$OUT" --recipe "$RECIPE" --force
+mlx-dupq inspect "$OUT" --json | python3 -c 'import json,sys; print("all-in bits/weight:", round(json.load(sys.stdin)["bits_per_weight"], 3))'
+mlx-dupq eval ppl default --data brown:eval --ctx 512 --windows 8 --json "$OUT.reference-ppl.json"
+mlx-dupq eval ppl "$OUT" --data brown:eval --ctx 512 --windows 8 --json "$OUT.ppl.json"
+mlx-dupq generate "$OUT" --prompt "Write one sentence about the sea." --max-tokens 40

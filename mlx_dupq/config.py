@@ -172,6 +172,84 @@ class Rule:
         return cls(pattern, QuantSpec.from_dict(d))
 
 
+ROTATION_KINDS = ("block_hadamard", "hadamard", "randomized_hadamard", "random_orthogonal", "perturbed", "identity")
+
+
+@dataclass(frozen=True)
+class RotationSpec:
+    """QuaRot-style rotation folded into the weights before quantizing (SPEC F4).
+
+    kind:        residual-stream rotation (see :mod:`mlx_dupq.rotation.rotations`)
+    seed:        random signs / Gaussian draws
+    eps:         perturbation strength of kind ``perturbed`` (0..0.5)
+    block:       Hadamard block size of kind ``block_hadamard`` (None: the largest that fits)
+    head:        head-wise Hadamard on v_proj outputs / o_proj inputs (folded offline)
+    online_down: Hadamard on down_proj's input, applied at run time (recorded in config.json)
+    layers:      partial rotation: only these decoder layers, each through run-time rotations of
+                 its linears' inputs (the residual stream stays unrotated); None = the whole model
+    """
+
+    kind: str = "block_hadamard"
+    seed: int = 0
+    eps: float = 0.05
+    block: int | None = None
+    head: bool = False
+    online_down: bool = False
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind not in ROTATION_KINDS:
+            raise DupqError(f"unknown rotation kind {self.kind!r}; use one of {', '.join(ROTATION_KINDS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DupqError(f"rotation seed {self.seed!r} is not an integer")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 <= self.eps <= 0.5:
+            raise DupqError(f"rotation eps {self.eps!r} is out of range; use a number in [0.01, 0.5]")
+        object.__setattr__(self, "eps", float(self.eps))
+        if self.block is not None:
+            if self.kind != "block_hadamard":
+                raise DupqError(f"rotation block applies only to kind block_hadamard, not {self.kind}; drop 'block'")
+            if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+                raise DupqError(f"rotation block {self.block!r} is not a positive integer (e.g. 64, 128, 256)")
+        object.__setattr__(self, "head", bool(self.head))
+        object.__setattr__(self, "online_down", bool(self.online_down))
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise DupqError(
+                    f"rotation layers {list(layers)} must be a non-empty list of layer indices (0, 1, ...); "
+                    "omit it to rotate the whole model"
+                )
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+
+    def residual(self) -> dict:
+        """The residual rotation as the dict :func:`mlx_dupq.rotation.make_rotation` takes."""
+        d: dict[str, Any] = {"kind": self.kind, "seed": self.seed}
+        if self.kind == "perturbed":
+            d["eps"] = self.eps
+        if self.block is not None:
+            d["block"] = self.block
+        return d
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "eps": self.eps,
+            "block": self.block,
+            "head": self.head,
+            "online_down": self.online_down,
+            "layers": None if self.layers is None else list(self.layers),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RotationSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DupqError(f"unknown rotation option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
 ROUTER_PATTERN = r"(^|\.)(router|gate|shared_expert_gate)$"
 EMBED_PATTERN = r"(^|\.)(embed_tokens|wte|tok_embeddings)$"
 LM_HEAD_PATTERN = r"(^|\.)(lm_head|output)$"
@@ -194,6 +272,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     router_full_precision: bool = True
     dtype: str = "float16"  # storage dtype of scales and unquantized tensors
+    rotation: RotationSpec | None = None  # fold a rotation into the weights before quantizing
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -204,6 +283,8 @@ class Recipe:
                 f"understands ({RECIPE_VERSION}); upgrade mlx-dupq"
             )
         object.__setattr__(self, "rules", tuple(self.rules))
+        if isinstance(self.rotation, dict):
+            object.__setattr__(self, "rotation", RotationSpec.from_dict(self.rotation))
 
     def spec_for(self, path: str) -> QuantSpec | None:
         """The spec for the module at ``path`` (None = keep full precision)."""
@@ -240,6 +321,7 @@ class Recipe:
             "rules": [r.to_dict() for r in self.rules],
             "router_full_precision": self.router_full_precision,
             "dtype": self.dtype,
+            "rotation": None if self.rotation is None else self.rotation.to_dict(),
         }
 
     @classmethod
@@ -262,6 +344,8 @@ class Recipe:
             d["default"] = QuantSpec.from_dict(d["default"])
         if "rules" in d:
             d["rules"] = tuple(Rule.from_dict(r) for r in d["rules"])
+        if d.get("rotation") is not None:
+            d["rotation"] = RotationSpec.from_dict(d["rotation"])
         return cls(**d)
 
 

@@ -8,6 +8,11 @@ Crash safety: everything is written into ``OUT.partial/`` and renamed to ``OUT``
 Each finished group (one decoder layer, or one non-layer tensor) is recorded in
 ``OUT.partial/progress.json``; ``resume=True`` continues an interrupted conversion without
 redoing those groups.
+
+Rotation: when the recipe has a ``rotation``, each group is folded (norms fused, weights rotated,
+see :mod:`mlx_dupq.rotation.plan`) before it is quantized. The non-layer tensors then form one
+group (embedding, final norm and lm_head are rotated together); the config changes and the
+run-time rotations are planned up front and recorded in the pack's config.json.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .io import pack as packio
 from .io.source import Source, open_source
 from .quant.bpw import tensor_bits
 from .layers.quant_linear import quantize_tensor
+from .rotation.plan import EMBED_GROUP, RotationPlan, plan_rotation
 
 Progress = Callable[[str, int, int], None]  # (message, done, total)
 CHUNK_ELEMS = 1 << 26  # quantize big tensors in row blocks of ~64M weights
@@ -84,11 +90,14 @@ def _fail_write(path: Path, e: OSError) -> DupqError:
     )
 
 
-def _stream_groups(src: Source) -> list[tuple[str, list[str]]]:
-    """Decoder layers as groups; every non-layer tensor (embedding, norm, lm_head) on its own."""
+def _stream_groups(src: Source, rotated: bool = False) -> list[tuple[str, list[str]]]:
+    """Decoder layers as groups; every non-layer tensor (embedding, norm, lm_head) on its own,
+    or all of them in one group when ``rotated`` (a residual rotation changes them together)."""
     out: list[tuple[str, list[str]]] = []
     for name, keys in src.groups():
-        if name == "other":
+        if name == "other" and rotated:
+            out.append((EMBED_GROUP, keys))
+        elif name == "other":
             out += [(k, [k]) for k in keys]
         else:
             out.append((name, keys))
@@ -149,9 +158,13 @@ def convert(
         raise _fail_write(out.parent, e) from None
 
     src = open_source(model)
-    skeleton = build_skeleton(src.config)
+    plan: RotationPlan | None = None
+    if rec.rotation is not None:
+        plan = plan_rotation(rec.rotation, src.config, src.keys(), src.get)
+    config_update = plan.config_update if plan else {}
+    skeleton = build_skeleton({**src.config, **config_update})
     modules = dict(skeleton.named_modules())
-    groups = _stream_groups(src)
+    groups = _stream_groups(src, rotated=plan is not None and not plan.partial)
     storage = getattr(mx, rec.dtype)
 
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
@@ -162,6 +175,8 @@ def convert(
         if gname in state.done:
             continue
         weights = {k: src.get(k) for k in keys}
+        if plan is not None:
+            weights = plan.fold_group(gname, weights)
         if hasattr(skeleton, "sanitize"):
             weights = skeleton.sanitize(weights)
         n_params = sum(int(v.size) for v in weights.values()) if weights else 0
@@ -195,7 +210,7 @@ def convert(
     say("writing config and tokenizer", len(groups), len(groups))
 
     try:
-        info = state.finish(src, rec)
+        info = state.finish(src, rec, config_update=config_update, online_rotations=plan.online if plan else None)
     except OSError as e:
         raise _fail_write(partial, e) from None
     try:

@@ -7,7 +7,10 @@ Layout (a superset of an mlx-lm model directory)::
                                                    when every quantized layer uses mlx's format)
                                    "mlx_dupq":     format version, recipe, every module's entry
                                                    (kind, format, bits, group size, ...), source,
-                                                   parameter count, stored bytes, all-in bpw
+                                                   parameter count, stored bytes, all-in bpw,
+                                                   and "online_rotations" {module path: rotation}
+                                                   when a rotation runs at load time (then only
+                                                   mlx_dupq.load gives the right outputs)
     model-NNNNN-of-MMMMM.safetensors   one file per streamed group (decoder layer / tensor)
     model.safetensors.index.json
     tokenizer.json, tokenizer_config.json, ...
@@ -114,8 +117,12 @@ class PartialState:
         }
         _write_json_atomic(self.root / PROGRESS_FILE, self.data)
 
-    def finish(self, src, recipe) -> dict:
-        """Write config.json, the index and the tokenizer; return the pack summary."""
+    def finish(self, src, recipe, config_update: dict | None = None, online_rotations: dict | None = None) -> dict:
+        """Write config.json, the index and the tokenizer; return the pack summary.
+
+        config_update:    changes to the source config (e.g. ``tie_word_embeddings`` after rotation)
+        online_rotations: ``{module_path: rotation_dict}`` applied at run time (``load_pack``)
+        """
         entries: dict[str, dict] = {}
         weight_map: dict[str, str] = {}
         n_params = 0
@@ -128,7 +135,7 @@ class PartialState:
                 weight_map[k] = rec["file"]
         stored_bytes = bits // 8
         bpw = bits / n_params if n_params else 0.0
-        config = dict(src.config)
+        config = {**src.config, **(config_update or {})}
         config["quantization"] = mlx_quantization_map(entries)
         config["quantization_config"] = config["quantization"]
         config["mlx_dupq"] = {
@@ -140,6 +147,8 @@ class PartialState:
             "bits_per_weight": bpw,
             "modules": dict(sorted(entries.items())),
         }
+        if online_rotations:
+            config["mlx_dupq"]["online_rotations"] = dict(sorted(online_rotations.items()))
         _write_json_atomic(self.root / "config.json", config)
         index = {"metadata": {"total_size": stored_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json_atomic(self.root / "model.safetensors.index.json", index)
@@ -231,16 +240,16 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
         from mlx.utils import tree_unflatten
 
         model.update_modules(tree_unflatten(custom))
-    rotations = meta.get("online_rotations")
-    if rotations:
-        from ..layers.online_rotation import apply_online_rotations
-
-        apply_online_rotations(model, rotations)
     model.eval()
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise DupqError(f"the weights in {path} do not match its config.json ({e}); convert it again") from None
+    rotations = meta.get("online_rotations")
+    if rotations:  # after loading: a wrapped linear's parameters move under <path>.linear.*
+        from ..layers.online_rotation import apply_online_rotations
+
+        apply_online_rotations(model, rotations)
     cast_floats(model, getattr(mx, compute_dtype))
     if not lazy:
         mx.eval(model.parameters())

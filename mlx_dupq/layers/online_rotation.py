@@ -14,6 +14,7 @@ so they are neither trained nor saved with the weights (learned ones travel via 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import mlx.core as mx
@@ -78,6 +79,7 @@ def apply_online_rotations(model: nn.Module, entries: Mapping[str, object],
     arrays:  ``{module_path: Rotation.arrays()}`` for learned rotations (dfrot)
     """
     done = []
+    built: dict[str, Rotation] = {}  # one Rotation per distinct dict (partial rotation repeats them)
     for path, spec in entries.items():
         parent, key, module = _locate(model, path)
         if isinstance(module, RotatedInput):
@@ -89,7 +91,14 @@ def apply_online_rotations(model: nn.Module, entries: Mapping[str, object],
             size = spec.get("size", n) if isinstance(spec, Mapping) else n
             if size is None:
                 raise DupqError(f"online rotation for {path}: its width is unknown; record 'size' in the rotation dict")
-            rot = make_rotation(spec, size, arrays=(arrays or {}).get(path))
+            learned = (arrays or {}).get(path)
+            if learned is not None:
+                rot = make_rotation(spec, size, arrays=learned)
+            else:
+                cache_key = json.dumps([spec, size], sort_keys=True, default=str)
+                if cache_key not in built:
+                    built[cache_key] = make_rotation(spec, size)
+                rot = built[cache_key]
         if n is not None and rot.size != n:
             raise DupqError(
                 f"online rotation for {path} has width {rot.size} but the module takes {n} inputs; "

@@ -53,7 +53,7 @@ def check_model_type(config: dict) -> str:
     if mt not in SUPPORTED_MODEL_TYPES:
         raise DupqError(
             f"rotation folding supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, not {mt!r}; "
-            "convert without rotation (rotation kind identity)"
+            "convert without a rotation (remove [rotation] from the recipe)"
         )
     return mt
 

@@ -1,0 +1,35 @@
+"""The layer-by-layer calibration pass."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from mlx_dupq.calib import advance, layer_input_hessians, run_layer
+from tests.tiny import build_model
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_hessians_are_the_inputs_each_linear_sees(model_type):
+    model, cfg = build_model(model_type)
+    layer = model.model.layers[0]
+    mx.random.seed(1)
+    h = mx.random.normal((3, 10, cfg["hidden_size"]))
+    stats = layer_input_hessians(layer, h, batch=2)
+    assert set(stats) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    # q/k/v and gate/up all see the normed input of their block
+    x = layer.input_layernorm(h).reshape(-1, cfg["hidden_size"])
+    H = (x.T @ x) / x.shape[0]
+    assert mx.allclose(stats["self_attn.q_proj"].hessian, H, atol=1e-4).item()
+    assert mx.allclose(stats["self_attn.k_proj"].hessian, H, atol=1e-4).item()
+    assert mx.allclose(stats["self_attn.q_proj"].mean_abs, mx.abs(x).mean(axis=0), atol=1e-5).item()
+    assert stats["mlp.down_proj"].hessian.shape == (cfg["intermediate_size"],) * 2
+    assert stats["mlp.down_proj"].tokens == 30
+    # the layer is restored: its linears are plain again and it computes the same function
+    assert all(type(m).__name__ == "Linear" for p, m in layer.named_modules() if p.endswith("proj"))
+    from mlx_lm.models.base import create_attention_mask
+
+    ref = layer(h, mask=create_attention_mask(h, None))
+    assert mx.allclose(advance(layer, h, batch=2), ref, atol=1e-5).item()
+    assert mx.allclose(run_layer(layer, h, batch=3), ref, atol=1e-5).item()

@@ -250,6 +250,59 @@ class RotationSpec:
         return cls(**d)
 
 
+QUANT_METHODS = ("rtn", "mse", "awq", "gptq")
+CALIBRATED_METHODS = ("awq", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How weights are rounded (SPEC F2.2-F2.3) and, when needed, the calibration behind it.
+
+    method:         rtn (round to nearest, range init) | mse (per-group scale/clip search on the
+                    weight error) | awq (scale search weighted by E[x^2] of the layer's inputs) |
+                    gptq (Hessian error compensation, Frantar et al.)
+    damp, act_order, block_size:  GPTQ options
+    calib_data:     text for awq/gptq (``brown:calib`` is disjoint from every ``:eval`` split)
+    calib_samples, calib_seq_len, seed: random calibration windows
+    Embedding and lm_head are never calibrated (their inputs are tokens / the final state);
+    they use ``mse`` when the method is calibrated.
+    """
+
+    method: str = "rtn"
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    calib_data: str = "brown:calib"
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise DupqError(f"unknown quantizer method {self.method!r}; use one of {', '.join(QUANT_METHODS)}")
+        if not 0 <= float(self.damp) < 1:
+            raise DupqError(f"GPTQ damp {self.damp!r} is out of range; use a value in [0, 1), e.g. 0.01")
+        for name in ("block_size", "calib_samples", "calib_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DupqError(f"quantizer {name} {v!r} must be a positive integer")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantizerSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DupqError(f"unknown quantizer option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
 ROUTER_PATTERN = r"(^|\.)(router|gate|shared_expert_gate)$"
 EMBED_PATTERN = r"(^|\.)(embed_tokens|wte|tok_embeddings)$"
 LM_HEAD_PATTERN = r"(^|\.)(lm_head|output)$"
@@ -273,6 +326,7 @@ class Recipe:
     router_full_precision: bool = True
     dtype: str = "float16"  # storage dtype of scales and unquantized tensors
     rotation: RotationSpec | None = None  # fold a rotation into the weights before quantizing
+    quantizer: QuantizerSpec = field(default_factory=QuantizerSpec)
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -285,6 +339,8 @@ class Recipe:
         object.__setattr__(self, "rules", tuple(self.rules))
         if isinstance(self.rotation, dict):
             object.__setattr__(self, "rotation", RotationSpec.from_dict(self.rotation))
+        if isinstance(self.quantizer, dict):
+            object.__setattr__(self, "quantizer", QuantizerSpec.from_dict(self.quantizer))
 
     def spec_for(self, path: str) -> QuantSpec | None:
         """The spec for the module at ``path`` (None = keep full precision)."""
@@ -322,6 +378,7 @@ class Recipe:
             "router_full_precision": self.router_full_precision,
             "dtype": self.dtype,
             "rotation": None if self.rotation is None else self.rotation.to_dict(),
+            "quantizer": self.quantizer.to_dict(),
         }
 
     @classmethod
@@ -346,6 +403,10 @@ class Recipe:
             d["rules"] = tuple(Rule.from_dict(r) for r in d["rules"])
         if d.get("rotation") is not None:
             d["rotation"] = RotationSpec.from_dict(d["rotation"])
+        if d.get("quantizer") is not None:
+            d["quantizer"] = QuantizerSpec.from_dict(d["quantizer"])
+        else:
+            d.pop("quantizer", None)
         return cls(**d)
 
 

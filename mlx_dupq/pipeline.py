@@ -31,7 +31,11 @@ from .errors import DupqError
 from .io import pack as packio
 from .io.source import Source, open_source
 from .quant.bpw import tensor_bits
+from .calib_state import Calibration, layer_prefix
 from .layers.quant_linear import quantize_tensor
+from .quant.methods import quantize_weight
+from .quant.packing import pack
+from .quant.qtensor import dequantize
 from .rotation.plan import EMBED_GROUP, RotationPlan, plan_rotation
 
 Progress = Callable[[str, int, int], None]  # (message, done, total)
@@ -81,6 +85,42 @@ def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dic
     merged = {k: mx.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
     mx.eval(merged)
     return merged, entry
+
+
+def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module], rec: Recipe, storage,
+                    stats: dict, keep: bool = False) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
+    """Quantize one group's weights as the recipe says.
+
+    Returns (arrays to store, module entries, and when ``keep`` the dequantized weights under their
+    weight keys, for advancing the calibration state through the quantized layer).
+    """
+    arrays: dict[str, mx.array] = {}
+    entries: dict[str, dict] = {}
+    dequantized: dict[str, mx.array] = {}
+    for key in sorted(weights):
+        w = weights[key]
+        path, _, param = key.rpartition(".")
+        mod = modules.get(path)
+        kind = module_kind(mod) if mod is not None else None
+        spec = rec.spec_for(path) if kind and param == "weight" else None
+        if spec is None:
+            arrays[key] = w.astype(storage) if mx.issubdtype(w.dtype, mx.floating) else w
+            continue
+        fitted = spec.fit(w.shape[-1])
+        if rec.quantizer.method == "rtn" and not keep:
+            q_arrays, entry = quantize_chunked(w, fitted, storage)
+        else:
+            qt = quantize_weight(w.astype(mx.float32), fitted, storage, rec.quantizer, stats.get(path))
+            q_arrays, entry = pack(qt)
+            if keep:
+                dequantized[key] = dequantize(qt)
+        entry = dict(entry, kind=kind, shape=list(w.shape))
+        if fitted != spec:
+            entry["requested_group_size"] = spec.group_size
+        entries[path] = entry
+        for suffix, a in q_arrays.items():
+            arrays[f"{path}.{suffix}"] = a
+    return arrays, entries, dequantized
 
 
 def _fail_write(path: Path, e: OSError) -> DupqError:
@@ -170,6 +210,19 @@ def convert(
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
     resumed = len(state.done)
     say = progress or (lambda *a: None)
+    calib = None
+    if rec.quantizer.calibrated:
+        say(f"calibration: {rec.quantizer.calib_samples} x {rec.quantizer.calib_seq_len} tokens of "
+            f"{rec.quantizer.calib_data}", 0, len(groups))
+        calib = Calibration(rec.quantizer, src.tokenizer_dir(), partial)
+        index = {name: i for i, (name, _) in enumerate(groups)}
+        calib.resume([index[n] for n in state.done], {i for i, (n, _) in enumerate(groups) if n.startswith("layer.")})
+        if calib.h is None and state.done:
+            # the embedding group is done but no layer: rebuild h from the source embedding
+            for gname, keys in groups:
+                if gname in state.done and not gname.startswith("layer."):
+                    w = {k: src.get(k) for k in keys}
+                    calib.start(plan.fold_group(gname, w) if plan is not None else w)
     for gi, (gname, keys) in enumerate(groups):
         say(f"quantizing {gname}", gi, len(groups))
         if gname in state.done:
@@ -180,33 +233,30 @@ def convert(
         if hasattr(skeleton, "sanitize"):
             weights = skeleton.sanitize(weights)
         n_params = sum(int(v.size) for v in weights.values()) if weights else 0
-        arrays: dict[str, mx.array] = {}
-        entries: dict[str, dict] = {}
-        for key in sorted(weights):
-            w = weights[key]
-            path, _, param = key.rpartition(".")
-            mod = modules.get(path)
-            kind = module_kind(mod) if mod is not None else None
-            spec = rec.spec_for(path) if kind and param == "weight" else None
-            if spec is None:
-                arrays[key] = w.astype(storage) if mx.issubdtype(w.dtype, mx.floating) else w
-                continue
-            fitted = spec.fit(w.shape[-1])
-            q_arrays, entry = quantize_chunked(w, fitted, storage)
-            entry = dict(entry, kind=kind, shape=list(w.shape))
-            if fitted != spec:
-                entry["requested_group_size"] = spec.group_size
-            entries[path] = entry
-            for suffix, a in q_arrays.items():
-                arrays[f"{path}.{suffix}"] = a
+        stats, layer, prefix, wrapped = {}, None, None, set()
+        if calib is not None:
+            prefix = layer_prefix(list(weights)) if gname.startswith("layer.") else None
+            if prefix is None:
+                calib.start(weights)
+            else:
+                layer = modules[prefix]
+                stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {})
+        arrays, entries, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None)
         del weights
         mx.eval(arrays)
         try:
+            if layer is not None:
+                calib.advance(layer, prefix, dequantized, wrapped, gi)
+            del dequantized
             state.write_group(gi, gname, arrays, entries, n_params, tensor_bits(arrays))
+            if layer is not None:
+                calib.prune(gi)
         except OSError as e:
             raise _fail_write(partial, e) from None
         del arrays
         mx.clear_cache()
+    if calib is not None:
+        calib.cleanup()
     say("writing config and tokenizer", len(groups), len(groups))
 
     try:

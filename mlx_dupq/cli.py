@@ -40,7 +40,7 @@ def progress_bar(enabled: bool = True):
         last = {"msg": None}
 
         def plain(message: str, done: int, total: int) -> None:
-            key = message.split(" ")[0]
+            key = message
             if key != last["msg"]:
                 err.print(f"[dim]{message} ({done}/{total})[/dim]")
                 last["msg"] = key

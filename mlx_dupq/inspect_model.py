@@ -21,11 +21,15 @@ def _pack_tensors(path: Path, meta: dict):
         arrays = mx.load(str(f))
         for key in sorted(arrays):
             mod, _, param = key.rpartition(".")
+            if mod.endswith(".linear") and mod.removesuffix(".linear") in meta.get("online_rotations", {}):
+                prefix, mod = mod, mod.removesuffix(".linear")
+            else:
+                prefix = mod
             if mod in entries:
                 if param != "weight":
                     continue
                 e = entries[mod]
-                parts = {s: arrays[f"{mod}.{s}"] for s in ("weight", "scales", "biases") if f"{mod}.{s}" in arrays}
+                parts = {s: arrays[f"{prefix}.{s}"] for s in ("weight", "scales", "biases") if f"{prefix}.{s}" in arrays}
                 w = dequantize(unpack(parts, e))
                 label = f"{e['format']}:{e['bits']}b/g{e['group_size']}{'s' if e.get('symmetric') else ''}"
                 yield key, w, label
@@ -48,7 +52,7 @@ def inspect_model(model: str) -> dict:
         items = _pack_tensors(p, meta)
     else:
         src = open_source(model)
-        items = ((k, src.get(k), "float") for k in src.keys() if k.endswith("weight"))
+        items = ((k, src.get(k).astype(mx.float32), "float") for k in src.keys() if k.endswith("weight"))
     rows = []
     for name, w, label in items:
         st = weight_stats(w)

@@ -74,12 +74,12 @@ def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dic
     """
     rows = w.shape[-2] if w.ndim >= 2 else 1
     if w.ndim != 2 or spec.group_size == -1 or w.size <= CHUNK_ELEMS:
-        return quantize_tensor(w, spec, dtype)
+        return quantize_tensor(w.astype(mx.float32), spec, dtype)
     step = max(1, CHUNK_ELEMS // w.shape[-1])
     parts: list[dict[str, mx.array]] = []
     entry: dict = {}
     for r in range(0, rows, step):
-        arrays, entry = quantize_tensor(w[r : r + step], spec, dtype)
+        arrays, entry = quantize_tensor(w[r : r + step].astype(mx.float32), spec, dtype)
         mx.eval(arrays)
         parts.append(arrays)
     merged = {k: mx.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
@@ -200,7 +200,7 @@ def convert(
     src = open_source(model)
     plan: RotationPlan | None = None
     if rec.rotation is not None:
-        plan = plan_rotation(rec.rotation, src.config, src.keys(), src.get)
+        plan = plan_rotation(rec.rotation, src.config, src.keys(), lambda k: src.get(k).astype(mx.float32))
     config_update = plan.config_update if plan else {}
     skeleton = build_skeleton({**src.config, **config_update})
     modules = dict(skeleton.named_modules())
@@ -221,7 +221,7 @@ def convert(
             # the embedding group is done but no layer: rebuild h from the source embedding
             for gname, keys in groups:
                 if gname in state.done and not gname.startswith("layer."):
-                    w = {k: src.get(k) for k in keys}
+                    w = {k: src.get(k).astype(mx.float32) for k in keys}
                     calib.start(plan.fold_group(gname, w) if plan is not None else w)
     for gi, (gname, keys) in enumerate(groups):
         say(f"quantizing {gname}", gi, len(groups))
@@ -229,7 +229,7 @@ def convert(
             continue
         weights = {k: src.get(k) for k in keys}
         if plan is not None:
-            weights = plan.fold_group(gname, weights)
+            weights = plan.fold_group(gname, {k: v.astype(mx.float32) for k, v in weights.items()})
         if hasattr(skeleton, "sanitize"):
             weights = skeleton.sanitize(weights)
         n_params = sum(int(v.size) for v in weights.values()) if weights else 0
@@ -243,6 +243,8 @@ def convert(
                 stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {})
         arrays, entries, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None)
         del weights
+        if plan is not None and plan.online:
+            arrays = {packio.online_key(k, plan.online): v for k, v in arrays.items()}
         mx.eval(arrays)
         try:
             if layer is not None:

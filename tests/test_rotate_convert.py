@@ -99,6 +99,11 @@ def test_online_down_pack_loads_through_mlx_dupq(tiny_dirs, refs, tmp_path):
     m, _ = mlx_dupq.load(out)
     assert isinstance(m.model.layers[1].mlp.down_proj, RotatedInput)
     assert rel_err(logits(m), refs["qwen2"]) < 0.02
+    # mlx-lm cannot apply the run-time rotation: it must refuse the pack, not run it wrongly
+    import mlx_lm
+
+    with pytest.raises(ValueError, match="linear"):
+        mlx_lm.load(str(out))
 
 
 def test_resume_with_rotation(tiny_dirs, tmp_path, monkeypatch):

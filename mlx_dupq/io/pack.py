@@ -46,6 +46,19 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def online_key(key: str, online: dict | None) -> str:
+    """Storage name of a tensor: ``<path>.linear.<param>`` when module ``<path>`` has an online rotation.
+
+    A module behind a run-time rotation is only correct through mlx-dupq's ``RotatedInput``
+    wrapper, whose inner linear lives at ``<path>.linear``. Storing its tensors there makes
+    ``mlx_lm.load`` (which knows no such wrapper) fail loudly instead of running a wrong model.
+    """
+    if not online:
+        return key
+    mod, _, param = key.rpartition(".")
+    return f"{mod}.linear.{param}" if mod in online else key
+
+
 def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
@@ -234,22 +247,24 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
             continue
         if p not in mods:
             raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
-        has_bias = f"{p}.bias" in weights
+        has_bias = f"{p}.bias" in weights or f"{p}.linear.bias" in weights
         custom.append((p, build_module(e["kind"], tuple(e["shape"]), e, has_bias)))
     if custom:
         from mlx.utils import tree_unflatten
 
         model.update_modules(tree_unflatten(custom))
+    rotations = meta.get("online_rotations")
+    if rotations:
+        # the pack stores a rotated module's tensors as <path>.linear.* (see online_key), which is
+        # where the wrapper puts them; mlx-lm, which cannot apply the rotation, refuses such a pack
+        from ..layers.online_rotation import apply_online_rotations
+
+        apply_online_rotations(model, rotations)
     model.eval()
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise DupqError(f"the weights in {path} do not match its config.json ({e}); convert it again") from None
-    rotations = meta.get("online_rotations")
-    if rotations:  # after loading: a wrapped linear's parameters move under <path>.linear.*
-        from ..layers.online_rotation import apply_online_rotations
-
-        apply_online_rotations(model, rotations)
     cast_floats(model, getattr(mx, compute_dtype))
     if not lazy:
         mx.eval(model.parameters())

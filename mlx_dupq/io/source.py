@@ -58,7 +58,8 @@ class Source(ABC):
 
     @abstractmethod
     def get(self, key: str) -> mx.array:
-        """One tensor, as float32 (evaluated; the caller may free it after use)."""
+        """One tensor in its stored float dtype (bf16/fp16/fp32; float32 for dequantized GGUF),
+        evaluated; the caller casts (in row chunks for big tensors) and may free it after use."""
 
     @abstractmethod
     def save_tokenizer(self, dst: Path) -> None:
@@ -137,8 +138,6 @@ class HFDirSource(Source):
 
     def get(self, key: str) -> mx.array:
         arr = mx.load(str(self._where[key]))[key]
-        if mx.issubdtype(arr.dtype, mx.floating):
-            arr = arr.astype(mx.float32)
         mx.eval(arr)
         return arr
 

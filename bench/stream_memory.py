@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -81,19 +80,18 @@ def write_model(path: Path, n_layers: int, seed: int = 0) -> None:
 
 
 def convert_peak(src: Path, out: Path, bits: str) -> dict:
-    """Run ``mlx-dupq convert`` in a child process; return its peak RSS and time."""
+    """Run ``mlx-dupq convert`` in a child process; return its own peak RSS (os.wait4) and time."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     cmd = [sys.executable, "-m", "mlx_dupq.cli", "convert", str(src), "-o", str(out), "--bits", bits, "--force"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"convert failed: {proc.stderr.strip()}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:
-        raise SystemExit("could not measure the child's peak RSS (an earlier child was larger); run each size separately")
+    log = out.with_name(out.name + ".log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"convert failed: {log.read_text()[-2000:]}")
     cfg = json.loads((out / "config.json").read_text())["mlx_dupq"]
-    return {"peak_rss_mib": peak_kib / 1024, "seconds": time.time() - t0,
+    return {"peak_rss_mib": usage.ru_maxrss / 1024, "seconds": time.time() - t0,
             "bits_per_weight": cfg["bits_per_weight"], "n_params": cfg["n_params"]}
 
 
@@ -106,7 +104,6 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
     args = ap.parse_args()
     rows = []
-    # smallest model first: RUSAGE_CHILDREN keeps the max over children, so it must grow
     for n in sorted(int(x) for x in args.layers.split(",")):
         src = args.work / f"qwen2-32b-shape-{n}L"
         if not (src / "config.json").exists():

@@ -105,6 +105,38 @@ def convert(
     )
 
 
+# ------------------------------------------------------------------------------------ allocate
+
+
+@app.command()
+def allocate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    budget: float = typer.Option(..., "--budget", help="All-in bits per weight (embeddings, lm_head and norms count)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Recipe TOML file to write."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Base recipe (group size, dtype, kept modules)."),
+    data: str = typer.Option("brown:calib", "--data", "-d", help="Calibration text (a named set or a file)."),
+    samples: int = typer.Option(4, "--samples", "-n", min=1, help="Calibration sequences."),
+    seq_len: int = typer.Option(128, "--seq-len", min=2, help="Tokens per calibration sequence."),
+    bits: str = typer.Option("2,3,4,8", "--bits", "-b", help="Candidate bit widths, comma separated."),
+    measure: str = typer.Option("kl", "--measure", help="kl (end-to-end logit KL) or proxy (module output error)."),
+    embed_min_bits: Optional[float] = typer.Option(None, "--embed-min-bits", help="Minimum bits for embedding and lm_head."),
+    solver: str = typer.Option("dp", "--solver", help="dp (exact) or greedy."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Measure per-module sensitivity and write a mixed-precision recipe that fits --budget."""
+    from .config import parse_bits
+    from .search.allocate import allocate_model, write_recipe
+
+    cands = tuple(parse_bits(b) for b in bits.split(",") if b.strip())
+    with progress_bar() as cb:
+        rec, table = allocate_model(model, budget, recipe, data=data, samples=samples, seq_len=seq_len, seed=seed,
+                                    bits=cands, measure=measure, embed_min_bits=embed_min_bits, solver=solver,
+                                    progress=cb)
+    path = write_recipe(rec, output)
+    out.print(f"[green]wrote[/green] {path}  {escape(rec.description)}  "
+              f"(sensitivity of {len(table.bits)} modules in {table.seconds:.1f}s)")
+
+
 # ------------------------------------------------------------------------------------ generate
 
 

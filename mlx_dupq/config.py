@@ -303,6 +303,82 @@ class QuantizerSpec:
         return cls(**d)
 
 
+ACT_BITS = (2, 3, 4, 5, 6, 8, 10, 12, 16)
+ACT_MODES = ("dynamic", "static")
+ACT_CLIPS = ("none", "percentile", "kl")
+MASSIVE_RULE = re.compile(r"^(sigma|mean)(\d+(?:\.\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Simulated (fake) quantization of every linear layer's input (SPEC F3), applied at run time.
+
+    bits:         symmetric INT-b levels, ``[-(2^(b-1)-1), 2^(b-1)-1] x scale``; 16 = passthrough
+    mode:         dynamic (one scale per token, from the token itself) | static (one calibrated
+                  range per linear, ``mlx_dupq.layers.act_quant.calibrate_static_ranges``)
+    clip:         none (range = max |x|) | percentile (range = that percentile of |x|) |
+                  kl (TensorRT histogram search; static mode only)
+    percentile:   99.0 .. 99.99, for clip "percentile"
+    clip_ratio:   the range is multiplied by this (0 < r <= 1)
+    keep_massive: entries flagged by ``massive_rule`` stay in float; the rest is quantized
+    massive_rule: ``sigma<k>`` (|x| > k x the row's std) or ``mean<k>`` (|x| > k x the row's mean |x|),
+                  e.g. sigma3, mean100
+    """
+
+    bits: int = 16
+    mode: str = "dynamic"
+    clip: str = "none"
+    percentile: float = 99.9
+    clip_ratio: float = 1.0
+    keep_massive: bool = False
+    massive_rule: str = "sigma3"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or self.bits not in ACT_BITS:
+            raise DupqError(f"activation bits {self.bits!r} are not supported; use one of {', '.join(map(str, ACT_BITS))}")
+        object.__setattr__(self, "bits", int(self.bits))
+        if self.mode not in ACT_MODES:
+            raise DupqError(f"activation mode {self.mode!r} is unknown; use dynamic or static")
+        if self.clip not in ACT_CLIPS:
+            raise DupqError(f"activation clip {self.clip!r} is unknown; use none, percentile or kl")
+        if self.clip == "kl" and self.mode != "static":
+            raise DupqError("activation clip 'kl' needs calibrated ranges; set mode = \"static\" or use percentile")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 99.0 <= self.percentile <= 99.99:
+            raise DupqError(f"activation percentile {self.percentile!r} is out of range; use 99.0 .. 99.99")
+        object.__setattr__(self, "percentile", float(self.percentile))
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
+                or not 0.0 < self.clip_ratio <= 1.0:
+            raise DupqError(f"activation clip_ratio {self.clip_ratio!r} is out of range; use a number in (0, 1]")
+        object.__setattr__(self, "clip_ratio", float(self.clip_ratio))
+        object.__setattr__(self, "keep_massive", bool(self.keep_massive))
+        if not isinstance(self.massive_rule, str) or not MASSIVE_RULE.match(self.massive_rule):
+            raise DupqError(f"massive_rule {self.massive_rule!r} is unknown; use sigma<k> or mean<k>, e.g. sigma3, mean100")
+
+    @property
+    def passthrough(self) -> bool:
+        return self.bits >= 16
+
+    def massive_threshold(self) -> tuple[str, float]:
+        """(``"sigma"`` | ``"mean"``, factor) of ``massive_rule``."""
+        kind, k = MASSIVE_RULE.match(self.massive_rule).groups()
+        return kind, float(k)
+
+    def label(self) -> str:
+        return f"a{self.bits}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DupqError(f"unknown activation option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
 ROUTER_PATTERN = r"(^|\.)(router|gate|shared_expert_gate)$"
 EMBED_PATTERN = r"(^|\.)(embed_tokens|wte|tok_embeddings)$"
 LM_HEAD_PATTERN = r"(^|\.)(lm_head|output)$"
@@ -327,6 +403,7 @@ class Recipe:
     dtype: str = "float16"  # storage dtype of scales and unquantized tensors
     rotation: RotationSpec | None = None  # fold a rotation into the weights before quantizing
     quantizer: QuantizerSpec = field(default_factory=QuantizerSpec)
+    activations: ActSpec | None = None  # fake-quantize linear inputs at run time (SPEC F3)
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -341,6 +418,8 @@ class Recipe:
             object.__setattr__(self, "rotation", RotationSpec.from_dict(self.rotation))
         if isinstance(self.quantizer, dict):
             object.__setattr__(self, "quantizer", QuantizerSpec.from_dict(self.quantizer))
+        if isinstance(self.activations, dict):
+            object.__setattr__(self, "activations", ActSpec.from_dict(self.activations))
 
     def spec_for(self, path: str) -> QuantSpec | None:
         """The spec for the module at ``path`` (None = keep full precision)."""
@@ -367,7 +446,7 @@ class Recipe:
         return out
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "description": self.description,
             "version": self.version,
@@ -380,6 +459,9 @@ class Recipe:
             "rotation": None if self.rotation is None else self.rotation.to_dict(),
             "quantizer": self.quantizer.to_dict(),
         }
+        if self.activations is not None:  # omitted when unset: recipes without it keep their old dict
+            d["activations"] = self.activations.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -407,6 +489,8 @@ class Recipe:
             d["quantizer"] = QuantizerSpec.from_dict(d["quantizer"])
         else:
             d.pop("quantizer", None)
+        if d.get("activations") is not None:
+            d["activations"] = ActSpec.from_dict(d["activations"])
         return cls(**d)
 
 

@@ -263,6 +263,11 @@ def convert(
 
     try:
         info = state.finish(src, rec, config_update=config_update, online_rotations=plan.online if plan else None)
+        if rec.activations is not None and rec.activations.mode == "static" and not rec.activations.passthrough:
+            from .layers.act_quant import calibrate_pack_ranges
+
+            say("calibrating static activation ranges", len(groups), len(groups))
+            calibrate_pack_ranges(partial, rec)  # the finished pack's inputs -> config.json act_ranges
     except OSError as e:
         raise _fail_write(partial, e) from None
     try:

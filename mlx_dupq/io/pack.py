@@ -10,7 +10,9 @@ Layout (a superset of an mlx-lm model directory)::
                                                    parameter count, stored bytes, all-in bpw,
                                                    and "online_rotations" {module path: rotation}
                                                    when a rotation runs at load time (then only
-                                                   mlx_dupq.load gives the right outputs)
+                                                   mlx_dupq.load gives the right outputs);
+                                                   "act_ranges" {module path: clip} when the
+                                                   recipe's activations are static
     model-NNNNN-of-MMMMM.safetensors   one file per streamed group (decoder layer / tensor)
     model.safetensors.index.json
     tokenizer.json, tokenizer_config.json, ...
@@ -214,8 +216,14 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     )
 
 
-def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = False) -> tuple[nn.Module, dict]:
-    """Rebuild a pack's model exactly as its config.json records it."""
+def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = False,
+              activations: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild a pack's model exactly as its config.json records it.
+
+    When the recorded recipe has ``activations`` (SPEC F3), every linear's input is fake-quantized
+    (:mod:`mlx_dupq.layers.act_quant`); static mode uses ``mlx_dupq.act_ranges`` from config.json.
+    ``activations=False`` loads the weights only (e.g. to calibrate those ranges).
+    """
     from ..pipeline import build_skeleton
     from ..layers.quant_linear import build_module
 
@@ -266,9 +274,35 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     except ValueError as e:
         raise DupqError(f"the weights in {path} do not match its config.json ({e}); convert it again") from None
     cast_floats(model, getattr(mx, compute_dtype))
+    act = (meta.get("recipe") or {}).get("activations")
+    if act and activations:
+        install_act_quant(model, act, meta.get("act_ranges"), path)
     if not lazy:
         mx.eval(model.parameters())
     return model, config
+
+
+def install_act_quant(model: nn.Module, act: dict, ranges: dict | None, path: Path) -> None:
+    """Install the recipe's activation fake-quant on a loaded pack model (after its weights)."""
+    from ..config import ActSpec
+    from ..layers.act_quant import apply_act_quant
+
+    spec = ActSpec.from_dict(act)
+    if spec.passthrough:
+        return
+    if spec.mode == "static" and not ranges:
+        raise DupqError(
+            f"{path} asks for static activation ranges but config.json has no 'act_ranges'; convert it "
+            "again, or load it with activations=False and use mlx_dupq.layers.act_quant.calibrate_static_ranges"
+        )
+    apply_act_quant(model, spec, ranges)
+
+
+def record_act_ranges(root: Path, ranges: dict[str, float]) -> None:
+    """Add the static activation ranges ``{module path: clip value}`` to a pack's config.json."""
+    config = read_config(root)
+    config["mlx_dupq"]["act_ranges"] = dict(sorted(ranges.items()))
+    _write_json_atomic(Path(root) / "config.json", config)
 
 
 def pack_summary(path: str | Path) -> dict:

@@ -1,0 +1,374 @@
+"""Per-module sensitivity to quantization (SPEC F2.5): what each module costs at each bit width.
+
+For a float model and calibration tokens ``(n, L)``, every module the base recipe quantizes
+(linears, embedding, lm_head, switch linears) is measured at each candidate spec (the recipe's
+spec for that module with only ``bits`` changed):
+
+- ``kl`` (cheap, end to end): mean per-token KL(p_float || p_q) of the final logits when ONLY that
+  module's weight is replaced by ``dequantize(rtn_quantize(w, spec))`` (and put back afterwards).
+  The float model's KL is 0, so this is the increase. Hidden states entering every decoder layer
+  are cached from one float pass, so a module in layer ``i`` re-runs only layers ``i..N-1``, the
+  final norm and the head (the embedding re-runs everything, lm_head only the head). All ``n``
+  sequences run as one batch.
+- ``proxy`` (no extra forward passes): relative output error of the module on its own inputs
+  captured in the float pass, ``||X (W_q - W)^T||_F^2 / ||X W^T||_F^2``. The embedding weights
+  its rows by how often the calibration tokens pick them; switch (expert) linears, whose inputs
+  are routed, fall back to the plain weight error ``||W_q - W||_F^2 / ||W||_F^2``.
+
+Stored bits per spec come from the real packing (:func:`~mlx_dupq.quant.packing.pack` and
+:func:`~mlx_dupq.quant.bpw.tensor_bits`), so codes, scales and biases (including the implied
+symmetric bias mlx's format must store) all count; tensors that are not quantized (norms,
+linear biases, modules the recipe keeps in float) count at the recipe's storage dtype in
+``fixed_bits``. ``n_params`` is the float model's parameter count, as in a pack's bits/weight.
+
+Cost (``kl``): one full float pass plus, per module and spec, the tail of the network from that
+module's layer. SmolLM2-135M, 4 x 128 tokens, 2 CPU cores (timed pieces, extrapolated, not a full
+run): full forward 3.7 s, head only (49k-vocab lm_head + KL) 1.5 s, from layer 15 2.2 s, from
+layer 0 3.0 s; 211 modules -> about 8 min per candidate bit width, ~32 min for (2, 3, 4, 8). The
+head dominates, so the cost is linear in ``n * L``: 2 x 128 tokens about halves it. ``proxy``
+alone costs one float pass plus one small matmul per module and spec (seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import QuantSpec, Recipe
+from ..errors import DupqError
+from ..quant.bpw import tensor_bits
+from ..quant.packing import pack
+from ..quant.qtensor import dequantize
+from ..quant.rtn import rtn_quantize
+
+DEFAULT_BITS = (2, 3, 4, 8)
+MEASURES = ("kl", "proxy")
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+Progress = Callable[[str, int, int], None]  # (message, done, total)
+
+
+@dataclass
+class Sensitivity:
+    """The sensitivity table and the size accounting an allocation needs.
+
+    kl, proxy:    {path: {spec label: delta}} (``proxy`` empty when not measured, ``kl`` likewise)
+    bits:         {path: {spec label: stored bits of that module's weight at that spec}}
+    specs:        {spec label: QuantSpec} for every label used above
+    params:       {path: float parameters of the module's weight}
+    fixed_bits:   stored bits of every other tensor (norms, linear biases, float-kept modules)
+    n_params:     all float parameters of the model (the bits/weight denominator)
+    tokens:       calibration tokens used (n * L); seconds: wall time of the measurement
+    """
+
+    kl: dict[str, dict[str, float]]
+    proxy: dict[str, dict[str, float]]
+    bits: dict[str, dict[str, int]]
+    specs: dict[str, QuantSpec]
+    params: dict[str, int]
+    fixed_bits: int
+    n_params: int
+    tokens: int = 0
+    seconds: float = 0.0
+    dtype: str = "float16"
+    extra: dict = field(default_factory=dict)
+
+    def table(self, measure: str = "kl") -> dict[str, dict[str, float]]:
+        """{path: {label: delta}} of ``measure`` (``kl`` or ``proxy``)."""
+        if measure not in MEASURES:
+            raise DupqError(f"unknown sensitivity measure {measure!r}; use one of {', '.join(MEASURES)}")
+        t = getattr(self, measure)
+        if not t:
+            raise DupqError(f"the sensitivity table has no {measure!r} measure; measure it with measures=({measure!r},)")
+        return t
+
+    def bpw(self, choice: dict[str, str]) -> float:
+        """All-in bits per weight when module ``path`` is stored at spec label ``choice[path]``."""
+        return (self.fixed_bits + sum(self.bits[p][choice[p]] for p in self.bits)) / self.n_params
+
+    def to_dict(self) -> dict:
+        return {
+            "kl": self.kl, "proxy": self.proxy, "bits": self.bits,
+            "specs": {k: s.to_dict() for k, s in self.specs.items()},
+            "params": self.params, "fixed_bits": self.fixed_bits, "n_params": self.n_params,
+            "tokens": self.tokens, "seconds": self.seconds, "dtype": self.dtype, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        d = dict(d)
+        d["specs"] = {k: QuantSpec.from_dict(s) for k, s in d["specs"].items()}
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------ pure helpers
+
+
+def candidate_specs(base: QuantSpec, bits=DEFAULT_BITS) -> list[QuantSpec]:
+    """``base`` with each of ``bits`` (group size and symmetry kept)."""
+    return [dataclasses.replace(base, bits=b) for b in bits]
+
+
+def fake_quantize(w: mx.array, spec: QuantSpec, dtype: mx.Dtype = mx.float16) -> tuple[mx.array, int]:
+    """(..., in) weight -> (dequantized weight in ``w``'s dtype, stored bits of its packed form)."""
+    qt = rtn_quantize(w.astype(mx.float32), spec, dtype)
+    arrays, _ = pack(qt)
+    return dequantize(qt).astype(w.dtype), tensor_bits(arrays)
+
+
+def relative_output_error(w: mx.array, w_hat: mx.array, x: mx.array | None = None,
+                          hessian: mx.array | None = None, row_weights: mx.array | None = None) -> float:
+    """Relative output error of a quantized weight; w, w_hat (..., out, in).
+
+    x (T, in): ``||x dW^T||^2 / ||x W^T||^2``; hessian (in, in) = x^T x: the same via traces;
+    row_weights (out,): rows weighted (an embedding's token counts); none: ``||dW||^2 / ||W||^2``.
+    """
+    w = w.astype(mx.float32)
+    d = w_hat.astype(mx.float32) - w
+    if x is not None:
+        x = x.astype(mx.float32)
+        num, den = mx.sum(mx.square(x @ d.T)), mx.sum(mx.square(x @ w.T))
+    elif hessian is not None:
+        num, den = mx.sum((d @ hessian) * d), mx.sum((w @ hessian) * w)
+    elif row_weights is not None:
+        r = row_weights.astype(mx.float32)
+        num, den = mx.sum(r * mx.sum(mx.square(d), axis=-1)), mx.sum(r * mx.sum(mx.square(w), axis=-1))
+    else:
+        num, den = mx.sum(mx.square(d)), mx.sum(mx.square(w))
+    den = den.item()
+    return float(num.item() / den) if den > 0 else 0.0
+
+
+def mean_kl(ref_logp: mx.array, logits: mx.array) -> float:
+    """Mean over positions of KL(p_ref || p): ref_logp (n, L, V) log-probabilities, logits (n, L, V)."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    kl = mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    return float(mx.mean(kl).item())
+
+
+def quantizable_modules(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.Module, str, QuantSpec]]:
+    """{path: (module, kind, the recipe's spec)} of every module ``recipe`` quantizes."""
+    from ..pipeline import module_kind
+
+    out = {}
+    for path, m in model.named_modules():
+        kind = module_kind(m)
+        spec = recipe.spec_for(path) if kind else None
+        if spec is not None and "weight" in m and not isinstance(m, nn.QuantizedLinear):
+            out[path] = (m, kind, spec)
+    return out
+
+
+# ------------------------------------------------------------------------------ forward passes
+
+
+class _Tail:
+    """The float model's logits from any decoder layer on, with the layer inputs cached.
+
+    Works for mlx-lm models laid out as ``model.model.{embed_tokens, layers, norm}`` plus
+    ``lm_head`` or a tied embedding; anything else (or a layout whose re-run does not reproduce
+    the full forward) falls back to the full forward pass.
+    """
+
+    def __init__(self, model: nn.Module, tokens: mx.array, ref_logits: mx.array):
+        self.model, self.tokens = model, tokens
+        self.hidden: list[mx.array] | None = None
+        inner = getattr(model, "model", None)
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+            return
+        if any(getattr(layer, "use_sliding", False) for layer in inner.layers):
+            return
+        self.inner = inner
+        try:
+            from mlx_lm.models.base import create_attention_mask
+
+            h = inner.embed_tokens(tokens)
+            self.mask = create_attention_mask(h, None)
+            hidden = []
+            for layer in inner.layers:
+                hidden.append(h)
+                h = layer(h, self.mask, None)
+                mx.eval(h)
+            hidden.append(h)
+            self.hidden = hidden
+            again = self.logits_from(0)
+        except Exception:  # an unusual layer signature: use the full forward
+            self.hidden = None
+            return
+        scale = float(mx.max(mx.abs(ref_logits)).item()) or 1.0
+        if float(mx.max(mx.abs(again - ref_logits)).item()) > 1e-3 * scale:
+            self.hidden = None
+
+    def head(self, h: mx.array) -> mx.array:
+        out = self.inner.norm(h)
+        if "lm_head" in self.model:
+            return self.model.lm_head(out)
+        return self.inner.embed_tokens.as_linear(out)
+
+    def logits_from(self, start: int | None) -> mx.array:
+        """Logits re-running layers ``start..`` (None: everything, from the tokens)."""
+        if self.hidden is None or start is None:
+            return self.model(self.tokens)
+        h = self.hidden[start]
+        for layer in self.inner.layers[start:]:
+            h = layer(h, self.mask, None)
+        return self.head(h)
+
+
+def _start_layer(path: str, kind: str) -> int | None:
+    """First decoder layer a module affects (None: the embedding, i.e. everything)."""
+    m = LAYER_RE.search(path)
+    if m:
+        return int(m.group(1))
+    if kind == "embedding":
+        return None
+    return -1  # lm_head: only the head, after the last layer
+
+
+class _Inputs:
+    """Inputs seen in one forward pass, by array identity (q/k/v share one input: stored once)."""
+
+    def __init__(self):
+        self.arrays: dict[int, tuple[mx.array, mx.array]] = {}
+
+
+class _Capture(nn.Module):
+    """Wraps a linear and records which input it got."""
+
+    def __init__(self, inner: nn.Module, store: _Inputs):
+        super().__init__()
+        self.inner = inner
+        self._store = store
+        self._key = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        key = id(x)
+        if key not in self._store.arrays:  # keep x alive so that its id is not reused
+            self._store.arrays[key] = (x, x.reshape(-1, x.shape[-1]).astype(mx.float32))
+        self._key = key
+        return self.inner(x)
+
+
+def _forward_capturing(model: nn.Module, tokens: mx.array, paths: list[str]) -> tuple[mx.array, dict[str, mx.array]]:
+    """Float logits (n, L, V) and {path: inputs (n*L, in)} of the nn.Linear modules at ``paths``."""
+    store = _Inputs()
+    mods = dict(model.named_modules())
+    caps = {p: _Capture(mods[p], store) for p in paths if isinstance(mods[p], nn.Linear)}
+    if caps:
+        model.update_modules(tree_unflatten(list(caps.items())))
+    try:
+        logits = model(tokens)
+        mx.eval(logits)
+    finally:
+        if caps:
+            model.update_modules(tree_unflatten([(p, c.inner) for p, c in caps.items()]))
+    inputs = {p: store.arrays[c._key][1] for p, c in caps.items() if c._key is not None}
+    mx.eval(list(inputs.values()))
+    return logits, inputs
+
+
+# ------------------------------------------------------------------------------ the measurement
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    tokens: mx.array,
+    recipe: Recipe | None = None,
+    bits=DEFAULT_BITS,
+    measures=MEASURES,
+    progress: Progress | None = None,
+) -> Sensitivity:
+    """Measure every quantizable module of the float ``model`` at each candidate bit width.
+
+    model:   an mlx-lm float model (e.g. ``mlx_dupq.load(MODEL)[0]``); its weights are swapped one
+             module at a time and always restored.
+    tokens:  (n, L) int calibration tokens (e.g. ``calibration_batches(tok, text, 4, 128, 0)``).
+    recipe:  base recipe: which modules are quantized, their group size / symmetry, storage dtype.
+    bits:    candidate bit widths; each module is measured at its recipe spec with these bits.
+    measures: any of ``kl`` (end-to-end, one tail forward per module and spec) and ``proxy``.
+    """
+    t0 = time.perf_counter()
+    recipe = recipe or Recipe()
+    measures = tuple(measures)
+    for m in measures:
+        if m not in MEASURES:
+            raise DupqError(f"unknown sensitivity measure {m!r}; use one of {', '.join(MEASURES)}")
+    if tokens.ndim != 2:
+        raise DupqError(f"calibration tokens must be (n, L), got shape {tuple(tokens.shape)}")
+    storage = getattr(mx, recipe.dtype)
+    dtype_bits = 8 * storage.size
+    say = progress or (lambda *a: None)
+    model.eval()
+
+    mods = quantizable_modules(model, recipe)
+    if not mods:
+        raise DupqError("the model has no module the recipe quantizes; check the recipe's rules")
+    params = dict(tree_flatten(model.parameters()))
+    n_params = sum(int(v.size) for v in params.values())
+    weight_keys = {f"{p}.weight" for p in mods}
+    fixed_bits = sum(
+        (dtype_bits * int(v.size) if mx.issubdtype(v.dtype, mx.floating) else 8 * int(v.nbytes))
+        for k, v in params.items() if k not in weight_keys
+    )
+
+    say("float pass", 0, len(mods))
+    ref_logits, inputs = _forward_capturing(model, tokens, list(mods) if "proxy" in measures else [])
+    ref_logp = ref_logits.astype(mx.float32)
+    ref_logp = ref_logp - mx.logsumexp(ref_logp, axis=-1, keepdims=True)
+    mx.eval(ref_logp)
+    tail = _Tail(model, tokens, ref_logits) if "kl" in measures else None
+    del ref_logits
+    counts = None
+    if any(kind == "embedding" for _, kind, _ in mods.values()):
+        counts = mx.zeros((int(params[next(f"{p}.weight" for p, (_, k, _) in mods.items() if k == "embedding")].shape[0]),))
+        counts = counts.at[tokens.reshape(-1)].add(1.0)
+
+    kl: dict[str, dict[str, float]] = {}
+    proxy: dict[str, dict[str, float]] = {}
+    bits_table: dict[str, dict[str, int]] = {}
+    specs: dict[str, QuantSpec] = {}
+    sizes: dict[str, int] = {}
+    for i, (path, (mod, kind, base)) in enumerate(mods.items()):
+        say(f"measuring {path}", i, len(mods))
+        w = mod.weight
+        sizes[path] = int(w.size)
+        kl[path], proxy[path], bits_table[path] = {}, {}, {}
+        for spec in candidate_specs(base, bits):
+            label = spec.label()
+            specs[label] = spec
+            w_hat, nbits = fake_quantize(w, spec, storage)
+            mx.eval(w_hat)
+            bits_table[path][label] = nbits
+            if "proxy" in measures:
+                if path in inputs:
+                    proxy[path][label] = relative_output_error(w, w_hat, x=inputs[path])
+                elif kind == "embedding":
+                    proxy[path][label] = relative_output_error(w, w_hat, row_weights=counts)
+                else:
+                    proxy[path][label] = relative_output_error(w, w_hat)
+            if "kl" in measures:
+                start = _start_layer(path, kind)
+                if start == -1 and tail.hidden is not None:
+                    start = len(tail.inner.layers)
+                mod.weight = w_hat
+                try:
+                    kl[path][label] = mean_kl(ref_logp, tail.logits_from(start))
+                finally:
+                    mod.weight = w
+            del w_hat
+    say("done", len(mods), len(mods))
+    return Sensitivity(
+        kl=kl if "kl" in measures else {},
+        proxy=proxy if "proxy" in measures else {},
+        bits=bits_table, specs=specs, params=sizes, fixed_bits=int(fixed_bits), n_params=int(n_params),
+        tokens=int(tokens.size), seconds=time.perf_counter() - t0, dtype=recipe.dtype,
+        extra={"bits": [float(b) for b in bits], "measures": list(measures),
+               "tail_cached": bool(tail is not None and tail.hidden is not None)},
+    )

@@ -1,0 +1,92 @@
+"""The Metal and CUDA backends: kernels/gqmv.body.h built with ``mx.fast.metal_kernel`` /
+``mx.fast.cuda_kernel`` (body only, kernels/dq_portable.h as the header).
+
+Building a kernel object does not touch a GPU; calling it does. The launch plan (rows per
+threadgroup, threads, row chunking to fit shared memory) lives here, the choice of backend in
+:mod:`mlx_dupq.kernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .layout import KernelPack
+from .reference import rotate_ref
+
+KIND_NAMES = ("metal", "cuda")
+INPUTS = ("x", "w", "scales", "biases", "meta", "idx", "coef", "signs")
+# Metal declares thread-position attributes only for names the *body* mentions.
+PROLOGUE = {
+    "metal": (
+        "uint3 dq_tid3 = thread_position_in_threadgroup;\n"
+        "uint3 dq_gid3 = threadgroup_position_in_grid;\n"
+        "uint3 dq_tpg3 = threads_per_threadgroup;\n"
+    ),
+    "cuda": "",
+}
+TG = 64  # threads per threadgroup (power of two)
+ROWS = 4  # output rows per threadgroup
+XS_MAX = 6144  # floats of x staged in shared memory (24 KiB)
+SLOTS_MAX = 16  # partial sums per thread
+
+
+def kernel_source(kind: str) -> tuple[str, str]:
+    """(header, body) text handed to mx.fast.<kind>_kernel."""
+    from .cpu_harness import KERNELS_DIR
+
+    header = (KERNELS_DIR / "dq_portable.h").read_text()
+    body = (KERNELS_DIR / "gqmv.body.h").read_text()
+    return header, PROLOGUE[kind] + body
+
+
+def _pow2(k: int) -> bool:
+    return k > 0 and k & (k - 1) == 0
+
+
+class GpuBackend:
+    """gqmv on the GPU through mlx's custom-kernel API of ``kind`` ("metal" or "cuda")."""
+
+    def __init__(self, kind: str):
+        if kind not in KIND_NAMES:
+            raise ValueError(f"unknown GPU kernel kind {kind!r}; use one of {KIND_NAMES}")
+        self.name = kind
+        self._kernel = None
+
+    def kernel(self):
+        """The kernel object (built once; no GPU needed to build it)."""
+        if self._kernel is None:
+            header, body = kernel_source(self.name)
+            factory = mx.fast.metal_kernel if self.name == "metal" else mx.fast.cuda_kernel
+            self._kernel = factory(name="dupq_gqmv", input_names=list(INPUTS), output_names=["y"],
+                                   source=body, header=header)
+        return self._kernel
+
+    def gqmv(self, x: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, summed: bool,
+             signs: mx.array | None = None, had: int = 0) -> mx.array:
+        """Same contract as :func:`~mlx_dupq.kernels.reference.gqmv_reference` (output in x's dtype)."""
+        m, n = x.shape
+        j = idx.shape[1]
+        if had and (not _pow2(had) or n > XS_MAX):
+            x, had = rotate_ref(x, signs, had).astype(x.dtype), 0  # mlx's own fast Hadamard, then the GEMV
+        stage = had > 0 or n <= XS_MAX
+        per_row = 1 if summed else j
+        mc = max(1, min(m, SLOTS_MAX // per_row, XS_MAX // n if stage else m))
+        if per_row > SLOTS_MAX:
+            raise ValueError(f"{j} slots per row exceed the kernel's {SLOTS_MAX}; split the gather")
+        signs = mx.ones((n,), mx.float32) if signs is None else signs.astype(mx.float32)
+        outs = []
+        for r0 in range(0, m, mc):
+            xs = x[r0: r0 + mc]
+            rows = xs.shape[0]
+            (y,) = self.kernel()(
+                inputs=[xs, kp.w, kp.scales.astype(x.dtype), kp.biases.astype(x.dtype), kp.meta,
+                        idx[r0: r0 + mc].astype(mx.int32), coef[r0: r0 + mc].astype(mx.float32), signs],
+                template=[("T", x.dtype), ("N", n), ("O", kp.n_out), ("M", rows), ("J", j),
+                          ("SUM", int(summed)), ("ROWS", ROWS), ("HAD", had), ("XS", int(stage)), ("TG", TG)],
+                grid=(-(-kp.n_out // ROWS) * TG, 1, 1),
+                threadgroup=(TG, 1, 1),
+                output_shapes=[(rows, per_row, kp.n_out)],
+                output_dtypes=[x.dtype],
+            )
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs)

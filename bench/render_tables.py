@@ -1,6 +1,7 @@
 """Render the markdown tables of bench/results/*.json (the README quotes them).
 
     python bench/render_tables.py            # writes bench/results/TABLES.md
+    python bench/render_tables.py --readme   # also replaces README.md's results block with it
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ def ladder_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def bench_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    lines = [f"`{r['command']}`", "",
+             "| model | all-in bpw | size MiB | prompt tok/s | generation tok/s | TTFT s | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        bpw = "-" if x.get("bits_per_weight") is None else f"{x['bits_per_weight']:.3f}"
+        lines.append(f"| {x['model']} | {bpw} | {x['size_mib']:.1f} | {x['prompt_tps']:.1f} | "
+                     f"{x['generation_tps']:.2f} | {x['ttft_s']:.3f} | {x['peak_memory_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def stream_table(path: Path) -> str:
     r = json.loads(path.read_text())
     lines = [f"`{r['command']}` — {r['target']}: **{'passed' if r['passed'] else 'FAILED'}** "
@@ -70,8 +83,20 @@ def main() -> None:
             parts += [ladder_table(p), ""]
     if (RESULTS / "stream_memory.json").exists():
         parts += ["## Streaming conversion memory (Qwen2-32B layer shapes)", "", stream_table(RESULTS / "stream_memory.json"), ""]
+    benches = sorted(RESULTS.glob("bench_*.json"))
+    if benches:
+        parts += ["## Speed and memory (CPU, 2 cores, float32 compute)", ""]
+        for p in benches:
+            parts += [bench_table(p), ""]
     out = RESULTS / "TABLES.md"
     out.write_text("\n".join(parts))
+    if "--readme" in sys.argv:
+        readme = RESULTS.parent.parent / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- results:start -->", "<!-- results:end -->"
+        body = "\n".join(parts[2:])  # without the file's own title
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + body.replace("## ", "### ") + "\n" + end + rest.split(end, 1)[1])
     print(out.read_text() if "-q" not in sys.argv else out)
 
 

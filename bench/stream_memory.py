@@ -102,13 +102,19 @@ def main() -> None:
     ap.add_argument("--layers", default="2,6")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stream_memory.json")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--write", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write:
+        write_model(Path(args.write[0]), int(args.write[1]))
+        return
     rows = []
     for n in sorted(int(x) for x in args.layers.split(",")):
         src = args.work / f"qwen2-32b-shape-{n}L"
         if not (src / "config.json").exists():
+            # in a child process: a parent grown by writing would hand its peak RSS to the
+            # convert child (the RSS high-water mark survives fork + exec)
             print(f"writing {src}", flush=True)
-            write_model(src, n)
+            subprocess.run([sys.executable, __file__, "--write", str(src), str(n)], check=True)
         disk = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         print(f"converting {n} layers", flush=True)
         r = convert_peak(src, args.work / f"out-{n}L", args.bits)

@@ -10,7 +10,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -193,7 +193,7 @@ def eval_ppl(
 def bench(
     model: str = typer.Argument(..., help=MODEL_HELP),
     tokens_per_sec: bool = typer.Option(True, "--tokens-per-sec/--no-tokens-per-sec", help="Measure prompt and generation speed."),
-    against: Optional[str] = typer.Option(None, "--against", help="A second model measured in the same run."),
+    against: Optional[List[str]] = typer.Option(None, "--against", help="Another model measured in the same run (repeatable)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1),
     gen_tokens: int = typer.Option(64, "--gen-tokens", min=2),
     repeats: int = typer.Option(1, "--repeats", min=1),
@@ -203,7 +203,7 @@ def bench(
     """Speed, memory, size and bits per weight, side by side with --against."""
     from .bench_run import bench_models
 
-    names = [model] + ([against] if against else [])
+    names = [model] + list(against or [])
     results = bench_models(names, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                            speed=tokens_per_sec, compute_dtype=compute_dtype)
     table = Table(title="mlx-dupq bench")

@@ -19,7 +19,7 @@ from mlx_dupq.errors import DupqError
 from mlx_dupq.layers.dup_linear import DupLinear
 from mlx_dupq.quant.qtensor import dequantize
 from mlx_dupq.quant.rounding import grid_offset_quantize, noise_quantize, stochastic_round_quantize
-from tests.tiny import build_model
+from tests.tiny import VOCAB, build_model
 
 S2 = QuantSpec(bits=2, group_size=32)
 
@@ -188,7 +188,7 @@ def test_parallel_plan_in_a_model_and_counter():
     plan = DupPlan(mode="parallel", copies={0: [CopySpec()] * 3}, early_stop=1e-3)
     duplicate_linears(model, plan, QuantSpec(bits=4, group_size=32), mx.float32)
     out = model(mx.array([[1, 2, 3]]))
-    assert out.shape == (1, 3, 96)
+    assert out.shape == (1, 3, VOCAB)
     runs = copies_run(model)
     assert set(runs) == {f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}

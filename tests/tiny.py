@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-VOCAB = 96
+VOCAB = 320  # > 256 byte-level symbols + 1 special token, so every text maps to ids < VOCAB
 
 CONFIGS = {
     "qwen2": dict(
@@ -40,8 +40,9 @@ def make_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # the full byte alphabet, sorted: deterministic across processes (alphabet() is a set's order)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80]
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())
     )
     text = ["the quick brown fox jumps over the lazy dog " * 4, "hello world, this is a tiny test corpus."]
     tok.train_from_iterator(text, trainer)

@@ -404,6 +404,7 @@ class Recipe:
     rotation: RotationSpec | None = None  # fold a rotation into the weights before quantizing
     quantizer: QuantizerSpec = field(default_factory=QuantizerSpec)
     activations: ActSpec | None = None  # fake-quantize linear inputs at run time (SPEC F3)
+    duplication: "DupPlan | None" = None  # parallel / residual copies of decoder layers' linears (SPEC F5)
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -420,6 +421,16 @@ class Recipe:
             object.__setattr__(self, "quantizer", QuantizerSpec.from_dict(self.quantizer))
         if isinstance(self.activations, dict):
             object.__setattr__(self, "activations", ActSpec.from_dict(self.activations))
+        if self.duplication is not None:
+            from .dup.specs import DupPlan  # dup.specs imports this module: import at use
+
+            if isinstance(self.duplication, dict):
+                object.__setattr__(self, "duplication", DupPlan.from_dict(self.duplication))
+            if not isinstance(self.duplication, DupPlan):
+                raise DupqError(f"recipe duplication {self.duplication!r} is not a DupPlan or a dict")
+            if self.duplication.mode == "serial":
+                raise DupqError("serial layer duplication is not supported by the converter yet; use mode "
+                                "parallel or residual (serial copies: mlx_dupq.dup.runtime.duplicate_layers)")
 
     def spec_for(self, path: str) -> QuantSpec | None:
         """The spec for the module at ``path`` (None = keep full precision)."""
@@ -461,6 +472,8 @@ class Recipe:
         }
         if self.activations is not None:  # omitted when unset: recipes without it keep their old dict
             d["activations"] = self.activations.to_dict()
+        if self.duplication is not None:  # likewise
+            d["duplication"] = self.duplication.to_dict()
         return d
 
     @classmethod

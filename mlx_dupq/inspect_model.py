@@ -6,6 +6,7 @@ so the numbers describe the weights the model actually runs).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +22,16 @@ def _pack_tensors(path: Path, meta: dict):
         arrays = mx.load(str(f))
         for key in sorted(arrays):
             mod, _, param = key.rpartition(".")
+            copy = re.match(r"^(.*)\.copies\.(\d+)$", mod)
+            if copy and entries.get(copy.group(1), {}).get("format") == "dup":
+                if param != "weight":
+                    continue
+                base, k = copy.group(1), int(copy.group(2))
+                e = entries[base]["copies"][k]
+                parts = {s: arrays[f"{mod}.{s}"] for s in ("weight", "scales", "biases") if f"{mod}.{s}" in arrays}
+                w = dequantize(unpack(parts, e))
+                yield key, w, f"copy {k} ({entries[base]['mode']}) {e['format']}:{e['bits']}b/g{e['group_size']}"
+                continue
             if mod.endswith(".linear") and mod.removesuffix(".linear") in meta.get("online_rotations", {}):
                 prefix, mod = mod, mod.removesuffix(".linear")
             else:

@@ -32,6 +32,7 @@ from .io import pack as packio
 from .io.source import Source, open_source
 from .quant.bpw import tensor_bits
 from .calib_state import Calibration, layer_prefix
+from .dup.convert import check_dup_recipe, planned_copies, quantize_dup_linear
 from .layers.quant_linear import quantize_tensor
 from .quant.methods import quantize_weight
 from .quant.packing import pack
@@ -88,11 +89,14 @@ def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dic
 
 
 def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module], rec: Recipe, storage,
-                    stats: dict, keep: bool = False) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
+                    stats: dict, keep: bool = False,
+                    dup=None) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
     """Quantize one group's weights as the recipe says.
 
     Returns (arrays to store, module entries, and when ``keep`` the dequantized weights under their
-    weight keys, for advancing the calibration state through the quantized layer).
+    weight keys, for advancing the calibration state through the quantized layer). ``dup``: the
+    recipe's duplication plan resolved for this model; linears of its layers are stored as copies
+    (:func:`mlx_dupq.dup.convert.quantize_dup_linear`).
     """
     arrays: dict[str, mx.array] = {}
     entries: dict[str, dict] = {}
@@ -107,7 +111,12 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
             arrays[key] = w.astype(storage) if mx.issubdtype(w.dtype, mx.floating) else w
             continue
         fitted = spec.fit(w.shape[-1])
-        if rec.quantizer.method == "rtn" and not keep:
+        copy_specs = planned_copies(dup, path) if kind == "linear" else None
+        if copy_specs is not None:
+            q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dup, storage, stats.get(path), keep)
+            if keep:
+                dequantized[key] = wq
+        elif rec.quantizer.method == "rtn" and not keep:
             q_arrays, entry = quantize_chunked(w, fitted, storage)
         else:
             qt = quantize_weight(w.astype(mx.float32), fitted, storage, rec.quantizer, stats.get(path))
@@ -206,6 +215,7 @@ def convert(
     modules = dict(skeleton.named_modules())
     groups = _stream_groups(src, rotated=plan is not None and not plan.partial)
     storage = getattr(mx, rec.dtype)
+    dup = check_dup_recipe(rec, skeleton, plan.online if plan else None)
 
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
     resumed = len(state.done)
@@ -241,7 +251,8 @@ def convert(
             else:
                 layer = modules[prefix]
                 stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {})
-        arrays, entries, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None)
+        arrays, entries, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None,
+                                                       dup=dup)
         del weights
         if plan is not None and plan.online:
             arrays = {packio.online_key(k, plan.online): v for k, v in arrays.items()}
@@ -262,7 +273,8 @@ def convert(
     say("writing config and tokenizer", len(groups), len(groups))
 
     try:
-        info = state.finish(src, rec, config_update=config_update, online_rotations=plan.online if plan else None)
+        info = state.finish(src, rec, config_update=config_update, online_rotations=plan.online if plan else None,
+                            duplication=None if dup is None else dup.to_dict())
         if rec.activations is not None and rec.activations.mode == "static" and not rec.activations.passthrough:
             from .layers.act_quant import calibrate_pack_ranges
 

@@ -167,6 +167,11 @@ def pack_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec
     ``weight`` array and ``"codes_from": 0``, so its codes are stored (and counted) once.
     """
     qts = make_copies(w, base_spec, copy_specs, dtype, residual=(mode == "residual"))
+    return pack_qtensors(qts, copy_specs)
+
+
+def pack_qtensors(qts: Sequence[QTensor], copy_specs: Sequence[CopySpec]) -> list[tuple[dict[str, mx.array], dict]]:
+    """:func:`make_copies`' QTensors -> [(arrays, entry)] per copy (see :func:`pack_copies`)."""
     packed = []
     for copy, qt in zip(copy_specs, qts):
         arrays, entry = pack(qt)

@@ -185,6 +185,12 @@ class DupPlan:
     early_stop:  dynamic duplication (parallel / residual): stop running copies once the output
                  changes by less than this relative amount; None = always run every copy
     max_copies:  compute budget: at most this many copies per call (None = all)
+    last_n:      also duplicate the last ``last_n`` decoder layers, ``n_copies`` default copies each
+    last_fraction: the same for the last share of the layers (``round(f * n_layers)``, at least 1),
+                 for recipes that cannot know the layer count. Both are expanded by
+                 :meth:`resolve` once the model is known (the converter does it); layers listed
+                 in ``copies`` keep their explicit copies.
+    n_copies:    total copies of each ``last_n`` / ``last_fraction`` layer
     """
 
     mode: str = "parallel"
@@ -192,6 +198,9 @@ class DupPlan:
     copies: dict = field(default_factory=dict)
     early_stop: float | None = None
     max_copies: int | None = None
+    last_n: int | None = None
+    last_fraction: float | None = None
+    n_copies: int = 2
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -213,6 +222,40 @@ class DupPlan:
         if self.max_copies is not None and (isinstance(self.max_copies, bool) or not isinstance(self.max_copies, int)
                                             or self.max_copies < 1):
             raise DupqError(f"max_copies {self.max_copies!r} is not a positive integer (or null)")
+        if self.last_n is not None and (isinstance(self.last_n, bool) or not isinstance(self.last_n, int)
+                                        or self.last_n < 1):
+            raise DupqError(f"last_n {self.last_n!r} is not a positive number of layers (or null)")
+        if self.last_fraction is not None:
+            object.__setattr__(self, "last_fraction", _number("last_fraction", self.last_fraction, 1e-9, 1.0))
+        if self.last_n is not None and self.last_fraction is not None:
+            raise DupqError("give last_n or last_fraction, not both")
+        if isinstance(self.n_copies, bool) or not isinstance(self.n_copies, int) or not 1 <= self.n_copies <= 8:
+            raise DupqError(f"n_copies {self.n_copies!r} is out of range; use 1..8 total copies per layer")
+
+    @property
+    def resolved(self) -> bool:
+        """True when the plan names its layers explicitly (no ``last_n`` / ``last_fraction`` left)."""
+        return self.last_n is None and self.last_fraction is None
+
+    def resolve(self, n_layers: int) -> "DupPlan":
+        """This plan for a model of ``n_layers`` decoder layers: ``last_n`` / ``last_fraction`` expanded
+        into explicit ``copies`` (explicit entries win), then :meth:`check` ed. Default copies are
+        identical for residual plans and differ by scale multiplier (1.0, 1.05, 0.95, ...) for
+        parallel ones."""
+        if self.resolved:
+            return self.check(n_layers)
+        n = self.last_n if self.last_n is not None else max(1, round(self.last_fraction * n_layers))
+        if n > n_layers:
+            raise DupqError(f"last_n = {n} but the model has {n_layers} decoder layers; use at most {n_layers}")
+        if self.mode == "parallel":  # identical parallel copies would be one layer: differ by scale
+            from .plans import diversify
+
+            default = diversify(self.n_copies, "scale")
+        else:  # residual copies differ by construction; serial copies repeat the layer
+            default = [CopySpec()] * self.n_copies
+        copies = {k: list(default) for k in range(n_layers - n, n_layers)}
+        copies.update(self.copies)
+        return dataclasses.replace(self, copies=copies, last_n=None, last_fraction=None).check(n_layers)
 
     @property
     def layers(self) -> list[int]:
@@ -232,7 +275,7 @@ class DupPlan:
         return self
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "version": DUP_PLAN_VERSION,
             "mode": self.mode,
             "aggregation": self.aggregation,
@@ -240,6 +283,9 @@ class DupPlan:
             "early_stop": self.early_stop,
             "max_copies": self.max_copies,
         }
+        if not self.resolved:  # omitted when unset: explicit plans keep their old dict
+            d.update(last_n=self.last_n, last_fraction=self.last_fraction, n_copies=self.n_copies)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DupPlan":

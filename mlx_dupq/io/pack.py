@@ -19,7 +19,10 @@ Layout (a superset of an mlx-lm model directory)::
 
 A module whose entry has ``format: "mlx"`` is an ``nn.QuantizedLinear`` / ``QuantizedEmbedding``
 / ``QuantizedSwitchLinear``; ``format: "dupq"`` is one of our layers (ternary, groups of
-256/512, per-channel, per-tensor). ``load_pack`` rebuilds exactly what the entries say.
+256/512, per-channel, per-tensor); ``format: "dup"`` is a duplicated linear
+(:mod:`mlx_dupq.dup.convert`: copies stored as ``<path>.copies.<k>.*``, rebuilt as a
+``DupLinear``; ``mlx_lm.load`` refuses such a pack, it has no tensor ``<path>.weight``).
+``load_pack`` rebuilds exactly what the entries say.
 """
 
 from __future__ import annotations
@@ -132,11 +135,13 @@ class PartialState:
         }
         _write_json_atomic(self.root / PROGRESS_FILE, self.data)
 
-    def finish(self, src, recipe, config_update: dict | None = None, online_rotations: dict | None = None) -> dict:
+    def finish(self, src, recipe, config_update: dict | None = None, online_rotations: dict | None = None,
+               duplication: dict | None = None) -> dict:
         """Write config.json, the index and the tokenizer; return the pack summary.
 
         config_update:    changes to the source config (e.g. ``tie_word_embeddings`` after rotation)
         online_rotations: ``{module_path: rotation_dict}`` applied at run time (``load_pack``)
+        duplication:      the recipe's duplication plan resolved for this model (explicit layers)
         """
         entries: dict[str, dict] = {}
         weight_map: dict[str, str] = {}
@@ -164,6 +169,8 @@ class PartialState:
         }
         if online_rotations:
             config["mlx_dupq"]["online_rotations"] = dict(sorted(online_rotations.items()))
+        if duplication:
+            config["mlx_dupq"]["duplication"] = duplication
         _write_json_atomic(self.root / "config.json", config)
         index = {"metadata": {"total_size": stored_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json_atomic(self.root / "model.safetensors.index.json", index)
@@ -225,6 +232,7 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     ``activations=False`` loads the weights only (e.g. to calibrate those ranges).
     """
     from ..pipeline import build_skeleton
+    from ..dup.convert import FORMAT_DUP, load_dup_linear
     from ..layers.quant_linear import build_module
 
     path = Path(path)
@@ -251,6 +259,11 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
         )
     custom = []
     for p, e in entries.items():
+        if e["format"] == FORMAT_DUP:
+            if p not in mods:
+                raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
+            custom.append((p, load_dup_linear(p, e, weights)))
+            continue
         if e["format"] == "mlx":
             continue
         if p not in mods:

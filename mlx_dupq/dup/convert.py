@@ -1,0 +1,162 @@
+"""Parallel / residual copies inside the converter and the pack (SPEC F5.6).
+
+The recipe's ``[duplication]`` (a :class:`~mlx_dupq.dup.specs.DupPlan`) decides which decoder
+layers get copies; :func:`check_dup_recipe` resolves it for the model (``last_n`` /
+``last_fraction`` expanded) and rejects what the converter cannot do. Every ``nn.Linear`` of a
+planned layer is then quantized by :func:`quantize_dup_linear` and stored as::
+
+    <path>.copies.<k>.weight / .scales / .biases   copy k's packed arrays (pack_copies); a
+                                                   shared-codes copy stores no weight
+    <path>.mix                                     aggregation weights (K,) / (K, out) float32,
+                                                   only when fitted (not the mean)
+    <path>.bias                                    the float bias, once
+
+with the module entry ``{"kind": "linear", "format": "dup", "shape", "mode", "aggregation",
+"copies": [copy k's packer entry + CopySpec dict], "mix": bool, "early_stop", "max_copies"}``.
+Every copy's bytes are in the pack's files, so they count in its all-in bpw. :func:`load_dup_linear`
+rebuilds the :class:`~mlx_dupq.layers.dup_linear.DupLinear`. No tensor is called ``<path>.weight``,
+so ``mlx_lm.load`` (strict) refuses a duplicated pack instead of running a wrong model.
+
+Copies are made by the copy engine (:func:`~mlx_dupq.dup.copies.make_copies`: RTN with the copy's
+variants), whatever the recipe's ``quantizer.method``; other linears use that method. When the
+recipe is calibrated, parallel aggregations other than the mean are fitted from the layer input
+Hessian (:func:`~mlx_dupq.dup.aggregate.fit_mix`), and the calibration hidden states advance through
+the aggregated weight ``sum_k a_k W_k`` (residual: ``sum_k W_k``), which is exact except for
+per-copy activation quantization.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..config import QuantSpec, Recipe
+from ..errors import DupqError
+from ..layers.dup_linear import DupLinear
+from .aggregate import fit_mix
+from .copies import copy_rotation, effective_weight, load_copies, make_copies, pack_qtensors
+from .specs import CopySpec, DupPlan
+
+FORMAT_DUP = "dup"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_COPY_KEY_RE = re.compile(r"^(.*)\.copies\.(\d+)\.([^.]+)$")
+
+
+def check_dup_recipe(rec: Recipe, skeleton: nn.Module, online: dict | None = None) -> DupPlan | None:
+    """The recipe's duplication plan resolved for ``skeleton`` (None when the recipe has none)."""
+    plan = rec.duplication
+    if plan is None:
+        return None
+    from .runtime import layer_owner
+
+    plan = plan.resolve(len(layer_owner(skeleton).layers))
+    if plan.mode == "parallel" and plan.aggregation != "mean" and not rec.quantizer.calibrated:
+        raise DupqError(f"aggregation {plan.aggregation!r} is fitted on calibration data, but quantizer "
+                        f"{rec.quantizer.method!r} is not calibrated; use a calibrated quantizer (gptq, awq) "
+                        "or aggregation = \"mean\"")
+    clash = sorted(p for p in (online or {}) if layer_index(p) in plan.copies)
+    if clash:
+        raise DupqError(f"duplicated layers have online rotations ({', '.join(clash[:3])}); copies with a "
+                        "run-time rotation are not supported yet: drop the rotation's online part or the layers")
+    return plan
+
+
+def layer_index(path: str) -> int | None:
+    """Decoder layer of a module path (``model.layers.3.mlp.up_proj`` -> 3), or None."""
+    m = _LAYER_RE.search(path + ".")
+    return int(m.group(1)) if m else None
+
+
+def planned_copies(plan: DupPlan | None, path: str) -> tuple[CopySpec, ...] | None:
+    """The copies the plan gives the linear at ``path`` (None: not duplicated)."""
+    if plan is None:
+        return None
+    k = layer_index(path)
+    return None if k is None else plan.copies.get(k)
+
+
+def aggregate_weight(ws: Sequence[mx.array], mode: str, mix: mx.array | None) -> mx.array:
+    """Copies' effective weights [(out, in)] -> the one float weight the DupLinear computes."""
+    if mode == "residual":
+        return sum(ws[1:], ws[0])
+    if mix is None:
+        return sum(ws[1:], ws[0]) / len(ws)
+    a = mix if mix.ndim == 1 else mix[..., None]
+    return sum(a[k] * ws[k] for k in range(len(ws)))
+
+
+def quantize_dup_linear(w: mx.array, base: QuantSpec, copy_specs: Sequence[CopySpec], plan: DupPlan,
+                        dtype: mx.Dtype, stats=None, keep: bool = False) -> tuple[dict[str, mx.array], dict, mx.array | None]:
+    """Float weight (out, in) of a planned linear -> (arrays under ``copies.<k>.*`` / ``mix``, entry,
+    aggregated float weight (out, in) when ``keep``, else None).
+
+    stats: the linear's calibration :class:`~mlx_dupq.calib.LinearStats` (its Hessian fits the mix).
+    """
+    if w.ndim != 2:
+        raise DupqError(f"only 2-D linears can be duplicated, got a weight of shape {tuple(w.shape)}")
+    w = w.astype(mx.float32)
+    qts = make_copies(w, base, copy_specs, dtype, residual=plan.mode == "residual")
+    packed = pack_qtensors(qts, copy_specs)
+    arrays: dict[str, mx.array] = {}
+    copy_entries = []
+    for k, (arrs, entry) in enumerate(packed):
+        arrays.update({f"copies.{k}.{s}": a for s, a in arrs.items()})
+        copy_entries.append(entry)
+    ws = None
+    mix = None
+    fit = plan.mode == "parallel" and plan.aggregation != "mean" and len(copy_specs) > 1
+    if fit or keep:
+        ws = [effective_weight(qt, copy_rotation(c, w.shape[-1])) for qt, c in zip(qts, copy_specs)]
+    if fit:
+        if stats is None:
+            raise DupqError(f"aggregation {plan.aggregation!r} needs the calibration Hessian of this linear; "
+                            "use a calibrated quantizer (gptq, awq) or aggregation = \"mean\"")
+        mix = fit_mix(ws, w, stats.hessian, plan.aggregation)
+    if mix is not None:
+        arrays["mix"] = mix.astype(mx.float32)
+    entry = {
+        "kind": "linear",
+        "format": FORMAT_DUP,
+        "shape": list(w.shape),
+        "mode": plan.mode,
+        "aggregation": plan.aggregation if mix is not None else "mean",
+        "copies": copy_entries,
+        "mix": mix is not None,
+        "early_stop": plan.early_stop,
+        "max_copies": plan.max_copies,
+    }
+    wq = aggregate_weight(ws, plan.mode, mix) if keep else None
+    return arrays, entry, wq
+
+
+def load_dup_linear(path: str, entry: dict, weights: dict[str, mx.array]) -> DupLinear:
+    """Rebuild the DupLinear at ``path`` from its entry and the pack's tensors.
+
+    ``weights`` is updated in place: the stored copy tensors are replaced by the DupLinear's own
+    parameter names, so the model's strict ``load_weights`` afterwards checks everything.
+    """
+    copies: dict[int, dict[str, mx.array]] = {}
+    pre = path + ".copies."
+    for key in [k for k in weights if k.startswith(pre)]:
+        m = _COPY_KEY_RE.match(key)
+        if m and m.group(1) == path:
+            copies.setdefault(int(m.group(2)), {})[m.group(3)] = weights.pop(key)
+    n = len(entry["copies"])
+    if sorted(copies) != list(range(n)):
+        raise DupqError(f"{path}: the pack stores copies {sorted(copies)} but config.json lists {n}; convert it again")
+    packed = [(copies.get(k, {}), e) for k, e in enumerate(entry["copies"])]
+    try:
+        mods = load_copies(entry["shape"], packed)
+    except (ValueError, KeyError) as e:
+        raise DupqError(f"{path}: its copies do not match config.json ({e}); the pack is damaged, convert it again") from None
+    mix = weights.pop(f"{path}.mix", None) if entry.get("mix") else None
+    if entry.get("mix") and mix is None:
+        raise DupqError(f"{path}: config.json says it has aggregation weights but {path}.mix is missing; convert it again")
+    layer = DupLinear(mods, entry["mode"], mix=mix, bias=weights.get(f"{path}.bias"),
+                      early_stop=entry.get("early_stop"), max_copies=entry.get("max_copies"))
+    weights.update({f"{path}.{k}": v for k, v in tree_flatten(layer.parameters())})
+    return layer

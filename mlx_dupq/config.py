@@ -79,6 +79,14 @@ def parse_group_size(value: Any) -> int:
     return value
 
 
+def _check_fields(cls, d: dict, what: str) -> None:
+    """Refuse keys that are not fields of dataclass ``cls`` (one line naming the known ones)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise DupqError(f"unknown {what} {sorted(unknown)}; known: {', '.join(sorted(known))}")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one weight matrix is quantized (round-to-nearest unless a recipe says more)."""
@@ -243,10 +251,7 @@ class RotationSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RotationSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DupqError(f"unknown rotation option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        _check_fields(cls, d, "rotation option(s)")
         return cls(**d)
 
 
@@ -296,10 +301,7 @@ class QuantizerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizerSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DupqError(f"unknown quantizer option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        _check_fields(cls, d, "quantizer option(s)")
         return cls(**d)
 
 
@@ -372,10 +374,7 @@ class ActSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DupqError(f"unknown activation option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        _check_fields(cls, d, "activation option(s)")
         return cls(**d)
 
 
@@ -479,10 +478,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DupqError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        _check_fields(cls, d, "recipe field(s)")
 
         def spec(v):
             if v is None or v is False or (isinstance(v, dict) and v.get("keep")):

@@ -11,6 +11,7 @@ import pytest
 import mlx_dupq
 from mlx_dupq.config import QuantizerSpec, QuantSpec, Recipe, RotationSpec
 from mlx_dupq.io import pack as packio
+from tests.tiny import interrupt_after
 
 def _random_text(seed: int, words: int) -> str:
     """Random lowercase words: covers the tiny tokenizer's vocabulary like real text covers a real one."""
@@ -81,16 +82,7 @@ def test_gptq_with_rotation_and_online_hadamard(tiny_dirs, tmp_path, calib_text)
 def test_gptq_resume_is_exact(tiny_dirs, tmp_path, calib_text, monkeypatch):
     recipe = _recipe("gptq", calib_text)
     out = tmp_path / "pack"
-    real = packio.PartialState.write_group
-    calls = {"n": 0}
-
-    def flaky(self, *a, **k):
-        if calls["n"] == 3:  # embedding, final norm, layer 0 done; layer 1 interrupted
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(packio.PartialState, "write_group", flaky)
+    real = interrupt_after(monkeypatch, 3)  # embedding, final norm, layer 0 done; layer 1 interrupted
     with pytest.raises(KeyboardInterrupt):
         mlx_dupq.convert(tiny_dirs["qwen2"], out, recipe)
     monkeypatch.setattr(packio.PartialState, "write_group", real)

@@ -11,6 +11,7 @@ import mlx_dupq
 from mlx_dupq.config import QuantSpec, Recipe, Rule
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io import pack as packio
+from tests.tiny import interrupt_after
 
 TOKENS = mx.array([[1, 5, 9, 20, 33, 47, 60, 71, 2, 8, 15, 40]])
 
@@ -99,13 +100,9 @@ def test_custom_formats_round_trip(tiny_dirs, tmp_path, bits, group):
 
 
 def test_group_fallback_is_recorded(tmp_path):
-    from tests.tiny import make_hf_dir, CONFIGS
+    from tests.tiny import make_hf_dir
 
-    CONFIGS["qwen2_96"] = dict(CONFIGS["qwen2"], hidden_size=96, intermediate_size=192)
-    try:
-        src = make_hf_dir(tmp_path / "w96", "qwen2_96")
-    finally:
-        pass
+    src = make_hf_dir(tmp_path / "w96", "qwen2", hidden_size=96, intermediate_size=192)
     out = tmp_path / "pack"
     mlx_dupq.convert(src, out, bits=4, group_size=128)
     mods = json.loads((out / "config.json").read_text())["mlx_dupq"]["modules"]
@@ -116,16 +113,7 @@ def test_group_fallback_is_recorded(tmp_path):
 
 def test_resume_after_interruption(tiny_dirs, tmp_path, monkeypatch):
     out = tmp_path / "pack"
-    real = packio.PartialState.write_group
-    calls = {"n": 0}
-
-    def flaky(self, *a, **k):
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(packio.PartialState, "write_group", flaky)
+    real = interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         mlx_dupq.convert(tiny_dirs["qwen2"], out, bits=4, group_size=32)
     assert not out.exists() and (tmp_path / "pack.partial").exists()

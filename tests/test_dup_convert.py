@@ -14,6 +14,7 @@ from mlx_dupq.dup.specs import CopySpec, DupPlan
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io import pack as packio
 from mlx_dupq.layers.dup_linear import DupLinear
+from tests.tiny import interrupt_after
 
 TOKENS = mx.array([[1, 5, 9, 20, 33, 47, 60, 71, 2, 8, 15, 40]])
 
@@ -116,16 +117,7 @@ def test_mlx_lm_refuses_a_duplicated_pack(tiny_dirs, tmp_path):
 def test_resume_with_duplication(tiny_dirs, tmp_path, monkeypatch):
     rec = _recipe(DupPlan(mode="residual", copies={0: 2, 1: 3}))
     out = tmp_path / "pack"
-    real = packio.PartialState.write_group
-    calls = {"n": 0}
-
-    def flaky(self, *a, **k):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(packio.PartialState, "write_group", flaky)
+    real = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         mlx_dupq.convert(tiny_dirs["qwen2"], out, rec)
     with pytest.raises(DupqError, match="another model or recipe"):

@@ -12,6 +12,7 @@ from mlx_dupq.config import QuantSpec, Recipe, RotationSpec, Rule, load_recipe
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io import pack as packio
 from mlx_dupq.layers.online_rotation import RotatedInput
+from tests.tiny import interrupt_after
 
 TOKENS = mx.array([[1, 5, 9, 20, 33, 47, 60, 71, 2, 8, 15, 40]])
 Q8 = QuantSpec(bits=8, group_size=32)
@@ -109,16 +110,7 @@ def test_online_down_pack_loads_through_mlx_dupq(tiny_dirs, refs, tmp_path):
 def test_resume_with_rotation(tiny_dirs, tmp_path, monkeypatch):
     rot = recipe(RotationSpec(online_down=True), spec=QuantSpec(bits=4, group_size=32))
     out = tmp_path / "pack"
-    real = packio.PartialState.write_group
-    calls = {"n": 0}
-
-    def flaky(self, *a, **k):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(packio.PartialState, "write_group", flaky)
+    real = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         mlx_dupq.convert(tiny_dirs["qwen2"], out, rot)
     with pytest.raises(DupqError, match="another model or recipe"):

@@ -67,10 +67,10 @@ def _hf_names(model_type: str, weights: dict[str, mx.array], config: dict) -> di
     return out
 
 
-def build_model(model_type: str, seed: int = 0):
+def build_model(model_type: str, seed: int = 0, **overrides):
     from mlx_lm.utils import _get_classes
 
-    config = dict(CONFIGS[model_type])
+    config = {**CONFIGS[model_type], **overrides}
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
@@ -90,14 +90,34 @@ def build_model(model_type: str, seed: int = 0):
     return model, config
 
 
-def make_hf_dir(path: Path, model_type: str, seed: int = 0, dtype=mx.float32) -> Path:
-    """Write a tiny random model of ``model_type`` as a Hugging Face directory; returns ``path``."""
+def make_hf_dir(path: Path, model_type: str, seed: int = 0, dtype=mx.float32, **overrides) -> Path:
+    """Write a tiny random model of ``model_type`` (config fields overridable) as a Hugging Face directory."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model, config = build_model(model_type, seed)
+    model, config = build_model(model_type, seed, **overrides)
     weights = dict(tree_flatten(model.parameters()))
     weights = {k: v.astype(dtype) for k, v in _hf_names(model_type, weights, config).items()}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     make_tokenizer(path)
     return path
+
+
+def interrupt_after(monkeypatch, groups: int):
+    """Make a conversion die (KeyboardInterrupt) after ``groups`` groups were written.
+
+    Returns the real ``PartialState.write_group`` so the test can put it back and resume.
+    """
+    from mlx_dupq.io import pack as packio
+
+    real = packio.PartialState.write_group
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        if calls["n"] == groups:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(packio.PartialState, "write_group", flaky)
+    return real

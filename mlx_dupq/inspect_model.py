@@ -70,4 +70,11 @@ def inspect_model(model: str) -> dict:
         rows.append({"name": name, "shape": list(w.shape), "quant": label, **st})
         del w
     report["tensors"] = rows
+    if "pack" not in report:
+        # a source's bits per weight as stored on disk (a GGUF's own quantization, or the checkpoint dtype)
+        path = Path(getattr(src, "path", ""))
+        files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+        n = sum(r["numel"] for r in rows) + sum(int(src.get(k).size) for k in src.keys() if not k.endswith("weight"))
+        size = sum(f.stat().st_size for f in files)
+        report["bits_per_weight"] = size * 8 / n if n and size else None
     return report

@@ -186,6 +186,72 @@ def eval_ppl(
         _write_json(json_out, res)
 
 
+@eval_app.command("agree")
+def eval_agree(
+    reference: str = typer.Argument(..., help="The reference (full-precision) model. " + MODEL_HELP),
+    model: str = typer.Argument(..., help="The model compared with it (e.g. its 2-bit pack)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one per line (default: 8 built-in prompts)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-m", min=1, help="Greedy tokens per prompt."),
+    data: str = typer.Option("brown:eval", "--data", "-d", help="Held-out text for next-token agreement and KL (a set or a file; '' skips it)."),
+    ctx: int = typer.Option(256, "--ctx", min=2, help="Context length of each text window."),
+    windows: int = typer.Option(4, "--windows", "-n", min=1, help="Text windows scored."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+):
+    """Agreement of MODEL with REFERENCE: greedy generations (divergence, BLEU-4, ROUGE-L), top-1 and KL."""
+    from .eval.agree import DEFAULT_PROMPTS, agree_models, read_prompts
+
+    ps = read_prompts(prompts) if prompts else list(DEFAULT_PROMPTS)
+    with progress_bar() as cb:
+        res = agree_models(reference, model, ps, max_tokens=max_tokens, data=data or None, ctx=ctx, windows=windows,
+                           compute_dtype=compute_dtype, progress=cb)
+    res = {**res, "command": _command_line()}
+    out.print(
+        f"{res['prompts']} prompts x {res['max_tokens']} tokens: identical {res['identical_share']:.3f}, "
+        f"first divergence {res['first_divergence']:.1f}, BLEU-4 {res['bleu4']:.3f}, ROUGE-L {res['rouge_l']:.3f}"
+    )
+    if res["top1_agreement"] is not None:
+        out.print(f"next token ({escape(data)}, {res['positions']} positions): top-1 agreement "
+                  f"{res['top1_agreement']:.4f}, KL(ref||model) {res['kl']:.5f} nats")
+    if json_out:
+        _write_json(json_out, res)
+
+
+@eval_app.command("tasks")
+def eval_tasks(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    tasks: str = typer.Option("cloze,mc", "--tasks", "-t", help="cloze (last word) and/or mc (next sentence of 4)."),
+    n: int = typer.Option(200, "--n", min=1, help="Items per task."),
+    seed: int = typer.Option(0, "--seed"),
+    data: str = typer.Option("brown:eval", "--data", "-d", help="Document set: brown:eval or lee:eval (never calibration text)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+):
+    """Accuracy on tasks built from held-out real text: last-word cloze and next-sentence choice."""
+    from .eval.data import documents
+    from .eval.tasks import parse_tasks, run_tasks
+    from .io.loader import load
+
+    names = parse_tasks(tasks)
+    if not data.strip().lower().endswith(":eval"):
+        raise DupqError(f"--data {data} is not a held-out set; use brown:eval or lee:eval (disjoint from calibration)")
+    docs = documents(data)
+    m, tok = load(model, compute_dtype=compute_dtype)
+    with progress_bar() as cb:
+        res = run_tasks(m, tok, docs, names, n=n, seed=seed, progress=cb)
+    res = {"model": model, "data": data, "n": n, "seed": seed, **res, "command": _command_line()}
+    table = Table(title=f"mlx-dupq eval tasks ({escape(data)}, seed {seed})")
+    for col in ("task", "items", "acc", "acc_norm", "target NLL"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t in names:
+        r = res[t]
+        fmt = lambda k, f="{:.4f}": f.format(r[k]) if k in r else "-"  # noqa: E731
+        table.add_row(t, str(r["n"]), fmt("acc"), fmt("acc_norm"), fmt("target_nll"))
+    out.print(table)
+    if json_out:
+        _write_json(json_out, res)
+
+
 # --------------------------------------------------------------------------------------- bench
 
 

@@ -11,19 +11,8 @@ import mlx_dupq
 from mlx_dupq.config import QuantSpec, Recipe, Rule
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io import pack as packio
-from tests.tiny import interrupt_after
+from tests.tiny import interrupt_after, logits, rel_err
 
-TOKENS = mx.array([[1, 5, 9, 20, 33, 47, 60, 71, 2, 8, 15, 40]])
-
-
-def logits(model):
-    out = model(TOKENS)
-    mx.eval(out)
-    return out
-
-
-def rel_err(a, b):
-    return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "deepseek"])

@@ -12,20 +12,9 @@ from mlx_dupq.config import QuantSpec, Recipe, RotationSpec, Rule, load_recipe
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io import pack as packio
 from mlx_dupq.layers.online_rotation import RotatedInput
-from tests.tiny import interrupt_after
+from tests.tiny import interrupt_after, logits, rel_err
 
-TOKENS = mx.array([[1, 5, 9, 20, 33, 47, 60, 71, 2, 8, 15, 40]])
 Q8 = QuantSpec(bits=8, group_size=32)
-
-
-def logits(model):
-    out = model(TOKENS)
-    mx.eval(out)
-    return out
-
-
-def rel_err(a, b):
-    return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
 
 
 def recipe(rotation, spec=Q8, **kw):

@@ -121,3 +121,18 @@ def interrupt_after(monkeypatch, groups: int):
 
     monkeypatch.setattr(packio.PartialState, "write_group", flaky)
     return real
+
+
+TOKENS = mx.array([[1, 5, 9, 20, 33, 47, 60, 71, 2, 8, 15, 40]])
+
+
+def logits(model, tokens: mx.array = TOKENS) -> mx.array:
+    """Evaluated logits of ``model`` on a fixed short token sequence."""
+    out = model(tokens)
+    mx.eval(out)
+    return out
+
+
+def rel_err(a: mx.array, b: mx.array) -> float:
+    """||a - b|| / ||b||."""
+    return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()

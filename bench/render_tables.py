@@ -47,6 +47,20 @@ def ladder_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def w2_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    ref = next((x for x in r["rows"] if x["row"] == "reference"), None)
+    head = f"reference PPL {ref['ppl']:.3f}" if ref else "no reference row"
+    lines = [f"**{r['model']}** — `{r['command']}` (rows added by later runs of the same command)  ",
+             f"{r['data']}, ctx {r['ctx']}, {r['windows']} windows; calibration {r['calib_samples']} x "
+             f"{r['calib_len']} tokens of {r['calib']}; {head}", "",
+             "| method | all-in bpw | PPL | x reference |", "|---|---|---|---|"]
+    for x in sorted((x for x in r["rows"] if x["row"] != "reference"), key=lambda x: x["bits_per_weight"]):
+        rel = f"{x['ppl'] / ref['ppl']:.2f}" if ref else "-"
+        lines.append(f"| {x['method']} | {x['bits_per_weight']:.3f} | {x['ppl']:.2f} | {rel} |")
+    return "\n".join(lines)
+
+
 def bench_table(path: Path) -> str:
     r = json.loads(path.read_text())
     lines = [f"`{r['command']}`", "",
@@ -81,6 +95,11 @@ def main() -> None:
         parts += ["## Recipes (rotation, GPTQ, ...) at low bits", ""]
         for p in ladders:
             parts += [ladder_table(p), ""]
+    w2 = sorted(RESULTS.glob("w2_*.json"))
+    if w2:
+        parts += ["## At most 2.5 bits per weight: mlx-dupq `w2` vs mlx-lm's quantizers, same protocol", ""]
+        for p in w2:
+            parts += [w2_table(p), ""]
     if (RESULTS / "stream_memory.json").exists():
         parts += ["## Streaming conversion memory (Qwen2-32B layer shapes)", "", stream_table(RESULTS / "stream_memory.json"), ""]
     benches = sorted(RESULTS.glob("bench_*.json"))

@@ -70,6 +70,14 @@ def _write_json(path: Path, data: dict) -> None:
         raise DupqError(f"could not write {path} ({e.strerror or e}); choose another --json path") from None
 
 
+def _pack_bits(model: str) -> Optional[float]:
+    """All-in bits per weight of a pack (None for anything else: a full-precision reference)."""
+    from .io import pack as packio
+
+    p = Path(str(model)).expanduser()
+    return packio.pack_summary(p)["bits_per_weight"] if p.is_dir() and packio.is_pack(p) else None
+
+
 def _command_line() -> str:
     return " ".join(["mlx-dupq", *sys.argv[1:]])
 
@@ -137,6 +145,39 @@ def allocate(
               f"(sensitivity of {len(table.bits)} modules in {table.seconds:.1f}s)")
 
 
+@app.command("search-dup")
+def search_dup(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Recipe TOML file to write (the best plan)."),
+    method: str = typer.Option("two-stage", "--method", help="grid, tpe, evolutionary or two-stage."),
+    trials: int = typer.Option(20, "--trials", min=1, help="Candidates to evaluate."),
+    base_bits: int = typer.Option(2, "--base-bits", help="RTN bits (g64, asymmetric) of every copy."),
+    layer_group: int = typer.Option(4, "--layer-group", min=1, help="Consecutive layers sharing parameters."),
+    last: Optional[int] = typer.Option(None, "--last", min=1, help="Search only the last N layers."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Weight of the calibration PPL."),
+    beta: float = typer.Option(0.0, "--beta", help="Weight of the all-in bits per weight."),
+    gamma: float = typer.Option(0.0, "--gamma", help="Weight of the relative decode compute."),
+    max_bpw: Optional[float] = typer.Option(None, "--max-bpw", "--budget", help="Memory cap: all-in bits per weight."),
+    data: str = typer.Option("brown:calib", "--calib-data", "-d", help="Calibration text (a named set or a file)."),
+    samples: int = typer.Option(4, "--samples", "-n", min=1, help="Calibration sequences."),
+    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per calibration sequence."),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every evaluated trial here."),
+):
+    """Search copy counts, modes and copy parameters on calibration text; write the best plan as a recipe."""
+    from .search.dup_search import Objective, search_dup as run, write_dup_recipe
+
+    rec, trials_out = run(model, method, trials, base_bits=base_bits, layer_group=layer_group, last=last,
+                          objective=Objective(alpha, beta, gamma, max_bpw), calib_data=data, samples=samples,
+                          seq_len=seq_len, seed=seed)
+    path = write_dup_recipe(rec, output)
+    if json_path is not None:
+        _write_json(json_path, {"command": _command_line(), "trials": trials_out})
+    b = trials_out[0]
+    out.print(f"[green]wrote[/green] {path}  best: calib PPL {b['ppl']:.3f}, {b['bits_per_weight']:.3f} bpw, "
+              f"compute x{b['latency']:.2f} ({len(trials_out)} trials)")
+
+
 # ------------------------------------------------------------------------------------ generate
 
 
@@ -168,10 +209,11 @@ def eval_ppl(
     data: str = typer.Option("wikitext2", "--data", "-d", help="wikitext2, c4, ptb, brown[:calib|:eval], lee[:calib|:eval] or a text file."),
     ctx: int = typer.Option(2048, "--ctx", min=2, help="Context length of each window."),
     windows: Optional[int] = typer.Option(None, "--windows", "-n", min=1, help="Use only the first N windows."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Prefill step through the KV cache (default: one pass up to 2048, else 1024)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
-    """Perplexity with the standard protocol (joined text, non-overlapping windows)."""
+    """Perplexity with the standard protocol (joined text, non-overlapping windows); long --ctx runs chunked."""
     from .eval.data import load_text
     from .eval.ppl import perplexity
     from .io.loader import load
@@ -179,9 +221,10 @@ def eval_ppl(
     text = load_text(data)
     m, tok = load(model, compute_dtype=compute_dtype)
     with progress_bar() as cb:
-        res = perplexity(m, tok, text, ctx=ctx, windows=windows, progress=lambda d, t: cb("windows", d, t))
-    res = {"model": model, "data": data, **res, "command": _command_line()}
-    out.print(f"PPL {res['ppl']:.4f}  ({data}, ctx {res['ctx']}, {res['windows']} windows, {res['tokens']} tokens)")
+        res = perplexity(m, tok, text, ctx=ctx, windows=windows, chunk=chunk, progress=lambda d, t: cb("windows", d, t))
+    res = {"model": model, "data": data, "bits_per_weight": _pack_bits(model), **res, "command": _command_line()}
+    out.print(f"PPL {res['ppl']:.4f}  ({data}, ctx {res['ctx']}, {res['windows']} windows, {res['tokens']} tokens, "
+              f"peak {res['peak_memory_bytes'] / 2**20:.0f} MiB)")
     if json_out:
         _write_json(json_out, res)
 
@@ -205,7 +248,7 @@ def eval_agree(
     with progress_bar() as cb:
         res = agree_models(reference, model, ps, max_tokens=max_tokens, data=data or None, ctx=ctx, windows=windows,
                            compute_dtype=compute_dtype, progress=cb)
-    res = {**res, "command": _command_line()}
+    res = {**res, "bits_per_weight": _pack_bits(model), "command": _command_line()}
     out.print(
         f"{res['prompts']} prompts x {res['max_tokens']} tokens: identical {res['identical_share']:.3f}, "
         f"first divergence {res['first_divergence']:.1f}, BLEU-4 {res['bleu4']:.3f}, ROUGE-L {res['rouge_l']:.3f}"
@@ -220,30 +263,43 @@ def eval_agree(
 @eval_app.command("tasks")
 def eval_tasks(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    tasks: str = typer.Option("cloze,mc", "--tasks", "-t", help="cloze (last word) and/or mc (next sentence of 4)."),
-    n: int = typer.Option(200, "--n", min=1, help="Items per task."),
+    tasks: str = typer.Option("cloze,mc", "--tasks", "-t",
+                              help="cloze (last word), mc (next sentence of 4) from held-out text; mmlu, mmlu_<subject>, "
+                                   "hellaswag, arc_challenge through lm-eval."),
+    n: int = typer.Option(200, "--n", min=1, help="Items per built-in task (cloze, mc)."),
     seed: int = typer.Option(0, "--seed"),
-    data: str = typer.Option("brown:eval", "--data", "-d", help="Document set: brown:eval or lee:eval (never calibration text)."),
+    data: str = typer.Option("brown:eval", "--data", "-d", help="Document set of cloze/mc: brown:eval or lee:eval (never calibration text)."),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", min=0, help="Few-shot examples for the lm-eval tasks."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N items of each lm-eval (sub)task."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local MMLU/HellaSwag/ARC files (hub formats) instead of the hub; "
+                                            "layout in mlx_dupq/eval/lmeval.py."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
-    """Accuracy on tasks built from held-out real text: last-word cloze and next-sentence choice."""
+    """Accuracy on tasks built from held-out real text (cloze, mc) and on lm-eval's MMLU, HellaSwag, ARC-Challenge."""
     from .eval.data import documents
-    from .eval.tasks import parse_tasks, run_tasks
+    from .eval.lmeval import run_harness, split_tasks
+    from .eval.tasks import run_tasks
     from .io.loader import load
 
-    names = parse_tasks(tasks)
-    if not data.strip().lower().endswith(":eval"):
+    names, harness = split_tasks(tasks)
+    if names and not data.strip().lower().endswith(":eval"):
         raise DupqError(f"--data {data} is not a held-out set; use brown:eval or lee:eval (disjoint from calibration)")
-    docs = documents(data)
+    docs = documents(data) if names else None
     m, tok = load(model, compute_dtype=compute_dtype)
-    with progress_bar() as cb:
-        res = run_tasks(m, tok, docs, names, n=n, seed=seed, progress=cb)
-    res = {"model": model, "data": data, "n": n, "seed": seed, **res, "command": _command_line()}
-    table = Table(title=f"mlx-dupq eval tasks ({escape(data)}, seed {seed})")
+    res: dict = {"seconds": 0.0}
+    if names:
+        with progress_bar() as cb:
+            res = run_tasks(m, tok, docs, names, n=n, seed=seed, progress=cb)
+    if harness:
+        h = run_harness(m, tok, harness, num_fewshot=num_fewshot, limit=limit, data_dir=data_dir, seed=seed)
+        res = {**res, **h, "seconds": res["seconds"] + h["seconds"]}
+    res = {"model": model, "bits_per_weight": _pack_bits(model), "data": data, "n": n, "seed": seed, "num_fewshot": num_fewshot, "limit": limit, **res,
+           "command": _command_line()}
+    table = Table(title=f"mlx-dupq eval tasks ({escape(data)}, seed {seed}, {num_fewshot}-shot lm-eval)")
     for col in ("task", "items", "acc", "acc_norm", "target NLL"):
         table.add_column(col, justify="left" if col == "task" else "right")
-    for t in names:
+    for t in names + harness:
         r = res[t]
         fmt = lambda k, f="{:.4f}": f.format(r[k]) if k in r else "-"  # noqa: E731
         table.add_row(t, str(r["n"]), fmt("acc"), fmt("acc_norm"), fmt("target_nll"))
@@ -265,11 +321,16 @@ def bench(
     repeats: int = typer.Option(1, "--repeats", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+    dup_base: Optional[str] = typer.Option(None, "--dup-base", help="The non-duplicated pack (one of the measured "
+                                           "models) to report duplication overhead against."),
 ):
     """Speed, memory, size and bits per weight, side by side with --against."""
     from .bench_run import bench_models
+    from .eval.speed import decode_comparison
 
     names = [model] + list(against or [])
+    if dup_base is not None and dup_base not in names:
+        raise DupqError(f"--dup-base {dup_base} is not one of the measured models; pass it as MODEL or --against too")
     results = bench_models(names, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                            speed=tokens_per_sec, compute_dtype=compute_dtype)
     table = Table(title="mlx-dupq bench")
@@ -281,8 +342,33 @@ def bench(
     for r in results:
         table.add_row(*[(fmt.format(r[k]) if r.get(k) is not None else "-") for _, k, fmt in cols])
     out.print(table)
+    comparison = decode_comparison(results, dup_base) if tokens_per_sec else {}
+    for name, ratio in comparison.get("decode_ratio", {}).items():
+        cpu = comparison.get("decode_ratio_cpu_time", {}).get(name)
+        out.print(f"decode {escape(model)} / {escape(name)}: {ratio:.2f}x wall clock"
+                  + ("" if cpu is None else f", {cpu:.2f}x CPU time"))
+    for d in comparison.get("duplication", []):
+        out.print(f"duplication {escape(d['model'])}: +{100 * d['dup_flop_share']:.1f}% linear FLOPs, "
+                  f"+{100 * d['decode_overhead']:.1f}% time per token vs {escape(d['base'])}")
     if json_out:
-        _write_json(json_out, {"command": _command_line(), "results": results})
+        _write_json(json_out, {"command": _command_line(), "results": results, **comparison})
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+@app.command()
+def report(
+    results: List[Path] = typer.Argument(..., help="Result JSON files (e.g. bench/results/*.json)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for REPORT.md and the PNG plots."),
+):
+    """Turn result files into a markdown report with tables and plots (PPL and accuracy vs bits, per layer)."""
+    from .report.render import write_report
+
+    res = write_report(results, out_dir)
+    out.print(f"[green]wrote[/green] {res['report']} and {len(res['plots'])} plots")
+    for src in res["unknown"]:
+        err.print(f"[yellow]not understood[/yellow] {escape(src)} (listed in the report)")
 
 
 # ------------------------------------------------------------------------------------- inspect

@@ -269,8 +269,10 @@ class QuantizerSpec:
     damp, act_order, block_size:  GPTQ options
     calib_data:     text for awq/gptq (``brown:calib`` is disjoint from every ``:eval`` split)
     calib_samples, calib_seq_len, seed: random calibration windows
-    Embedding and lm_head are never calibrated (their inputs are tokens / the final state);
-    they use ``mse`` when the method is calibrated.
+    calib_head:     also calibrate a separate ``lm_head``: its group is quantized last, with the
+                    Hessian of the final normed hidden states of the already-quantized model (a
+                    tied embedding keeps ``mse``). Otherwise embedding and lm_head use ``mse`` when
+                    the method is calibrated (their inputs are tokens / the final state).
     """
 
     method: str = "rtn"
@@ -281,6 +283,7 @@ class QuantizerSpec:
     calib_samples: int = 32
     calib_seq_len: int = 512
     seed: int = 0
+    calib_head: bool = False
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -291,6 +294,8 @@ class QuantizerSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DupqError(f"quantizer {name} {v!r} must be a positive integer")
+        if not isinstance(self.calib_head, bool):
+            raise DupqError(f"quantizer calib_head {self.calib_head!r} must be true or false")
 
     @property
     def calibrated(self) -> bool:
@@ -404,6 +409,7 @@ class Recipe:
     quantizer: QuantizerSpec = field(default_factory=QuantizerSpec)
     activations: ActSpec | None = None  # fake-quantize linear inputs at run time (SPEC F3)
     duplication: "DupPlan | None" = None  # parallel / residual copies of decoder layers' linears (SPEC F5)
+    moe: "MoESpec | None" = None  # expert-wise mixed precision of MoE switch layers (SPEC F6.4)
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -427,9 +433,13 @@ class Recipe:
                 object.__setattr__(self, "duplication", DupPlan.from_dict(self.duplication))
             if not isinstance(self.duplication, DupPlan):
                 raise DupqError(f"recipe duplication {self.duplication!r} is not a DupPlan or a dict")
-            if self.duplication.mode == "serial":
-                raise DupqError("serial layer duplication is not supported by the converter yet; use mode "
-                                "parallel or residual (serial copies: mlx_dupq.dup.runtime.duplicate_layers)")
+        if self.moe is not None:
+            from .moe.spec import MoESpec  # moe.spec imports this module: import at use
+
+            if isinstance(self.moe, dict):
+                object.__setattr__(self, "moe", MoESpec.from_dict(self.moe))
+            if not isinstance(self.moe, MoESpec):
+                raise DupqError(f"recipe moe {self.moe!r} is not a MoESpec or a dict")
 
     def spec_for(self, path: str) -> QuantSpec | None:
         """The spec for the module at ``path`` (None = keep full precision)."""
@@ -473,6 +483,8 @@ class Recipe:
             d["activations"] = self.activations.to_dict()
         if self.duplication is not None:  # likewise
             d["duplication"] = self.duplication.to_dict()
+        if self.moe is not None:  # likewise
+            d["moe"] = self.moe.to_dict()
         return d
 
     @classmethod

@@ -31,12 +31,13 @@ from .errors import DupqError
 from .io import pack as packio
 from .io.source import Source, open_source
 from .quant.bpw import tensor_bits
-from .calib_state import Calibration, layer_prefix
-from .dup.convert import check_dup_recipe, planned_copies, quantize_dup_linear
+from .calib_state import EMBED_KEY_RE, Calibration, layer_prefix
+from .dup.convert import check_dup_recipe, group_passes, planned_copies, quantize_dup_linear
 from .layers.quant_linear import quantize_tensor
 from .quant.methods import quantize_weight
 from .quant.packing import pack
 from .quant.qtensor import dequantize
+from .rotation.fold import FINAL_NORM
 from .rotation.plan import EMBED_GROUP, RotationPlan, plan_rotation
 
 Progress = Callable[[str, int, int], None]  # (message, done, total)
@@ -90,7 +91,7 @@ def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dic
 
 def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module], rec: Recipe, storage,
                     stats: dict, keep: bool = False,
-                    dup=None) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
+                    dup=None, moe=None) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
     """Quantize one group's weights as the recipe says.
 
     Returns (arrays to store, module entries, and when ``keep`` the dequantized weights under their
@@ -110,10 +111,21 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
         if spec is None:
             arrays[key] = w.astype(storage) if mx.issubdtype(w.dtype, mx.floating) else w
             continue
+        if moe is not None:  # expert-wise precision (SPEC F6.4): shared experts' spec, per-expert widths
+            spec = moe.linear_specs.get(path, spec)
+        expert_specs = moe.expert_specs(path, spec) if moe is not None and kind == "switch_linear" else None
         fitted = spec.fit(w.shape[-1])
         copy_specs = planned_copies(dup, path) if kind == "linear" else None
-        if copy_specs is not None:
-            q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dup, storage, stats.get(path), keep)
+        if expert_specs is not None:
+            from .layers.moe_linear import quantize_experts
+
+            q_arrays, entry = quantize_experts(w, [s.fit(w.shape[-1]) for s in expert_specs], storage, quantize=(
+                None if rec.quantizer.method == "rtn"
+                else lambda wg, s: pack(quantize_weight(wg.astype(mx.float32), s, storage, rec.quantizer, None))))
+            fitted = spec  # the entry records its own groups (moe recipes are never calibrated: keep is False)
+        elif copy_specs is not None:
+            q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dup, storage, stats.get(path), keep,
+                                                      rec.quantizer)
             if keep:
                 dequantized[key] = wq
         elif rec.quantizer.method == "rtn" and not keep:
@@ -151,6 +163,40 @@ def _stream_groups(src: Source, rotated: bool = False) -> list[tuple[str, list[s
         else:
             out.append((name, keys))
     return out
+
+
+def _head_group(groups: list[tuple[str, list[str]]], modules: dict[str, nn.Module], rec: Recipe) -> tuple[int, str] | None:
+    """(index of the group holding ``lm_head``, "lm_head") when the recipe calibrates the head
+    (``quantizer.calib_head``) and the model has a separate ``lm_head``. A tied embedding is also the
+    input embedding: fitting it to the head's statistics alone made a tiny model's output error larger
+    than ``mse`` (tests/test_calibrated_convert.py), so it keeps ``mse``. A rotated model whose final
+    norm is not all ones gets an untied head, which is calibrated."""
+    if not (rec.quantizer.calibrated and rec.quantizer.calib_head):
+        return None
+    if not isinstance(modules.get("lm_head"), nn.Linear) or rec.spec_for("lm_head") is None:
+        return None
+    for gi, (gname, keys) in enumerate(groups):
+        if gname == EMBED_GROUP or "lm_head.weight" in keys:
+            return gi, "lm_head"
+    return None
+
+
+def _head_stats(calib: Calibration, modules: dict[str, nn.Module], weights: dict[str, mx.array], src: Source):
+    """LinearStats of the head's input: the final norm applied to the calibration hidden states."""
+    from .calib import LinearStats
+    from .quant.gptq import HessianAccumulator
+
+    norm_key = FINAL_NORM if FINAL_NORM in weights or FINAL_NORM in src.keys() else None
+    x = calib.h
+    if norm_key is not None:
+        norm = modules[norm_key.rpartition(".")[0]]
+        w = weights[norm_key] if norm_key in weights else src.get(norm_key)
+        norm.load_weights([("weight", w.astype(mx.float32))])
+        x = norm(x)
+    flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+    acc = HessianAccumulator(flat.shape[-1])
+    acc.add(flat)
+    return LinearStats(acc.finalize(), mx.abs(flat).mean(axis=0), int(flat.shape[0]))
 
 
 def build_skeleton(config: dict) -> nn.Module:
@@ -216,6 +262,15 @@ def convert(
     groups = _stream_groups(src, rotated=plan is not None and not plan.partial)
     storage = getattr(mx, rec.dtype)
     dup = check_dup_recipe(rec, skeleton, plan.online if plan else None)
+    head = _head_group(groups, modules, rec)
+    if head is not None:  # the calibrated head goes last: it needs the final hidden states
+        groups = groups[: head[0]] + groups[head[0] + 1 :] + [groups[head[0]]]
+    moe = None
+    if rec.moe is not None:  # expert-wise precision: score the experts once on the float model (SPEC F6.4)
+        from .moe.precision import plan_for_convert
+
+        (progress or (lambda *a: None))(f"scoring experts ({rec.moe.score}) on {rec.moe.calib_data}", 0, len(groups))
+        moe = plan_for_convert(rec, model, skeleton)
 
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
     resumed = len(state.done)
@@ -227,10 +282,9 @@ def convert(
         calib = Calibration(rec.quantizer, src.tokenizer_dir(), partial)
         index = {name: i for i, (name, _) in enumerate(groups)}
         calib.resume([index[n] for n in state.done], {i for i, (n, _) in enumerate(groups) if n.startswith("layer.")})
-        if calib.h is None and state.done:
-            # the embedding group is done but no layer: rebuild h from the source embedding
+        if calib.h is None:  # no layer done yet: h starts from the (folded) float embedding
             for gname, keys in groups:
-                if gname in state.done and not gname.startswith("layer."):
+                if any(EMBED_KEY_RE.search(k) for k in keys):
                     w = {k: src.get(k).astype(mx.float32) for k in keys}
                     calib.start(plan.fold_group(gname, w) if plan is not None else w)
     for gi, (gname, keys) in enumerate(groups):
@@ -243,24 +297,29 @@ def convert(
         if hasattr(skeleton, "sanitize"):
             weights = skeleton.sanitize(weights)
         n_params = sum(int(v.size) for v in weights.values()) if weights else 0
-        stats, layer, prefix, wrapped = {}, None, None, set()
-        if calib is not None:
-            prefix = layer_prefix(list(weights)) if gname.startswith("layer.") else None
-            if prefix is None:
-                calib.start(weights)
-            else:
-                layer = modules[prefix]
-                stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {})
-        arrays, entries, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None,
-                                                       dup=dup)
-        del weights
-        if plan is not None and plan.online:
-            arrays = {packio.online_key(k, plan.online): v for k, v in arrays.items()}
-        mx.eval(arrays)
+        arrays, entries = {}, {}
         try:
-            if layer is not None:
-                calib.advance(layer, prefix, dequantized, wrapped, gi)
-            del dequantized
+            # one pass per serial copy of this layer (each calibrated at its own input), else one
+            for sub, rename in group_passes(dup, list(weights)):
+                stats, layer, prefix, wrapped = {}, None, None, set()
+                if calib is not None:
+                    prefix = layer_prefix(list(weights)) if gname.startswith("layer.") else None
+                    if prefix is not None:
+                        layer = modules[prefix]
+                        stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {})
+                    elif head is not None and gi == len(groups) - 1:
+                        stats = {head[1]: _head_stats(calib, modules, weights, src)}
+                a, e, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None,
+                                                    dup=sub, moe=moe)
+                if plan is not None and plan.online:
+                    a = {packio.online_key(k, plan.online): v for k, v in a.items()}
+                mx.eval(a)
+                if layer is not None:
+                    calib.advance(layer, prefix, dequantized, wrapped, gi)
+                del dequantized
+                arrays.update({rename(k): v for k, v in a.items()})
+                entries.update({rename(k): v for k, v in e.items()})
+            del weights
             state.write_group(gi, gname, arrays, entries, n_params, tensor_bits(arrays))
             if layer is not None:
                 calib.prune(gi)

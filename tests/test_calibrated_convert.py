@@ -94,3 +94,51 @@ def test_gptq_resume_is_exact(tiny_dirs, tmp_path, calib_text, monkeypatch):
     b, _ = mlx_dupq.load(fresh)
     tokens = _eval_tokens(tiny_dirs["qwen2"])
     assert mx.allclose(a(tokens), b(tokens), atol=1e-5).item()
+
+
+def _head_recipe(calib_text, calib_head, rotation=None):
+    low = QuantSpec(bits=2, group_size=32)
+    return Recipe(
+        name="gptq-head", default=QuantSpec(bits=4, group_size=32), embed=low, lm_head=low, rotation=rotation,
+        quantizer=QuantizerSpec(method="gptq", calib_data=calib_text, calib_samples=32, calib_seq_len=64,
+                                calib_head=calib_head),
+    )
+
+
+@pytest.mark.parametrize("model_type,rotated", [("qwen2", False), ("llama", False), ("llama", True)])
+def test_calibrated_head_lowers_error(tiny_dirs, tmp_path, calib_text, model_type, rotated):
+    """GPTQ on lm_head against the final states; qwen2's tied embedding is left to mse (same pack)."""
+    rot = RotationSpec(kind="block_hadamard") if rotated else None
+    errs = {}
+    for flag in (False, True):
+        out = tmp_path / f"head-{flag}"
+        mlx_dupq.convert(tiny_dirs[model_type], out, _head_recipe(calib_text, flag, rot))
+        errs[flag] = _err(out, tiny_dirs[model_type])
+    if model_type == "qwen2":
+        assert errs[True] == errs[False], errs
+    else:
+        assert errs[True] < errs[False], errs
+
+
+def test_calibrated_head_resume_is_exact(tiny_dirs, tmp_path, calib_text, monkeypatch):
+    recipe = _head_recipe(calib_text, True)
+    out = tmp_path / "pack"
+    real = interrupt_after(monkeypatch, 3)  # embedding, final norm, layer 0 done; the head comes last
+    with pytest.raises(KeyboardInterrupt):
+        mlx_dupq.convert(tiny_dirs["llama"], out, recipe)
+    monkeypatch.setattr(packio.PartialState, "write_group", real)
+    res = mlx_dupq.convert(tiny_dirs["llama"], out, recipe, resume=True)
+    assert res.groups_resumed == 3
+    fresh = tmp_path / "fresh"
+    mlx_dupq.convert(tiny_dirs["llama"], fresh, recipe)
+    a, _ = mlx_dupq.load(out)
+    b, _ = mlx_dupq.load(fresh)
+    tokens = _eval_tokens(tiny_dirs["llama"])
+    assert mx.allclose(a(tokens), b(tokens), atol=1e-5).item()
+
+
+def test_calib_head_must_be_bool():
+    from mlx_dupq.errors import DupqError
+
+    with pytest.raises(DupqError, match="calib_head"):
+        QuantizerSpec(method="gptq", calib_head="yes")

@@ -121,8 +121,6 @@ def test_resume_with_duplication(tiny_dirs, tmp_path, monkeypatch):
 
 
 def test_rejected_plans(tiny_dirs, tmp_path):
-    with pytest.raises(DupqError, match="serial layer duplication is not supported by the converter"):
-        _recipe({"mode": "serial", "copies": {"0": 2}})
     with pytest.raises(DupqError, match="not calibrated"):
         mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "a",
                          _recipe(DupPlan(mode="parallel", aggregation="variance_weighted", copies={0: 2})))
@@ -166,3 +164,125 @@ def test_inspect_shows_each_copy(tiny_dirs, tmp_path):
     copies = [t for t in rep["tensors"] if ".copies." in t["name"]]
     assert copies and all(t["quant"].startswith("copy ") for t in copies)
     assert all(t["std"] > 0 for t in copies)
+
+
+def test_serial_pack_generates_with_kv_cache_like_a_full_forward(tiny_dirs, tmp_path):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_dupq.dup.runtime import layout
+
+    src = tiny_dirs["qwen2"]
+    plan = DupPlan(mode="serial", copies={0: [CopySpec(), CopySpec(scale_mult=1.05)], 1: 3})
+    res = mlx_dupq.convert(src, tmp_path / "serial", _recipe(plan))
+    one = mlx_dupq.convert(src, tmp_path / "one", _recipe())
+    model, _ = mlx_dupq.load(tmp_path / "serial")
+    assert layout(model) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert len(make_prompt_cache(model)) == 5
+    meta = _meta(tmp_path / "serial")
+    assert meta["duplication"]["mode"] == "serial"
+    assert meta["modules"]["model.layers.1.mlp.down_proj"]["format"] == "dup"  # copy 2 of layer 0 (x1.05)
+    assert meta["modules"]["model.layers.4.mlp.down_proj"]["format"] == "mlx"  # copy 3 of layer 1 (plain)
+    # each copy's bytes count: 3 extra copies of a 2-layer model, embedding/lm_head once
+    layer_bytes = sum(a.nbytes for f in (tmp_path / "one").glob("model*.safetensors")
+                      for k, a in mx.load(str(f)).items() if ".layers.1." in k)
+    assert res.stored_bytes - one.stored_bytes == pytest.approx(3 * layer_bytes, rel=0.02)
+    prompt = [1, 5, 9, 13, 2]
+    toks, gen = list(prompt), []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=5, sampler=lambda lp: mx.argmax(lp, axis=-1)):
+        gen.append(int(tok))
+    for t in gen:
+        assert int(mx.argmax(model(mx.array([toks]))[0, -1]).item()) == t
+        toks.append(t)
+    cache = make_prompt_cache(model)
+    seq = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    a = model(seq[:, :5], cache=cache)
+    b = model(seq[:, 5:], cache=cache)
+    assert mx.allclose(mx.concatenate([a, b], axis=1), model(seq), atol=1e-4)
+    # serial copies change the function: not the single-copy model
+    single, _ = mlx_dupq.load(tmp_path / "one")
+    assert rel_err(logits(model), logits(single)) > 1e-3
+
+
+def test_serial_pack_runs_in_the_cli(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_dupq.cli import app
+
+    rec = tmp_path / "serial.toml"
+    rec.write_text('name = "s"\n[default]\nbits = 2\ngroup_size = 32\n[duplication]\nmode = "serial"\n'
+                   'last_n = 1\nn_copies = 2\n')
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", str(tiny_dirs["llama"]), "-o", str(tmp_path / "p"), "--recipe", str(rec)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", str(tmp_path / "p"), "--prompt", "hello", "--max-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    r = runner.invoke(app, ["eval", "ppl", str(tmp_path / "p"), "--data", str(tmp_path / "t.txt"),
+                            "--ctx", "32", "--windows", "2"])
+    assert r.exit_code == 0, r.output
+
+
+def test_serial_gptq_calibrates_each_copy_at_its_input(tiny_dirs, tmp_path, calib_text):
+    q = QuantizerSpec(method="gptq", calib_data=str(calib_text), calib_samples=4, calib_seq_len=32)
+    plan = DupPlan(mode="serial", copies={1: 2})
+    mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "g", _recipe(plan, quantizer=q))
+    model, _ = mlx_dupq.load(tmp_path / "g")
+    assert len(model.model.layers) == 3
+    w1 = model.model.layers[1].mlp.down_proj.weight
+    w2 = model.model.layers[2].mlp.down_proj.weight
+    assert not mx.array_equal(w1, w2).item()  # copy 2 saw another input, so GPTQ chose other codes
+
+
+def test_gptq_copies_lower_the_output_error():
+    """Copy 1 GPTQ'd against H, residual copy 2 against what it left, a rotated copy against R^T H R."""
+    from mlx_dupq.dup.convert import aggregate_weight
+    from mlx_dupq.dup.copies import copy_rotation, effective_weight, make_copies
+
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((512, 64)) @ rng.standard_normal((64, 64)) * 0.3, dtype=mx.float32)
+    H = x.T @ x / 512
+    w = mx.array(rng.standard_normal((48, 64)), dtype=mx.float32)
+    q = QuantizerSpec(method="gptq", calib_data="brown:calib")
+
+    def out_err(ws, mode):
+        d = aggregate_weight(ws, mode, None) - w
+        return float(mx.sum((d @ H) * d).item())
+
+    # copy 1 RTN then residual copy 2 GPTQ beats both all-RTN and all-GPTQ residual copies
+    rtn1 = make_copies(w, QuantSpec(bits=2, group_size=32), [CopySpec()], mx.float32)[0]
+    from mlx_dupq.quant.gptq import gptq_quantize
+    from mlx_dupq.quant.qtensor import dequantize
+
+    g1 = dequantize(gptq_quantize(w, H, QuantSpec(bits=2, group_size=32), mx.float32))
+    res = w - g1
+    both_gptq = g1 + dequantize(gptq_quantize(res, H, QuantSpec(bits=2, group_size=32), mx.float32))
+    ours = make_copies(w, QuantSpec(bits=2, group_size=32), [CopySpec(), CopySpec()], mx.float32, residual=True,
+                       hessian=H, gptq=q)
+    assert mx.array_equal(ours[0].codes, rtn1.codes).item()
+    assert out_err([effective_weight(t, None) for t in ours], "residual") < out_err([both_gptq], "parallel")
+    for mode, specs in (("residual", [CopySpec(), CopySpec()]),
+                        ("parallel", [CopySpec(rotation={"kind": "perturbed", "seed": 0, "eps": 0.0}),
+                                      CopySpec(rotation={"kind": "perturbed", "seed": 0, "eps": 0.05})])):
+        errs = []
+        for kw in ({}, {"hessian": H, "gptq": q}):
+            qts = make_copies(w, QuantSpec(bits=2, group_size=32), specs, mx.float32, residual=mode == "residual", **kw)
+            errs.append(out_err([effective_weight(t, copy_rotation(c, 64)) for t, c in zip(qts, specs)], mode))
+        assert errs[1] < 0.8 * errs[0], (mode, errs)
+    # variant grids (scale multiplier) stay RTN: identical with or without the Hessian
+    v = [CopySpec(), CopySpec(scale_mult=1.05)]
+    a = make_copies(w, QuantSpec(bits=2, group_size=32), v, mx.float32)[1]
+    b = make_copies(w, QuantSpec(bits=2, group_size=32), v, mx.float32, hessian=H, gptq=q)[1]
+    assert mx.array_equal(a.codes, b.codes).item()
+
+
+def test_gptq_recipe_gptqs_the_copies(tiny_dirs, tmp_path, calib_text):
+    q = QuantizerSpec(method="gptq", calib_data=str(calib_text), calib_samples=4, calib_seq_len=32)
+    plan = DupPlan(mode="residual", copies={0: 2})
+    mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "g", _recipe(plan, quantizer=q))
+    mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "r", _recipe(plan))
+    g, _ = mlx_dupq.load(tmp_path / "g")
+    r, _ = mlx_dupq.load(tmp_path / "r")
+    a = g.model.layers[0].mlp.down_proj.copies[1].weight  # the last residual copy is GPTQ
+    b = r.model.layers[0].mlp.down_proj.copies[1].weight
+    assert not mx.array_equal(a, b).item()

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_dupq.config import TERNARY, QuantSpec
+from mlx_dupq.config import TERNARY, QuantSpec, Recipe
 from mlx_dupq.errors import DupqError
 from mlx_dupq.kernels import dispatch, ops
 from mlx_dupq.kernels import reference as R
@@ -166,6 +166,19 @@ def test_probe_and_env(monkeypatch):
     assert dispatch.choose() == dispatch.probe()[0]
 
 
+def test_env_forces_the_harness(harness, monkeypatch):
+    """MLX_DUPQ_KERNELS=harness: the GPU body on the CPU, behind the self-check, used by the layers."""
+    monkeypatch.setenv(dispatch.ENV, "harness")
+    dispatch.set_backend(None)
+    b = dispatch.backend()
+    assert isinstance(b, dispatch.CheckedBackend) and b.name == "harness" and dispatch.custom_active()
+    lin = packed_linear(QuantSpec(TERNARY, 64))
+    x = mx.random.normal((1, 256))
+    got = lin(x)
+    assert b.verdicts and all(b.verdicts.values())
+    close(got, x @ lin.dequantized().T)
+
+
 class FakeGpu:
     """A GPU backend stand-in: correct, wrong by a constant, or raising."""
 
@@ -237,3 +250,223 @@ def test_bench_fails_in_one_line_without_cuda():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert len(res.stderr.strip().splitlines()) == 1 and "CUDA" in res.stderr
+
+
+# ---- layers: dispatch inside DupqLinear / DupLinear / RotatedInput ---------------------------
+# The harness backend runs the GPU body exactly as a GPU backend launches it (same launch plan),
+# so "layer output through the kernels == the layer's mlx path" is checked here without a GPU.
+
+@pytest.fixture(params=["harness", *[k for k in dispatch.probe() if k in ("metal", "cuda")]])
+def kbackend(request):
+    """A fresh kernel backend factory: the CPU harness always, and every GPU backend this mlx
+    offers (so on a GPU machine these layer tests run the real kernels too)."""
+    if request.param == "harness":
+        try:
+            load_harness()
+        except HarnessUnavailable as e:
+            pytest.skip(f"CPU kernel harness unavailable: {e}")
+        from mlx_dupq.kernels.cpu_harness import HarnessBackend
+
+        return HarnessBackend
+    from mlx_dupq.kernels.gpu import GpuBackend
+
+    return lambda: GpuBackend(request.param)
+
+
+def both(fn, kbackend):
+    """fn() on the reference backend (the layers' mlx path) and on a kernel backend (launches of
+    the second call counted: the first one also runs the self-checks)."""
+    dispatch.set_backend("reference")
+    want = fn()
+    inner = kbackend()
+    checked = dispatch.CheckedBackend(inner)
+    dispatch.set_backend(checked)
+    mx.eval(fn())  # first use: the self-checks launch too
+    inner.launches = 0
+    got = fn()
+    mx.eval(want, got)
+    assert all(checked.verdicts.values())
+    return want, got, inner.launches
+
+
+def packed_linear(spec: QuantSpec, out: int = 24, n: int = 256, bias: bool = False):
+    from mlx_dupq.layers.quant_linear import build_module
+
+    arrays, entry = quantize_tensor(mx.random.normal((out, n)), spec.fit(n))
+    m = build_module("linear", (out, n), entry, bias=bias)
+    items = list(arrays.items()) + ([("bias", mx.random.normal((out,)))] if bias else [])
+    m.load_weights(items)
+    return m
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", (32, 128, 256, 0, -1))
+@pytest.mark.parametrize("sym", (False, True))
+def test_dupq_linear_routes_decode(kbackend, bits, group, sym):
+    from mlx_dupq.layers.quant_linear import DupqLinear
+
+    lin = packed_linear(QuantSpec(bits, group, sym), bias=True)
+    x = mx.random.normal((1, 3, 256))
+    want, got, launches = both(lambda: lin(x), kbackend)
+    close(got, want)
+    assert (launches > 0) == isinstance(lin, DupqLinear)  # mlx formats keep mlx's own kernel
+
+
+def test_prefill_and_reference_keep_the_mlx_path(kbackend):
+    from mlx_dupq.kernels.route import DECODE_MAX_ROWS
+
+    lin = packed_linear(QuantSpec(TERNARY, 64))
+    want, got, launches = both(lambda: lin(mx.random.normal((DECODE_MAX_ROWS + 1, 256))), kbackend)
+    assert launches == 0
+    dispatch.set_backend("reference")
+    assert not dispatch.custom_active()
+
+
+@pytest.mark.parametrize("mode,mix", [("parallel", None), ("residual", None), ("parallel", "scalar"),
+                                      ("parallel", "channel")])
+def test_dup_linear_one_pass(kbackend, mode, mix):
+    from mlx_dupq.layers.dup_linear import DupLinear
+
+    copies = [packed_linear(QuantSpec(2, 64)), packed_linear(QuantSpec(TERNARY, 128)),
+              packed_linear(QuantSpec(3, 0, True))]
+    weights = {None: None, "scalar": mx.array([0.5, 0.3, 0.2]), "channel": mx.random.uniform(shape=(3, 24))}[mix]
+    dup = DupLinear(copies, mode, weights, bias=mx.random.normal((24,)))
+    x = mx.random.normal((2, 256))
+    want, got, launches = both(lambda: dup(x), kbackend)
+    close(got, want)
+    if mix == "channel":  # (K, out) mixes do not fit one pass: the copies run one by one
+        assert launches == 2  # the two dupq-format copies, each through qmv
+    else:
+        assert launches == 1  # every copy in one launch, x read once
+
+
+@pytest.mark.parametrize("kind", ("block", "randomized", "plain", "block12"))
+@pytest.mark.parametrize("bits", (2, TERNARY))
+def test_rotated_input_fused(kbackend, kind, bits):
+    from mlx_dupq.layers.online_rotation import RotatedInput
+    from mlx_dupq.rotation import rotations as rots
+
+    n = 768 if kind == "block12" else 256
+    rot = {"block": lambda: rots.block_hadamard_rotation(n, seed=1, block=64),
+           "randomized": lambda: rots.randomized_hadamard(n, seed=2),
+           "plain": lambda: rots.hadamard(n),
+           "block12": lambda: rots.block_hadamard_rotation(n, seed=3, block=384)}[kind]()  # 12 x 32: not 2^k
+    layer = RotatedInput(packed_linear(QuantSpec(bits, 64), n=n, bias=True), rot)
+    x = mx.random.normal((1, 2, n))
+    want, got, launches = both(lambda: layer(x), kbackend)
+    close(got, want)
+    assert launches == 1
+
+
+@pytest.mark.parametrize("recipe", ("ternary-dup-rot", "3bit-channel-parallel"))
+def test_tiny_model_unchanged_through_kernels(kbackend, tiny_dirs, tmp_path, recipe):
+    """A whole tiny model: logits of a 6-token input through the kernels == the mlx path."""
+    import mlx_dupq
+    from mlx_dupq.config import RotationSpec
+    from mlx_dupq.dup.specs import DupPlan
+
+    if recipe == "ternary-dup-rot":
+        r = Recipe(name="k", default=QuantSpec(TERNARY, 64), rotation=RotationSpec(layers=(1,)),
+                   duplication=DupPlan(mode="residual", copies={0: 2}))
+        src = tiny_dirs["llama"]
+    else:
+        r = Recipe(name="k", default=QuantSpec(3, 0, True), duplication=DupPlan(mode="parallel", copies={0: 2}))
+        src = tiny_dirs["qwen2"]
+    mlx_dupq.convert(src, tmp_path / "p", r)
+    model, _ = mlx_dupq.load(tmp_path / "p")
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    assert {"DupLinear", "DupqLinear"} <= kinds and (recipe != "ternary-dup-rot" or "RotatedInput" in kinds)
+    tokens = mx.array([[1, 5, 9, 20, 33, 47]])
+    want, got, launches = both(lambda: model(tokens), kbackend)
+    assert launches > 0
+    close(got, want, 1e-3)
+
+
+def test_mixed_switch_per_expert_widths(kbackend):
+    """The per-expert-width MoE layer's experts through gather_qmv == its own grouped gather_qmm."""
+    from mlx_dupq.kernels import route
+    from mlx_dupq.layers.moe_linear import MixedSwitchLinear, quantize_experts
+
+    specs = [QuantSpec(2, 64), QuantSpec(TERNARY, 64), QuantSpec(3, 0, True), QuantSpec(2, 64), QuantSpec(4, 128)]
+    arrays, entry = quantize_experts(mx.random.normal((5, 24, 256)), specs)
+    layer = MixedSwitchLinear(256, 24, 5, entry)
+    layer.load_weights(list(arrays.items()))
+    indices = mx.array([[[0, 1], [2, 4], [3, 1]]], dtype=mx.int32)  # (1, 3 tokens, top-2)
+    for x in (mx.random.normal((1, 3, 1, 1, 256)), mx.random.normal((1, 3, 2, 1, 256))):  # gate/up, down
+        want, got, launches = both(lambda: route.switch(layer, route.mixed_groups(layer), x, indices)
+                                   if dispatch.custom_active() else layer(x, indices), kbackend)
+        assert got.shape == want.shape == (1, 3, 2, 1, 24) and launches == 1
+        close(got, want)
+
+
+def test_tiny_moe_model_unchanged_through_kernels(kbackend, tiny_dirs, tmp_path):
+    """DeepSeek-style tiny model, ternary experts (DupqSwitchLinear): 4 tokens through the kernels."""
+    import mlx_dupq
+
+    mlx_dupq.convert(tiny_dirs["deepseek"], tmp_path / "p", Recipe(name="k", default=QuantSpec(TERNARY, 32)))
+    model, _ = mlx_dupq.load(tmp_path / "p")
+    assert "DupqSwitchLinear" in {type(m).__name__ for _, m in model.named_modules()}
+    tokens = mx.array([[1, 5, 9, 20]])
+    want, got, launches = both(lambda: model(tokens), kbackend)
+    assert launches > 0
+    close(got, want, 1e-3)
+
+
+def test_layer_keeps_mlx_path_after_failed_self_check():
+    """A GPU kernel that fails its self-check: one warning, then the layer's own mlx path runs."""
+    lin = packed_linear(QuantSpec(TERNARY, 64))
+    x = mx.random.normal((1, 256))
+    dispatch.set_backend("reference")
+    want = lin(x)
+    fake = FakeGpu("wrong")
+    fake.custom = True
+    dispatch.set_backend(dispatch.CheckedBackend(fake))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [lin(x), lin(x)]
+    assert sum("self-check" in str(w.message) for w in caught) == 1
+    assert fake.calls == 1  # the self-check only
+    for y in got:
+        close(y, want, 1e-6)
+
+
+def test_dup_copies_share_the_concatenated_codes(kbackend):
+    """After the first one-pass call the copies' codes are views of the pack: held once, and the
+    mlx path (prefill) still gives the same answer."""
+    from mlx_dupq.kernels.route import DECODE_MAX_ROWS
+    from mlx_dupq.layers.dup_linear import DupLinear
+
+    copies = [packed_linear(QuantSpec(2, 64), out=512, n=2048) for _ in range(2)]
+    dup = DupLinear(copies, "residual")
+    x1, xp = mx.random.normal((1, 2048)), mx.random.normal((DECODE_MAX_ROWS + 4, 2048))
+    dispatch.set_backend("reference")
+    want1, wantp = dup(x1), dup(xp)
+    mx.eval(want1, wantp, x1, xp)
+    stored = sum(c.weight.nbytes + c.scales.nbytes + c.biases.nbytes for c in copies)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    dispatch.set_backend(dispatch.CheckedBackend(kbackend()))
+    got1 = dup(x1)  # builds the pack, re-points the copies at it, self-checks
+    mx.eval(got1)
+    close(got1, want1)
+    del got1
+    mx.clear_cache()
+    assert mx.get_active_memory() - before < stored // 4  # the pack did not add a second copy
+    dispatch.set_backend("reference")
+    close(dup(xp), wantp)  # the mlx path on the shared codes
+    kp = dup._kernel_pack[1]
+    assert kp.w.size == sum(c.weight.size for c in copies)
+
+
+def test_shared_codes_copies_stored_once(kbackend):
+    """Copies that share one codes array (different scales) enter the pack once and still add up right."""
+    from mlx_dupq.layers.dup_linear import DupLinear
+
+    a = packed_linear(QuantSpec(2, 64))
+    b = packed_linear(QuantSpec(2, 64))
+    b.weight = a.weight  # shared codes, own scales and offsets
+    dup = DupLinear([a, b], "parallel", mx.array([0.7, 0.3]))
+    x = mx.random.normal((1, 256))
+    want, got, launches = both(lambda: dup(x), kbackend)
+    close(got, want)
+    assert launches == 1 and dup._kernel_pack[1].w.size == a.weight.size

@@ -29,6 +29,30 @@ CONFIGS = {
         first_k_dense_replace=1, rms_norm_eps=1e-6, vocab_size=VOCAB, rope_theta=10000.0,
         max_position_embeddings=512, tie_word_embeddings=False,
     ),
+    # the other MoE families mlx-lm knows (stored with mlx-lm's stacked switch_mlp names)
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64, rms_norm_eps=1e-6, vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=32, rms_norm_eps=1e-6,
+        vocab_size=VOCAB, rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=512,
+        norm_topk_prob=True,
+    ),
+    "mixtral": dict(
+        model_type="mixtral", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5, vocab_size=VOCAB,
+        rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+    "olmoe": dict(
+        model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-5,
+        vocab_size=VOCAB, tie_word_embeddings=False,
+    ),
 }
 
 

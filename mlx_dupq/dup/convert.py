@@ -1,4 +1,9 @@
-"""Parallel / residual copies inside the converter and the pack (SPEC F5.6).
+"""Parallel / residual / serial copies inside the converter and the pack (SPEC F5.6).
+
+Serial plans (:func:`group_passes`, :func:`expand_serial`): decoder layer ``k``'s group is
+quantized once per copy and stored as consecutive entries ``layers.<serial_index(plan, k, i)>``
+of an expanded layer list, which the loader rebuilds from the recorded plan; everything below
+is about parallel / residual linears.
 
 The recipe's ``[duplication]`` (a :class:`~mlx_dupq.dup.specs.DupPlan`) decides which decoder
 layers get copies; :func:`check_dup_recipe` resolves it for the model (``last_n`` /
@@ -18,7 +23,8 @@ rebuilds the :class:`~mlx_dupq.layers.dup_linear.DupLinear`. No tensor is called
 so ``mlx_lm.load`` (strict) refuses a duplicated pack instead of running a wrong model.
 
 Copies are made by the copy engine (:func:`~mlx_dupq.dup.copies.make_copies`: RTN with the copy's
-variants), whatever the recipe's ``quantizer.method``; other linears use that method. When the
+variants; GPTQ for plain-grid copies when the recipe's quantizer is gptq); other linears use the
+recipe's method. When the
 recipe is calibrated, parallel aggregations other than the mean are fitted from the layer input
 Hessian (:func:`~mlx_dupq.dup.aggregate.fit_mix`), and the calibration hidden states advance through
 the aggregated weight ``sum_k a_k W_k`` (residual: ``sum_k W_k``), which is exact except for
@@ -28,7 +34,7 @@ per-copy activation quantization.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,6 +64,9 @@ def check_dup_recipe(rec: Recipe, skeleton: nn.Module, online: dict | None = Non
         raise DupqError(f"aggregation {plan.aggregation!r} is fitted on calibration data, but quantizer "
                         f"{rec.quantizer.method!r} is not calibrated; use a calibrated quantizer (gptq, awq) "
                         "or aggregation = \"mean\"")
+    if plan.mode == "serial" and online:
+        raise DupqError("serial copies renumber the decoder layers, which online rotations cannot follow yet; "
+                        "drop the rotation's online part or use mode parallel / residual")
     clash = sorted(p for p in (online or {}) if layer_index(p) in plan.copies)
     if clash:
         raise DupqError(f"duplicated layers have online rotations ({', '.join(clash[:3])}); copies with a "
@@ -79,6 +88,43 @@ def planned_copies(plan: DupPlan | None, path: str) -> tuple[CopySpec, ...] | No
     return None if k is None else plan.copies.get(k)
 
 
+def serial_index(plan: DupPlan, k: int, copy: int = 0) -> int:
+    """Entry of copy ``copy`` of decoder layer ``k`` in a serial plan's expanded layer list."""
+    return k + sum(plan.count(j) - 1 for j in plan.copies if j < k) + copy
+
+
+def expand_serial(model: nn.Module, plan: DupPlan) -> nn.Module:
+    """A (skeleton) model's layer list expanded for a serial plan: copy i of layer k is a fresh
+    deep copy at :func:`serial_index` (weights to be loaded); each entry gets its own KV-cache slot."""
+    import copy as _copy
+
+    from .runtime import duplicate_layers
+
+    return duplicate_layers(model, plan, lambda k, layer, specs: [layer] + [_copy.deepcopy(layer) for _ in specs[1:]])
+
+
+def group_passes(plan: DupPlan | None, keys: Sequence[str]) -> list[tuple[DupPlan | None, Callable[[str], str]]]:
+    """How the converter quantizes one source group: ``[(plan for _quantize_group, rename of its keys)]``.
+
+    Parallel / residual plans (or none): one pass with the plan itself. A serial plan quantizes the
+    group of decoder layer ``k`` once per copy; pass i stores copy i's variant as a one-copy ``dup``
+    linear (None when the copy is the plain quantizer's, so GPTQ / AWQ apply) and renames
+    ``layers.k.`` to its entry :func:`serial_index` in the expanded layer list.
+    """
+    if plan is None or plan.mode != "serial":
+        return [(plan, lambda key: key)]
+    ks = {layer_index(key) for key in keys} - {None}
+    if len(ks) != 1:
+        return [(None, lambda key: key)]
+    k = ks.pop()
+    passes = []
+    for i, c in enumerate(plan.copies.get(k, (CopySpec(),))):
+        sub = None if c == CopySpec() else DupPlan(mode="parallel", copies={k: (c,)})
+        j = serial_index(plan, k, i)
+        passes.append((sub, lambda key, k=k, j=j: re.sub(rf"(^|\.)layers\.{k}\.", rf"\g<1>layers.{j}.", key, count=1)))
+    return passes
+
+
 def aggregate_weight(ws: Sequence[mx.array], mode: str, mix: mx.array | None) -> mx.array:
     """Copies' effective weights [(out, in)] -> the one float weight the DupLinear computes."""
     if mode == "residual":
@@ -90,16 +136,20 @@ def aggregate_weight(ws: Sequence[mx.array], mode: str, mix: mx.array | None) ->
 
 
 def quantize_dup_linear(w: mx.array, base: QuantSpec, copy_specs: Sequence[CopySpec], plan: DupPlan,
-                        dtype: mx.Dtype, stats=None, keep: bool = False) -> tuple[dict[str, mx.array], dict, mx.array | None]:
+                        dtype: mx.Dtype, stats=None, keep: bool = False,
+                        quantizer=None) -> tuple[dict[str, mx.array], dict, mx.array | None]:
     """Float weight (out, in) of a planned linear -> (arrays under ``copies.<k>.*`` / ``mix``, entry,
     aggregated float weight (out, in) when ``keep``, else None).
 
-    stats: the linear's calibration :class:`~mlx_dupq.calib.LinearStats` (its Hessian fits the mix).
+    stats: the linear's calibration :class:`~mlx_dupq.calib.LinearStats` (its Hessian fits the mix,
+    and GPTQs the copies when ``quantizer`` is the recipe's gptq :class:`~mlx_dupq.config.QuantizerSpec`).
     """
     if w.ndim != 2:
         raise DupqError(f"only 2-D linears can be duplicated, got a weight of shape {tuple(w.shape)}")
     w = w.astype(mx.float32)
-    qts = make_copies(w, base, copy_specs, dtype, residual=plan.mode == "residual")
+    gptq = quantizer if quantizer is not None and quantizer.method == "gptq" and stats is not None else None
+    qts = make_copies(w, base, copy_specs, dtype, residual=plan.mode == "residual",
+                      hessian=None if gptq is None else stats.hessian, gptq=gptq)
     packed = pack_qtensors(qts, copy_specs)
     arrays: dict[str, mx.array] = {}
     copy_entries = []

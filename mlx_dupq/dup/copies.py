@@ -122,12 +122,28 @@ def effective_weight(qt: QTensor, rotation: Rotation | None) -> mx.array:
     return wq if rotation is None else wq @ rotation.matrix().T
 
 
+def gptq_applies(copy: CopySpec) -> bool:
+    """GPTQ can make this copy: its codes are its own and its grid is the RTN one (no multiplier,
+    offset, stochastic rounding or noise; those copies stay RTN on their variant grid)."""
+    return (not copy.shared_codes and copy.stochastic_seed is None and copy.noise == 0
+            and copy.scale_mult == 1.0 and copy.grid_offset == 0.0)
+
+
 def make_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec], dtype: mx.Dtype = mx.float16,
-                residual: bool = False) -> list[QTensor]:
+                residual: bool = False, hessian: mx.array | None = None, gptq=None) -> list[QTensor]:
     """Quantize the copies of a float weight ``w`` (out, in) -> one QTensor per CopySpec.
 
     Each QTensor holds ``Q(W R_k)`` (or, when ``residual``, ``Q((W - sum_{j<k} W_j) R_k)``), in the
     copy's rotated basis; :func:`effective_weight` maps it back.
+
+    hessian (in, in) = ``X^T X`` of the layer's calibration inputs and ``gptq`` (the recipe's
+    :class:`~mlx_dupq.config.QuantizerSpec`, method gptq): every copy :func:`gptq_applies` to is
+    GPTQ'd against it instead of rounded to nearest: parallel copies each against ``W`` (a rotated
+    copy against ``R^T H R``, its inputs are ``x R``); residual copies only the LAST one, against
+    what the others left. The final output error is the last copy's, and an RTN residual (at most
+    half a step per weight) is what the next 2-bit grid fits best: GPTQ'ing copy 1 spreads its
+    error into larger weight residuals and made two residual copies worse than plain RTN ones
+    (``tests/test_dup_convert.py::test_gptq_copies_lower_the_output_error`` checks the order).
     """
     if not copy_specs:
         raise DupqError("make_copies needs at least one CopySpec")
@@ -140,7 +156,7 @@ def make_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec
     out: list[QTensor] = []
     target = w
     first = copy_specs[0]
-    for copy in copy_specs:
+    for i, copy in enumerate(copy_specs):
         rot = copy_rotation(copy, n)
         spec = copy.spec(base_spec)
         if copy.shared_codes:
@@ -150,6 +166,13 @@ def make_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec
                     f"({first.rotation}); got {spec.label()} / {copy.rotation}"
                 )
             qt = quantize_copy(w if rot is None else rot.apply(w), spec, copy, dtype, codes=out[0].codes)
+        elif (hessian is not None and gptq is not None and gptq_applies(copy)
+              and (not residual or i == len(copy_specs) - 1)):
+            from ..quant.gptq import gptq_quantize
+
+            h = hessian if rot is None else rot.matrix().T @ hessian.astype(mx.float32) @ rot.matrix()
+            qt = gptq_quantize(target if rot is None else rot.apply(target), h, spec, dtype, damp=gptq.damp,
+                               act_order=gptq.act_order, block_size=gptq.block_size)
         else:
             qt = quantize_copy(target if rot is None else rot.apply(target), spec, copy, dtype)
         mx.eval(qt.codes, qt.scales, *([] if qt.biases is None else [qt.biases]))

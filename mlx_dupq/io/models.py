@@ -8,6 +8,12 @@ joined in order, and the result is checked against its own sha256 and cached as
 
 A verified file gets a ``.verified`` marker (its sha256, size and mtime), so later runs need only a
 ``stat``; a file placed there by hand is hashed once and then trusted the same way.
+
+*Built* models (:data:`BUILT`) are not downloaded but made here by a deterministic, seeded recipe
+(``tiny-deepseek-moe``: a tiny DeepSeek-MoE trained on the Brown corpus, see ``docs/moe.md``).
+``fetch`` builds one into ``<cache_dir>/models/<name>/model`` (a Hugging Face directory) with a
+``model.built.json`` marker recording the recipe, the weights' sha256, size and mtime; a changed
+recipe or a touched weights file means it is built again.
 """
 
 from __future__ import annotations
@@ -159,6 +165,38 @@ MODELS: tuple[NamedModel, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class BuiltModel:
+    """A named model built on this machine by a seeded recipe instead of downloaded."""
+
+    name: str
+    aliases: tuple[str, ...]
+    architecture: str  # config.json model_type
+    parameters: str
+    dtype: str  # of the saved weights
+    licence: str
+    origin: str
+    recipe: str  # "module:function" -> dict that identifies the build (config, seed, steps, ...)
+    builder: str  # "module:function" (out_dir, progress) -> result dict; writes a HF directory at out_dir
+    note: str = ""
+
+
+BUILT: tuple[BuiltModel, ...] = (
+    BuiltModel(
+        name="tiny-deepseek-moe",
+        aliases=(),
+        architecture="deepseek",
+        parameters="32M",
+        dtype="float16",
+        licence="Apache-2.0",  # weights made by this project; tokenizer SmolLM2 (Apache-2.0); text Brown (MIT)
+        origin="built: mlx_dupq.moe.train on brown:calib (scripts/train_tiny_moe.py)",
+        recipe="mlx_dupq.moe.train:named_recipe",
+        builder="mlx_dupq.moe.train:build_named",
+        note="a toy with learned routing, not a capable model (docs/moe.md)",
+    ),
+)
+
+
 def cache_dir() -> Path:
     """Where named models and derived files are cached: ``$MLX_DUPQ_CACHE`` or ``~/.cache/mlx_dupq``."""
     env = os.environ.get("MLX_DUPQ_CACHE")
@@ -167,12 +205,12 @@ def cache_dir() -> Path:
 
 def names() -> list[str]:
     """Canonical names of the named models."""
-    return [m.name for m in MODELS]
+    return [m.name for m in (*MODELS, *BUILT)]
 
 
-def _lookup(name: str) -> NamedModel | None:
+def _lookup(name: str) -> NamedModel | BuiltModel | None:
     key = str(name).strip().lower()
-    for m in MODELS:
+    for m in (*MODELS, *BUILT):
         if key == m.name or key in m.aliases:
             return m
     return None
@@ -183,7 +221,7 @@ def is_named(s: str) -> bool:
     return _lookup(s) is not None
 
 
-def get_model(name: str) -> NamedModel:
+def get_model(name: str) -> NamedModel | BuiltModel:
     """The registry entry of a name or alias."""
     m = _lookup(name)
     if m is None:
@@ -192,8 +230,10 @@ def get_model(name: str) -> NamedModel:
 
 
 def model_path(name: str) -> Path:
-    """Where the model's GGUF lives once fetched (it may not exist yet)."""
+    """Where the model's GGUF (or a built model's directory) lives once fetched (it may not exist yet)."""
     m = get_model(name)
+    if isinstance(m, BuiltModel):
+        return cache_dir() / "models" / m.name / "model"
     return cache_dir() / "models" / m.name / m.filename
 
 
@@ -220,9 +260,11 @@ def _sha256(path: Path, progress: Progress | None = None, message: str = "") -> 
 
 
 def cached_path(name: str) -> Path | None:
-    """The verified GGUF if it is already in the cache (only a ``stat``, no hashing), else None."""
+    """The verified GGUF (or built directory) if it is already in the cache (only a ``stat``, no hashing), else None."""
     path = model_path(name)
     m = get_model(name)
+    if isinstance(m, BuiltModel):
+        return path if _built_info(m) is not None else None
     marker = _marker(path)
     try:
         if path.is_file() and marker.read_text() == _stamp(path, m.sha256):
@@ -263,6 +305,8 @@ def fetch(name: str, progress: Progress | None = None) -> Path:
     (the bad file is removed).
     """
     m = get_model(name)
+    if isinstance(m, BuiltModel):
+        return _build(m, progress)
     path = model_path(m.name)
     if (hit := cached_path(m.name)) is not None:
         return hit
@@ -344,17 +388,82 @@ def _assemble(m: NamedModel, work: Path, out: Path, progress: Progress | None) -
         progress(total, total, f"verified {m.filename}")
 
 
+# --------------------------------------------------------------------------- built models
+
+
+def _call(spec: str):
+    """``"module:function"`` -> the function."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _built_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".built.json")
+
+
+def _built_info(m: BuiltModel) -> dict | None:
+    """The marker of a built model if it matches the current recipe and the weights on disk, else None."""
+    import json
+
+    path = model_path(m.name)
+    try:
+        info = json.loads(_built_marker(path).read_text())
+        weights = path / info["weights"]
+        st = weights.stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if info.get("recipe") != _call(m.recipe)() or [st.st_size, st.st_mtime_ns] != [info.get("size"), info.get("mtime_ns")]:
+        return None
+    return info
+
+
+def _build(m: BuiltModel, progress: Progress | None) -> Path:
+    """Build ``m`` into the cache once (deterministic recipe), write its marker, return the directory."""
+    import json
+
+    path = model_path(m.name)
+    if _built_info(m) is not None:
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _built_marker(path).unlink(missing_ok=True)
+    except OSError as e:
+        raise _write_error(path.parent, e) from None
+    try:
+        result = _call(m.builder)(path, progress)
+        weights = path / result["weights"]
+        st = weights.stat()
+        info = {"name": m.name, "recipe": _call(m.recipe)(), "weights": result["weights"], "sha256": result["sha256"],
+                "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        (path.parent / "result.json").write_text(json.dumps(result, indent=2))
+        tmp = _built_marker(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.rename(_built_marker(path))
+    except OSError as e:
+        raise _write_error(path, e) from None
+    return path
+
+
 def open_named(name: str, progress: Progress | None = None):
-    """A :class:`~mlx_dupq.io.gguf.GGUFSource` on the named model (fetched first if needed)."""
+    """A source on the named model (fetched or built first if needed): a
+    :class:`~mlx_dupq.io.gguf.GGUFSource`, or an :class:`~mlx_dupq.io.source.HFDirSource` for a built model."""
     from .gguf import GGUFSource
 
     m = get_model(name)
+    if isinstance(m, BuiltModel):
+        from .source import HFDirSource
+
+        return HFDirSource(fetch(m.name, progress), name=m.name)
     return GGUFSource(fetch(m.name, progress), name=m.name)
 
 
 def list_models() -> list[dict]:
     """One dict per named model: name, aliases, architecture, parameters, quant_type (of the GGUF),
-    licence, origin, size_bytes, sha256, packages, cached (bool) and path (the cached file or None)."""
+    licence, origin, size_bytes, sha256, packages, cached (bool) and path (the cached file or None).
+    Built models (:data:`BUILT`) follow, with ``built: True``, the weights' dtype as quant_type and
+    size/sha256 of the weights once built (None before)."""
     out = []
     for m in MODELS:
         cached = cached_path(m.name)
@@ -372,6 +481,25 @@ def list_models() -> list[dict]:
                 "packages": [f"{p.package}=={p.version}" for p in m.parts],
                 "cached": cached is not None,
                 "path": str(cached) if cached else None,
+            }
+        )
+    for b in BUILT:
+        info = _built_info(b)
+        out.append(
+            {
+                "name": b.name,
+                "aliases": list(b.aliases),
+                "architecture": b.architecture,
+                "parameters": b.parameters,
+                "quant_type": b.dtype,
+                "licence": b.licence,
+                "origin": b.origin,
+                "size_bytes": info["size"] if info else None,
+                "sha256": info["sha256"] if info else None,
+                "packages": [],
+                "built": True,
+                "cached": info is not None,
+                "path": str(model_path(b.name)) if info else None,
             }
         )
     return out

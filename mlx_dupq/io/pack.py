@@ -243,6 +243,11 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     if meta.get("format_version", 0) > PACK_FORMAT_VERSION:
         raise DupqError(f"{path} was written by a newer mlx-dupq (pack format {meta['format_version']}); upgrade")
     model = build_skeleton(config)
+    if (meta.get("duplication") or {}).get("mode") == "serial":  # copies are extra layer entries
+        from ..dup.convert import expand_serial
+        from ..dup.specs import DupPlan
+
+        expand_serial(model, DupPlan.from_dict(meta["duplication"]))
     weights = _load_weights(path)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
@@ -268,7 +273,8 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
             continue
         if p not in mods:
             raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
-        has_bias = f"{p}.bias" in weights or f"{p}.linear.bias" in weights
+        # (a moe_mixed switch layer keeps its bias per expert group: <p>.groups.0.bias)
+        has_bias = f"{p}.bias" in weights or f"{p}.linear.bias" in weights or f"{p}.groups.0.bias" in weights
         custom.append((p, build_module(e["kind"], tuple(e["shape"]), e, has_bias)))
     if custom:
         from mlx.utils import tree_unflatten

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .gpu import ROWS, TG, GpuBackend
 from .layout import KernelPack
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
@@ -88,3 +89,20 @@ def gqmv_cpu(x: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, summed:
     if rc != 0:
         raise RuntimeError(f"CPU kernel harness: {ERRORS.get(rc, rc)}")
     return mx.array(y)
+
+
+class HarnessBackend(GpuBackend):
+    """The GPU backends' launch plan (row chunks, staging, Hadamard fallback) with each launch run
+    by the CPU harness: the kernel body exactly as a GPU would get it, on the CPU (slow)."""
+
+    custom = True
+
+    def __init__(self):
+        load_harness()  # fail early (HarnessUnavailable) when it cannot be built
+        self.name = "harness"
+        self.launches = 0
+
+    def launch(self, xs, kp, idx, coef, summed, signs, had, stage):
+        self.launches += 1
+        y = gqmv_cpu(xs, kp, idx, coef, summed, signs, had, rows=ROWS, tg=TG, stage_x=stage)
+        return y.astype(xs.dtype)

@@ -3,7 +3,10 @@
 Order: metal -> cuda -> reference, by what the running mlx offers (:func:`probe`, cached; it
 asks ``mx.metal.is_available()`` / ``mx.cuda.is_available()`` and never launches a kernel).
 ``MLX_DUPQ_KERNELS=reference|metal|cuda`` forces one (an unavailable forced GPU backend is an
-error). A GPU backend is wrapped in :class:`CheckedBackend`: the first use of each kernel
+error); ``harness`` (never chosen by itself) runs the GPU kernel bodies on the CPU through the
+C++ harness -- slow, for checking the kernels inside real models.
+
+A GPU backend is wrapped in :class:`CheckedBackend`: the first use of each kernel
 configuration (formats, summed or gathered, Hadamard or not, dtype) runs the kernel on a small
 random input of that configuration and compares it with the reference; on an error or a
 mismatch it warns and that configuration runs on the reference from then on.
@@ -11,6 +14,7 @@ mismatch it warns and that configuration runs on the reference from then on.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from functools import cache
@@ -22,7 +26,7 @@ from .layout import KernelPack, kernel_pack
 from .reference import gqmv_reference
 
 ENV = "MLX_DUPQ_KERNELS"
-CHOICES = ("reference", "metal", "cuda")
+CHOICES = ("reference", "metal", "cuda", "harness")
 CHECK_OUT, CHECK_IN, CHECK_ROWS = 8, 512, 2
 
 
@@ -30,6 +34,7 @@ class ReferenceBackend:
     """Plain mx (dequantize, then matmul): correct everywhere, not fast."""
 
     name = "reference"
+    custom = False  # layers keep their own mlx path (mx.quantized_matmul) under this backend
 
     def gqmv(self, x, kp, idx, coef, summed, signs=None, had=0):
         return gqmv_reference(x, kp, idx, coef, summed, signs, had).astype(x.dtype)
@@ -59,7 +64,7 @@ def choose() -> str:
     if forced:
         if forced not in CHOICES:
             raise DupqError(f"{ENV}={forced!r} is not a kernel backend; use one of {', '.join(CHOICES)}")
-        if forced not in probe():
+        if forced not in probe() and forced != "harness":
             raise DupqError(f"{ENV}={forced} but this mlx offers only {', '.join(probe())}; unset {ENV} or use reference")
         return forced
     return probe()[0]
@@ -73,7 +78,7 @@ def check_case(kp: KernelPack, summed: bool, had: int, dtype: mx.Dtype, j: int):
     """A small random input of the same configuration: (x, kp, idx, coef, signs)."""
     from ..layers.quant_linear import quantize_tensor
 
-    n = max(CHECK_IN, had)
+    n = CHECK_IN * had // math.gcd(CHECK_IN, had) if had else CHECK_IN  # a width the Hadamard block tiles
     layers = [quantize_tensor(mx.random.normal((CHECK_OUT, n)), spec.fit(n)) for spec in kp.specs]
     small = kernel_pack(layers, dtype=dtype)
     e = kp.num
@@ -91,6 +96,7 @@ class CheckedBackend:
         self.inner = inner
         self.reference = reference or ReferenceBackend()
         self.name = inner.name
+        self.custom = True
         self.verdicts: dict[tuple, bool] = {}
 
     def _key(self, x, kp, idx, summed, had):
@@ -112,11 +118,15 @@ class CheckedBackend:
                           RuntimeWarning, stacklevel=4)
         return ok
 
-    def gqmv(self, x, kp, idx, coef, summed, signs=None, had=0):
+    def accepts(self, x, kp, idx, summed, had=0) -> bool:
+        """Whether this configuration passed its self-check (run now if it has not been)."""
         key = self._key(x, kp, idx, summed, had)
         if key not in self.verdicts:
             self.verdicts[key] = self._check(key, x, kp, idx, summed, had)
-        chosen = self.inner if self.verdicts[key] else self.reference
+        return self.verdicts[key]
+
+    def gqmv(self, x, kp, idx, coef, summed, signs=None, had=0):
+        chosen = self.inner if self.accepts(x, kp, idx, summed, had) else self.reference
         return chosen.gqmv(x, kp, idx, coef, summed, signs, had)
 
 
@@ -127,6 +137,10 @@ def make_backend(name: str):
     """A backend object by name (GPU ones wrapped in :class:`CheckedBackend`)."""
     if name == "reference":
         return ReferenceBackend()
+    if name == "harness":
+        from .cpu_harness import HarnessBackend
+
+        return CheckedBackend(HarnessBackend())
     from .gpu import GpuBackend
 
     return CheckedBackend(GpuBackend(name))
@@ -138,6 +152,19 @@ def backend():
     if _active is None:
         _active = make_backend(choose())
     return _active
+
+
+def custom_active() -> bool:
+    """True when the backend in use runs custom kernels (layers then route decode through them)."""
+    return bool(getattr(backend(), "custom", True))
+
+
+def accepts(x: mx.array, kp: KernelPack, slots: int, summed: bool, had: int = 0) -> bool:
+    """Whether the backend in use runs this configuration with its own kernel (False after a failed
+    self-check: layers then keep their mlx path instead of the slower reference twin)."""
+    b = backend()
+    check = getattr(b, "accepts", None)
+    return True if check is None else check(x, kp, mx.zeros((1, slots), mx.int32), summed, had)
 
 
 def set_backend(b=None):

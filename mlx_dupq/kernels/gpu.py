@@ -51,6 +51,7 @@ class GpuBackend:
             raise ValueError(f"unknown GPU kernel kind {kind!r}; use one of {KIND_NAMES}")
         self.name = kind
         self._kernel = None
+        self.launches = 0
 
     def kernel(self):
         """The kernel object (built once; no GPU needed to build it)."""
@@ -76,17 +77,23 @@ class GpuBackend:
         signs = mx.ones((n,), mx.float32) if signs is None else signs.astype(mx.float32)
         outs = []
         for r0 in range(0, m, mc):
-            xs = x[r0: r0 + mc]
-            rows = xs.shape[0]
-            (y,) = self.kernel()(
-                inputs=[xs, kp.w, kp.scales.astype(x.dtype), kp.biases.astype(x.dtype), kp.meta,
-                        idx[r0: r0 + mc].astype(mx.int32), coef[r0: r0 + mc].astype(mx.float32), signs],
-                template=[("T", x.dtype), ("N", n), ("O", kp.n_out), ("M", rows), ("J", j),
-                          ("SUM", int(summed)), ("ROWS", ROWS), ("HAD", had), ("XS", int(stage)), ("TG", TG)],
-                grid=(-(-kp.n_out // ROWS) * TG, 1, 1),
-                threadgroup=(TG, 1, 1),
-                output_shapes=[(rows, per_row, kp.n_out)],
-                output_dtypes=[x.dtype],
-            )
-            outs.append(y)
+            outs.append(self.launch(x[r0: r0 + mc], kp, idx[r0: r0 + mc].astype(mx.int32),
+                                    coef[r0: r0 + mc].astype(mx.float32), summed, signs, had, stage))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
+
+    def launch(self, xs: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, summed: bool,
+               signs: mx.array, had: int, stage: bool) -> mx.array:
+        """One kernel launch over a row chunk xs (rows, in) -> (rows, 1|J, out)."""
+        rows, n = xs.shape
+        j = idx.shape[1]
+        self.launches += 1
+        (y,) = self.kernel()(
+            inputs=[xs, kp.w, kp.scales.astype(xs.dtype), kp.biases.astype(xs.dtype), kp.meta, idx, coef, signs],
+            template=[("T", xs.dtype), ("N", n), ("O", kp.n_out), ("M", rows), ("J", j),
+                      ("SUM", int(summed)), ("ROWS", ROWS), ("HAD", had), ("XS", int(stage)), ("TG", TG)],
+            grid=(-(-kp.n_out // ROWS) * TG, 1, 1),
+            threadgroup=(TG, 1, 1),
+            output_shapes=[(rows, 1 if summed else j, kp.n_out)],
+            output_dtypes=[xs.dtype],
+        )
+        return y

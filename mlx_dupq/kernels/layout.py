@@ -7,7 +7,8 @@ writes, without re-quantizing:
 
 - ``w`` (W,) uint32: expert e's stored ``weight`` flattened at word ``meta[e, 2]``; binary codes
   keep mlx's bit stream (row o at word ``o * (in/32) * bits``), ternary keeps its base-3 bytes
-  (row o at byte ``o * ceil(in/5)``), padded to whole words;
+  (row o at byte ``o * ceil(in/5)``), padded to whole words; layers whose ``weight`` is one and
+  the same array (shared-codes copies) share one offset, the codes stored once;
 - ``scales``, ``biases`` (S,): (out, in/g) per expert at ``meta[e, 3]``; symmetric offsets are the
   implied ``-s*(L-1)/2`` (:func:`~mlx_dupq.quant.qtensor.symmetric_offsets`), per-tensor
   parameters are repeated per row (g = in), per-channel has g = in;
@@ -60,12 +61,24 @@ def _group_params(arrays: dict, entry: dict, spec: QuantSpec, out: int) -> tuple
     return scales, biases
 
 
+def _flat_codes(weight: mx.array, ternary: bool) -> mx.array:
+    """Stored codes -> flat uint32 words (ternary base-3 bytes padded to whole words)."""
+    if not ternary:
+        return weight.reshape(-1)
+    flat = weight.astype(mx.uint8).reshape(-1)
+    pad = -flat.size % 4
+    if pad:
+        flat = mx.concatenate([flat, mx.zeros((pad,), dtype=mx.uint8)])
+    return mx.view(flat, mx.uint32)
+
+
 def kernel_pack(layers: Sequence[tuple[dict, dict]], dtype: mx.Dtype | None = None) -> KernelPack:
     """[(arrays, entry)] of E packed (out, in) layers -> KernelPack; ``dtype`` of the group
     parameters defaults to the first layer's scales dtype."""
     if not layers:
         raise DupqError("kernel_pack needs at least one packed layer")
     ws, ss, bs, meta, specs = [], [], [], [], []
+    codes: list[tuple[mx.array, int]] = []  # (codes array, word offset) already in ws
     shape = None
     woff = soff = 0
     for arrays, entry in layers:
@@ -85,27 +98,26 @@ def kernel_pack(layers: Sequence[tuple[dict, dict]], dtype: mx.Dtype | None = No
         if dtype is None:
             dtype = scales.dtype
         weight = arrays["weight"]
-        if spec.ternary:
-            flat = weight.astype(mx.uint8).reshape(-1)
-            pad = -flat.size % 4
-            if pad:
-                flat = mx.concatenate([flat, mx.zeros((pad,), dtype=mx.uint8)])
-            flat = mx.view(flat, mx.uint32)
-            bits = TERNARY_CODE
-        else:
-            flat = weight.reshape(-1)
-            bits = int(spec.bits)
-        ws.append(flat)
+        bits = TERNARY_CODE if spec.ternary else int(spec.bits)
+        at = next((o for w, o in codes if w is weight), None)  # shared-codes copies: stored once
+        if at is None:
+            flat = _flat_codes(weight, spec.ternary)
+            codes.append((weight, woff))
+            ws.append(flat)
+            at, woff = woff, woff + flat.size
         ss.append(scales.astype(dtype).reshape(-1))
         bs.append(biases.astype(dtype).reshape(-1))
-        meta.append([bits, g, woff, soff])
+        meta.append([bits, g, at, soff])
         specs.append(spec)
-        woff += flat.size
         soff += out * (n // g)
+
+    def cat(parts):  # one layer: the stored buffer itself (a reshape is a view, no copy)
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
     return KernelPack(
-        w=mx.concatenate(ws),
-        scales=mx.concatenate(ss),
-        biases=mx.concatenate(bs),
+        w=cat(ws),
+        scales=cat(ss),
+        biases=cat(bs),
         meta=mx.array(meta, dtype=mx.int32),
         specs=tuple(specs),
         n_out=shape[0],

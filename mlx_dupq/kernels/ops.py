@@ -43,15 +43,21 @@ def hadamard_qmv(x: mx.array, kp: KernelPack, signs: mx.array, block: int) -> mx
     return y.reshape(*x.shape[:-1], kp.n_out)
 
 
-def multi_copy_qmv(x: mx.array, kp: KernelPack, mode: str = "mean") -> mx.array:
+def multi_copy_qmv(x: mx.array, kp: KernelPack, mode: str = "mean", weights: mx.array | None = None) -> mx.array:
     """All ``kp.num`` copies of one layer in one pass over x: (..., in) -> (..., out);
-    "mean" averages them (parallel copies), "residual" sums them (residual copies)."""
+    "mean" averages them (parallel copies), "residual" sums them (residual copies); ``weights``
+    (K,) replaces either with ``sum_k weights[k] W_k x`` (a scalar aggregation mix)."""
     if mode not in ("mean", "residual"):
         raise DupqError(f"unknown multi-copy mode {mode!r}; use mean or residual")
     x2 = _rows(x, kp)
     m, k = x2.shape[0], kp.num
     idx = mx.broadcast_to(mx.arange(k, dtype=mx.int32), (m, k))
-    coef = mx.full((m, k), 1.0 / k if mode == "mean" else 1.0)
+    if weights is None:
+        coef = mx.full((m, k), 1.0 / k if mode == "mean" else 1.0)
+    elif weights.shape != (k,):
+        raise DupqError(f"multi-copy weights must have shape ({k},) for {k} copies, got {tuple(weights.shape)}")
+    else:
+        coef = mx.broadcast_to(weights.astype(mx.float32), (m, k))
     y = _run(x2, kp, idx, coef, True)
     return y.reshape(*x.shape[:-1], kp.n_out)
 

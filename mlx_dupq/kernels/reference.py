@@ -65,10 +65,8 @@ def gqmv_reference(x: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, s
     if had:
         xf = rotate_ref(xf, signs, had)
     used = sorted(set(int(i) for i in idx.reshape(-1).tolist()))
-    dense = {e: expert_dense(kp, e) for e in used}
-    rows = []
-    for m in range(x.shape[0]):
-        outs = [coef[m, j] * (dense[int(idx[m, j])] @ xf[m]) for j in range(idx.shape[1])]
-        ym = mx.stack(outs)
-        rows.append(mx.sum(ym, axis=0, keepdims=True) if summed else ym)
-    return mx.stack(rows)
+    pos = {e: p for p, e in enumerate(used)}
+    ys = mx.stack([xf @ expert_dense(kp, e).T for e in used])  # (U, M, out): each used layer once
+    slot = mx.array([[pos[int(e)] for e in row] for row in idx.tolist()], dtype=mx.int32)  # (M, J)
+    y = ys[slot, mx.arange(x.shape[0])[:, None]] * coef.astype(mx.float32)[..., None]  # (M, J, out)
+    return mx.sum(y, axis=1, keepdims=True) if summed else y

@@ -14,6 +14,10 @@ per call (a compute budget). The decision is per call (per input), so it syncs w
 once per copy; ``copies_run`` / ``calls`` count what actually ran. Early stop needs weights that
 stay meaningful for a prefix of the copies: the mean or ``sum_k a_k = 1`` scalar weights
 (renormalised over the prefix); learned and selective mixtures always run every copy.
+
+Kernels: on a custom-kernel backend (metal / cuda, :mod:`mlx_dupq.kernels.route`) a decode call
+that runs every copy computes them in one pass over x (``multi_copy_qmv``) when the copies are
+plain packed linears and the mix is the mean, scalar weights or a residual sum.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DupqError
+from ..kernels import route
 
 LINEAR_MODES = ("parallel", "residual")
 
@@ -75,6 +80,9 @@ class DupLinear(nn.Module):
         return y
 
     def _full(self, x: mx.array) -> mx.array:
+        y = route.copies(self, x)  # one pass over x on a custom-kernel backend (docs/kernels.md)
+        if y is not None:
+            return y
         ys = [c(x) for c in self.copies]
         if self.mode == "residual":
             return sum(ys[1:], ys[0])

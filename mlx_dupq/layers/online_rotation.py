@@ -10,6 +10,10 @@ rebuilds the model, loads (and quantizes) its weights, and then calls
 :func:`apply_online_rotations`. Install the wrappers *after* loading: the wrapped linear's
 parameters move under ``<path>.linear.*``. The rotation's arrays are not module parameters,
 so they are neither trained nor saved with the weights (learned ones travel via ``arrays``).
+
+On a custom-kernel backend (metal / cuda, :mod:`mlx_dupq.kernels.route`) a decode call with a
+(randomized / block) Hadamard rotation and a packed linear runs as one fused kernel
+(``hadamard_qmv``); elsewhere the rotation and the linear run as above.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DupqError
+from ..kernels import route
 from ..rotation.rotations import Rotation, make_rotation
 
 
@@ -33,7 +38,8 @@ class RotatedInput(nn.Module):
         self.rotation = rotation  # not an mx.array: kept out of the parameter tree
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(self.rotation.apply(x))
+        y = route.rotated(self, x)  # Hadamard fused with the matmul on a custom-kernel backend
+        return self.linear(self.rotation.apply(x)) if y is None else y
 
 
 def in_features(module: nn.Module) -> int | None:

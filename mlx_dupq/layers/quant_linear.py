@@ -159,6 +159,11 @@ class _DupqBase(nn.Module):
         return dequantize(unpack(self._stored(), self.entry))
 
     def _matmul(self, x: mx.array) -> mx.array:
+        from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)
+
+        y = route.linear(self, x)
+        if y is not None:
+            return y
         k = self._kernel()
         if k is None:
             return x @ self.dequantized().astype(x.dtype).T
@@ -232,6 +237,11 @@ class DupqSwitchLinear(_DupqBase):
         return self.entry["shape"][0]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)
+
+        y = route.switch(self, [(list(range(self.num_experts)), self._stored(), self.entry)], x, indices)
+        if y is not None:
+            return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
         k = self._kernel()
         if k is None:
             w = self.dequantized().astype(x.dtype).swapaxes(-1, -2)
@@ -266,6 +276,10 @@ def build_module(kind: str, shape: tuple[int, ...], entry: dict, bias: bool = Fa
         raise DupqError(f"a {kind} weight must have {want_ndim} dims, got shape {shape}")
     if "shape" in entry and tuple(entry["shape"]) != shape:
         raise DupqError(f"quantization entry is for shape {tuple(entry['shape'])}, not {shape}; the pack is damaged")
+    if entry.get("format") == "moe_mixed" and kind == "switch_linear":  # per-expert bit widths (SPEC F6.4)
+        from .moe_linear import MixedSwitchLinear
+
+        return MixedSwitchLinear(shape[2], shape[1], shape[0], entry, bias=bias)
     spec = spec_of(entry)
     entry = dict(entry, shape=list(shape))
     if entry["format"] == FORMAT_MLX:

@@ -1,0 +1,211 @@
+"""Expert-wise mixed precision under an all-in budget (SPEC F6.4): the decision, not the packing.
+
+A recipe's ``[moe]`` table (:class:`~mlx_dupq.moe.spec.MoESpec`) asks for routed experts at
+``low_bits``, the highest-scoring ones raised to ``high_bits``, shared experts at ``shared_bits``,
+the whole pack at most ``budget`` bits per weight *all-in* (codes, scales, offsets, norms, routers,
+embeddings: exactly what ``convert`` reports). :func:`plan_experts` scores the experts on
+calibration text (routing frequency or the F6.2 sensitivity score), prices every tensor of the
+model with the exact byte count the packer will write (:func:`stored_bits`), and raises experts
+greedily -- best score first, across layers -- while the predicted all-in bpw stays within budget.
+
+The converter (:func:`mlx_dupq.pipeline.convert`) packs each switch layer with its experts' specs
+(:mod:`mlx_dupq.layers.moe_linear`). The scores need one float forward pass over the calibration
+windows, so the source model is loaded once in full before streaming (an MoE conversion therefore
+peaks at the float model's size, unlike the dense streaming path).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..config import QuantSpec, Recipe
+from ..errors import DupqError
+from ..quant.packing import FORMAT_DUPQ, FORMAT_MLX, packed_shapes
+from .routing import find_blocks
+from .spec import SHARED_PATTERN, MoESpec
+
+SWITCH_PROJS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+
+
+def stored_bits(shape: tuple[int, ...], spec: QuantSpec | None, dtype_bits: int = 16) -> int:
+    """Bits the packer stores for a float weight of ``shape`` under ``spec`` (None: kept in float)."""
+    n = math.prod(shape)
+    if spec is None:
+        return n * dtype_bits
+    s = spec.fit(shape[-1])
+    entry = {"format": FORMAT_MLX if s.mlx_native else FORMAT_DUPQ, "bits": s.bits, "group_size": s.group_size,
+             "symmetric": s.symmetric}
+    total = 0
+    for name, shp in packed_shapes(tuple(shape), entry).items():
+        size = math.prod(shp)
+        if name == "weight":
+            total += size * (8 if s.ternary and entry["format"] == FORMAT_DUPQ else 32)
+        else:
+            total += size * dtype_bits
+    return total
+
+
+@dataclass
+class ExpertPlan:
+    """Per switch layer the bits of each expert, per shared-expert linear its spec."""
+
+    expert_bits: dict[str, list[float]] = field(default_factory=dict)  # switch path -> bits per expert
+    linear_specs: dict[str, QuantSpec] = field(default_factory=dict)  # shared-expert linears
+    scores: dict[int, list[float]] = field(default_factory=dict)  # layer -> score per expert
+    predicted_bpw: float = 0.0
+    floor_bpw: float = 0.0  # every routed expert at low_bits
+    score: str = "frequency"
+
+    def expert_specs(self, path: str, default: QuantSpec) -> list[QuantSpec] | None:
+        bits = self.expert_bits.get(path)
+        return None if bits is None else [QuantSpec(b, default.group_size, default.symmetric) for b in bits]
+
+    def summary(self) -> dict:
+        per_layer = {}
+        for path, bits in self.expert_bits.items():
+            layer = path.split(".switch_mlp.")[0]
+            per_layer.setdefault(layer, bits)
+        return {
+            "score": self.score,
+            "predicted_bpw": self.predicted_bpw,
+            "floor_bpw": self.floor_bpw,
+            "experts_high": {k: int(sum(b > min(v) for b in v)) for k, v in per_layer.items()},
+            "expert_bits": per_layer,
+        }
+
+
+def switch_paths(block_path: str, switch: nn.Module) -> list[str]:
+    return [f"{block_path}.switch_mlp.{p}" for p in SWITCH_PROJS if p in switch]
+
+
+def allocate(scores: dict[int, np.ndarray], expert_cost: dict[int, tuple[int, int]], fixed_bits: int,
+             n_params: int, budget: float, max_high_fraction: float = 1.0) -> dict[int, np.ndarray]:
+    """Greedy budgeted upgrade; pure function.
+
+    scores {layer: (E,)}; expert_cost {layer: (bits of one expert at low, at high)} (all its
+    projections); fixed_bits: everything else. Raises experts best score first (ties: lower layer,
+    lower id) while ``(fixed + experts) / n_params <= budget``. Returns {layer: (E,) bool raised}.
+    """
+    raised = {l: np.zeros(len(s), dtype=bool) for l, s in scores.items()}
+    total = fixed_bits + sum(expert_cost[l][0] * len(s) for l, s in scores.items())
+    if total / n_params > budget + 1e-9:
+        raise DupqError(
+            f"moe budget {budget:g} bpw is below the floor {total / n_params:.3f} bpw (every routed expert at low_bits); "
+            "raise budget or lower the default / embed / lm_head / shared bits of the recipe"
+        )
+    cands = sorted(((-float(s[e]), l, e) for l, s in scores.items() for e in range(len(s))))
+    cap = {l: int(math.floor(max_high_fraction * len(s) + 1e-9)) for l, s in scores.items()}
+    for _, l, e in cands:
+        lo, hi = expert_cost[l]
+        if raised[l].sum() >= cap[l]:
+            continue
+        if (total + hi - lo) / n_params <= budget + 1e-9:
+            raised[l][e] = True
+            total += hi - lo
+    return raised
+
+
+def plan_experts(rec: Recipe, skeleton: nn.Module, model: nn.Module, tokenizer) -> ExpertPlan:
+    """The expert plan of ``rec.moe`` for a model (``skeleton``: shapes; ``model``: float weights)."""
+    moe: MoESpec = rec.moe
+    dtype_bits = {"float16": 16, "bfloat16": 16, "float32": 32}[rec.dtype]
+    blocks = find_blocks(skeleton)
+    mods = dict(skeleton.named_modules())
+    low, high, shared = (moe.spec(b, rec.default) for b in (moe.low_bits, moe.high_bits, moe.shared_bits))
+    switch = {p: b.layer for b in blocks for p in switch_paths(b.path, b.switch)}
+
+    plan = ExpertPlan(score=moe.score)
+    fixed = 0
+    n_params = 0
+    expert_cost: dict[int, list[int]] = {b.layer: [0, 0] for b in blocks}
+    from ..pipeline import module_kind
+
+    for key, v in tree_flatten(skeleton.parameters()):
+        shape = tuple(v.shape)
+        n_params += math.prod(shape)
+        path, _, param = key.rpartition(".")
+        mod = mods.get(path)
+        kind = module_kind(mod) if mod is not None else None
+        spec = rec.spec_for(path) if kind and param == "weight" else None
+        if spec is None:
+            fixed += stored_bits(shape, None, dtype_bits)
+        elif path in switch:
+            E = shape[0]
+            c = expert_cost[switch[path]]
+            c[0] += stored_bits(shape, low, dtype_bits) // E
+            c[1] += stored_bits(shape, high, dtype_bits) // E
+        elif re.search(SHARED_PATTERN, "." + path + "."):
+            plan.linear_specs[path] = shared
+            fixed += stored_bits(shape, shared, dtype_bits)
+        else:
+            fixed += stored_bits(shape, spec, dtype_bits)
+
+    scores = expert_scores(model, tokenizer, moe, low)
+    plan.scores = {l: [float(x) for x in s] for l, s in scores.items()}
+    costs = {l: tuple(c) for l, c in expert_cost.items()}
+    raised = allocate(scores, costs, fixed, n_params, moe.budget, moe.max_high_fraction)
+    total = fixed
+    for b in blocks:
+        r = raised[b.layer]
+        bits = [float(high.bits) if r[e] else float(low.bits) for e in range(b.num_experts)]
+        total += int(sum(costs[b.layer][1] if r[e] else costs[b.layer][0] for e in range(b.num_experts)))
+        for p in switch_paths(b.path, b.switch):
+            plan.expert_bits[p] = bits
+    plan.predicted_bpw = total / n_params
+    plan.floor_bpw = (fixed + sum(costs[b.layer][0] * b.num_experts for b in blocks)) / n_params
+    return plan
+
+
+def calibration_tokens(tokenizer, moe: MoESpec) -> mx.array:
+    from ..eval.data import calibration_batches, load_text
+
+    return calibration_batches(tokenizer, load_text(moe.calib_data), moe.calib_samples, moe.calib_seq_len, moe.seed)
+
+
+def expert_scores(model: nn.Module, tokenizer, moe: MoESpec, low: QuantSpec) -> dict[int, np.ndarray]:
+    """{layer: (E,) score}: routing share, or the F6.2 sensitivity score at ``low``."""
+    batches = calibration_tokens(tokenizer, moe)
+    if moe.score == "sensitivity":
+        from .sensitivity import expert_sensitivity
+
+        return {l: np.array(d["score"]) for l, d in expert_sensitivity(model, batches, low).items()}
+    from .stats import frequency, record_routing
+
+    blocks = {b.layer: b for b in find_blocks(model)}
+    routes = record_routing(model, batches)
+    return {l: frequency(r["inds"], blocks[l].num_experts) for l, r in routes.items()}
+
+
+def check_moe_recipe(rec: Recipe, skeleton: nn.Module) -> None:
+    """Refuse what the expert plan cannot do, with one line saying what to change."""
+    if rec.moe is None:
+        return
+    if rec.quantizer.method not in ("rtn", "mse"):
+        raise DupqError(
+            f"a [moe] recipe quantizes experts with rtn or mse, not {rec.quantizer.method}; set quantizer.method"
+        )
+    if rec.rotation is not None or rec.duplication is not None:
+        raise DupqError("a [moe] recipe cannot combine with [rotation] or [duplication] yet; remove one of them")
+    find_blocks(skeleton)  # raises when the model has no MoE layers
+
+
+def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module) -> ExpertPlan | None:
+    """The expert plan for ``convert``: loads the float source once and scores its experts."""
+    if rec.moe is None:
+        return None
+    check_moe_recipe(rec, skeleton)
+    from ..io.loader import _tokenizer, load_model
+
+    model, config, tok_dir = load_model(model_ref, compute_dtype="float32")
+    try:
+        return plan_experts(rec, skeleton, model, _tokenizer(tok_dir, config))
+    finally:
+        del model
+        mx.clear_cache()

@@ -27,7 +27,6 @@ exceed those layers' copies together (:func:`control_spec`). The seed's layer co
 from __future__ import annotations
 
 import argparse
-import copy as _copy
 import json
 import sys
 import time
@@ -44,7 +43,8 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_dupq.config import QuantSpec  # noqa: E402
-from mlx_dupq.dup.runtime import duplicate_layers, duplicate_linears, layer_owner, quantized_layer_copies  # noqa: E402
+from mlx_dupq.dup.build import quantize_with_plan  # noqa: E402
+from mlx_dupq.dup.runtime import layer_owner  # noqa: E402
 from mlx_dupq.dup.scores import layer_scores, measured_truth, spearman  # noqa: E402
 from mlx_dupq.dup.specs import CopySpec, DupPlan  # noqa: E402
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
@@ -113,23 +113,7 @@ class Bench:
     def build(self, plan: DupPlan | None, base: QuantSpec = BASE) -> tuple[nn.Module, float]:
         """Quantized model for ``plan`` (None: no duplication) -> (model in float32, all-in bpw)."""
         model = self.fresh()
-        mode = plan.mode if plan is not None else "parallel"
-        copies = {k: [CopySpec()] for k in range(self.n_layers)}
-        if plan is not None:
-            copies.update({k: list(cs) for k, cs in plan.copies.items()})
-        full = DupPlan(mode=mode, copies=copies)
-        if mode == "serial":
-            duplicate_layers(model, full, quantized_layer_copies(base, mx.float16))
-        else:
-            duplicate_linears(model, full, base, mx.float16)
-        nn.quantize(model, EMBED.group_size, int(EMBED.bits),
-                    class_predicate=lambda p, m: isinstance(m, nn.Embedding) or p.endswith("lm_head"))
-        seen, bits = set(), 0
-        for _, a in tree_flatten(model.parameters()):
-            if id(a) in seen:
-                continue
-            seen.add(id(a))
-            bits += a.size * 16 if a.dtype == mx.float32 else a.nbytes * 8  # float tensors stored fp16
+        bits = quantize_with_plan(model, plan, base, EMBED)
         cast_floats(model, mx.float32)
         use_dense_prefill(model)
         mx.eval(model.parameters())

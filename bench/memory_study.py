@@ -3,8 +3,8 @@
 Batch-size scaling of decode tokens/s with the float KV cache; the KV cache in float, 8-bit and
 4-bit (mlx-lm's QuantizedKVCache) with its bytes per position, decode speed and its effect on
 PPL / next-token agreement over ``--windows`` held-out windows of ``--ctx`` tokens; peak memory;
-bytes moved per decoded token and bandwidth utilisation against ``--peak-gbps`` (default: this
-machine's measured ``a.sum()`` read bandwidth, recorded as such).
+bytes moved per decoded token and bandwidth utilisation against ``--peak-gbps`` (none without it;
+a 256 MiB float32 matrix-vector product's GB/s on this machine is recorded for reference).
 
     python bench/memory_study.py smollm2-135m --batches 1,2,4,8 --prompt-tokens 128 --gen-tokens 16 \
         --windows 2 --ctx 256 --repeats 3 --json bench/results/eval_memory_smollm2.json

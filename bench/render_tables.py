@@ -51,7 +51,8 @@ def w2_table(path: Path) -> str:
     r = json.loads(path.read_text())
     ref = next((x for x in r["rows"] if x["row"] == "reference"), None)
     head = f"reference PPL {ref['ppl']:.3f}" if ref else "no reference row"
-    lines = [f"**{r['model']}** — `{r['command']}` (rows added by later runs of the same command)  ",
+    cmds = "; ".join(f"`{c}`" for c in r.get("commands", [r["command"]]))
+    lines = [f"**{r['model']}** — {cmds}  ",
              f"{r['data']}, ctx {r['ctx']}, {r['windows']} windows; calibration {r['calib_samples']} x "
              f"{r['calib_len']} tokens of {r['calib']}; {head}", "",
              "| method | all-in bpw | PPL | x reference |", "|---|---|---|---|"]

@@ -175,15 +175,22 @@ def main() -> None:
     result = {"command": "python bench/w2_compare.py " + " ".join(sys.argv[1:]), "model": args.model,
               "data": args.data, "ctx": args.ctx, "windows": args.windows, "calib": args.calib,
               "calib_samples": args.calib_samples, "calib_len": args.calib_len, "n_params": n_params, "rows": []}
-    if out.exists():  # keep rows of an earlier run that this run does not redo
-        old = json.loads(out.read_text())
-        if old.get("model") == args.model and old.get("windows") == args.windows and old.get("ctx") == args.ctx:
-            result["rows"] = old["rows"]
+    mine: dict[str, dict] = {}
 
     def save():
+        """Merge this run's rows into the file (rows of earlier or concurrent runs with the same
+        protocol are kept; each run's command is listed)."""
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        data = dict(result, rows=[], commands=[])
+        if out.exists():
+            old = json.loads(out.read_text())
+            if all(old.get(k) == result[k] for k in ("model", "data", "ctx", "windows", "calib", "calib_samples")):
+                data["rows"], data["commands"] = old["rows"], old.get("commands", [old["command"]])
+        data["rows"] = [r for r in data["rows"] if r["row"] not in mine] + list(mine.values())
+        if result["command"] not in data["commands"]:
+            data["commands"].append(result["command"])
+        tmp = out.with_suffix(f".tmp{id(mine)}")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(out)
 
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
@@ -200,7 +207,7 @@ def main() -> None:
                 if parts[0] == "dupq":
                     rec = load_recipe(parts[1])
                     res = convert(float_dir, path, rec, force=True)
-                    entry["recipe"] = rec.to_dict()
+                    entry.update(recipe=rec.name, recipe_dict=rec.to_dict())
                 else:
                     entry.update(mlxlm_row(parts[1:], float_dir, path, args))
                 (path / DONE).write_text(json.dumps({k: v for k, v in entry.items() if k != "row"}))
@@ -210,7 +217,7 @@ def main() -> None:
             entry["method"] = ("mlx-dupq " if parts[0] == "dupq" else "mlx-lm ") + ":".join(parts[1:])
             entry["bits_per_weight"] = stored_bits(path) / n_params
         entry.update(evaluate(path, text, args.ctx, args.windows))
-        result["rows"] = [r for r in result["rows"] if r.get("row") != row] + [entry]
+        mine[row] = entry
         save()
         print(f"{row}: bpw {entry['bits_per_weight']:.3f} ppl {entry['ppl']:.3f}", flush=True)
     print(f"-> {out}")

@@ -202,6 +202,10 @@ def test_serial_pack_generates_with_kv_cache_like_a_full_forward(tiny_dirs, tmp_
     # serial copies change the function: not the single-copy model
     single, _ = mlx_dupq.load(tmp_path / "one")
     assert rel_err(logits(model), logits(single)) > 1e-3
+    import mlx_lm
+
+    with pytest.raises(Exception):  # the extra layers' weights do not fit the config: refused, not wrong
+        mlx_lm.load(str(tmp_path / "serial"))
 
 
 def test_serial_pack_runs_in_the_cli(tiny_dirs, tmp_path):

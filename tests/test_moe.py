@@ -308,3 +308,20 @@ def test_studies_run_on_every_family(family):
     dyn = record_routing(model, batches, dynamic=(0.99, 1.0), fallback=(1.0, {b.layer: 0}))
     assert dyn[b.layer]["inds"].shape[-1] == b.k
     assert (dyn[b.layer]["inds"] == 0).any(-1).all()  # alpha 1.0: the fallback expert is always among the picks
+
+
+def test_moe_recipe_with_mse_quantizer(tmp_path, calib_text):
+    from mlx_dupq import load
+    from mlx_dupq.config import QuantizerSpec
+    from mlx_dupq.pipeline import convert
+
+    src = make_hf_dir(tmp_path / "ds", "deepseek")
+    rec = dataclasses.replace(_recipe(calib_text, max_high_fraction=0.5), quantizer=QuantizerSpec(method="mse"))
+    convert(src, tmp_path / "q", rec)
+    rtn = convert(src, tmp_path / "r", _recipe(calib_text, max_high_fraction=0.5))
+    model, _ = load(tmp_path / "q")
+    ref_model, _ = load(src)
+    assert rel_err(logits(model), logits(ref_model)) < 0.6
+    with pytest.raises(DupqError, match="rtn or mse"):
+        convert(src, tmp_path / "g", dataclasses.replace(rec, quantizer=QuantizerSpec(method="gptq")))
+    assert rtn.bits_per_weight > 0

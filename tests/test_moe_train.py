@@ -158,3 +158,15 @@ def test_fetch_builds_once_and_rebuilds_on_recipe_change(tmp_path, monkeypatch, 
     assert models.cached_path("tiny-deepseek-moe") is None
     models.fetch("tiny-deepseek-moe")
     assert len(calls) == 2
+
+
+def test_bad_recipes_raise_one_line_errors(tmp_path):
+    from mlx_dupq.errors import DupqError
+
+    with pytest.raises(DupqError, match="unknown training config field"):
+        T.TrainConfig.from_dict({**TINY.to_dict(), "bogus": 1})
+    assert T.TrainConfig.from_dict(TINY.to_dict()) == TINY
+    with pytest.raises(DupqError, match="num_experts_per_tok"):
+        replace(TINY, num_experts_per_tok=9).check()
+    with pytest.raises(DupqError, match="fewer than one window"):
+        next(T.batches(np.arange(10, dtype=np.int32), 1, 2, 32, 0))

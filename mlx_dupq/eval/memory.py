@@ -14,8 +14,9 @@ All runs use mlx-lm's model classes and KV caches (``KVCache``; ``QuantizedKVCac
   reads one row of it), plus the KV cache of the sequence (keys and values of all earlier
   positions, the mean over the timed steps). Activations and writes are left out.
   ``achieved_gbps`` = bytes per token x tokens/s; ``utilisation`` = that / the peak the user
-  states (``peak_gbps``; without one, :func:`read_bandwidth_gbps`, what ``a.sum()`` over a
-  256 MiB array reaches here, stands in as a practical ceiling and ``peak_source`` says so).
+  states (``peak_gbps``; without one ``utilisation`` is None). :func:`gemv_bandwidth_gbps`
+  (a 256 MiB float32 matrix-vector product) is recorded next to it as what this machine reached
+  with the same access pattern during the run.
   The KV read uses the bytes per position actually stored (:func:`kv_position_bytes`);
   ``kv_cache_bytes`` is what mlx-lm allocated (it grows in steps of 256 positions).
 - :func:`kv_quant_effect`: the same held-out windows scored twice through the KV cache in
@@ -151,14 +152,16 @@ def bytes_per_token(model, run: dict, peak_gbps: float | None = None) -> dict:
             "utilisation": gbps / peak_gbps if peak_gbps else None}
 
 
-def read_bandwidth_gbps(mib: int = 256, repeats: int = 5) -> float:
-    """Best GB/s of ``a.sum()`` over a ``mib`` MiB float32 array (each byte read once, nothing written)."""
-    a = mx.random.uniform(shape=(mib << 18,))
-    mx.eval(a)
+def gemv_bandwidth_gbps(n: int = 8192, repeats: int = 5) -> float:
+    """Best GB/s of a float32 (n, n) matrix times a vector: the access pattern of a decode step
+    (each weight byte read once). A reference point for this machine, not a hardware peak."""
+    a = mx.random.uniform(shape=(n, n))
+    x = mx.random.uniform(shape=(n, 1))
+    mx.eval(a, x)
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
-        mx.eval(a.sum())
+        mx.eval(a @ x)
         best = min(best, time.perf_counter() - t)
     return a.nbytes / best / 1e9
 
@@ -199,11 +202,10 @@ def memory_study(model, tokenizer, windows: np.ndarray | None = None, batches=(1
                  gen_tokens: int = 32, kv_bits=KV_BITS, peak_gbps: float | None = None, chunk: int = 64,
                  kv_group_size: int = 64, repeats: int = 1, progress=None) -> dict:
     """The whole study: batch scaling (float cache), KV cache variants at batch 1, bandwidth, and the
-    quantized cache's effect on ``windows`` (skipped when None). ``peak_gbps`` None: the measured
-    read bandwidth is used as the peak (``peak_source`` says which). Each decode configuration
+    quantized cache's effect on ``windows`` (skipped when None). ``peak_gbps`` None: no
+    utilisation (``peak_source`` says which). Each decode configuration
     runs ``repeats`` times and the fastest run is kept."""
-    read = read_bandwidth_gbps()
-    peak, source = (peak_gbps, "stated") if peak_gbps else (read, "measured: a.sum() read bandwidth")
+    gemv = gemv_bandwidth_gbps()
     decode_run(model, tokenizer, 1, min(prompt_tokens, 16), 2)  # warm-up
 
     def best(*args, **kw) -> dict:  # the fastest of ``repeats`` runs: other load only slows a run down
@@ -213,19 +215,20 @@ def memory_study(model, tokenizer, windows: np.ndarray | None = None, batches=(1
     rows = []
     for i, b in enumerate(batches):
         r = best(b, prompt_tokens, gen_tokens)
-        rows.append({**r, **bytes_per_token(model, r, peak)})
+        rows.append({**r, **bytes_per_token(model, r, peak_gbps)})
         if progress:
             progress("batch", i + 1, len(batches))
     kv_rows = [{**rows[0], "kv_bytes_per_position_fp16": kv_bytes_formula(model, 1, 2.0)}]
     for bits in kv_bits:
         r = best(1, prompt_tokens, gen_tokens, kv_bits=bits, kv_group_size=kv_group_size)
-        row = {**r, **bytes_per_token(model, r, peak)}
+        row = {**r, **bytes_per_token(model, r, peak_gbps)}
         if windows is not None:
             row.update({k: v for k, v in kv_quant_effect(model, windows, bits, chunk, kv_group_size).items() if k not in ("kv_bits",)})
         kv_rows.append(row)
         if progress:
             progress("kv", len(kv_rows) - 1, len(kv_bits))
     return {"batch": rows, "kv_cache": kv_rows,
-            "bandwidth": {"weight_bytes": weight_bytes(model), "peak_gbps": peak, "peak_source": source,
-                          "measured_read_gbps": read, "model_dtype": model_dtype(model)},
+            "bandwidth": {"weight_bytes": weight_bytes(model), "peak_gbps": peak_gbps,
+                          "peak_source": "stated" if peak_gbps else "none stated", "measured_gemv_gbps": gemv,
+                          "model_dtype": model_dtype(model)},
             "device": str(mx.default_device())}

@@ -175,11 +175,6 @@ def install(model: nn.Module, routing: Routing | None = None) -> list[MoEBlock]:
     return blocks
 
 
-def set_routing(model: nn.Module, routing: Routing) -> None:
-    for b in install(model, routing):
-        pass
-
-
 def uninstall(model: nn.Module) -> None:
     """Give every MoE block its original class back."""
     originals = {v: k for k, v in _ROUTED.items()}

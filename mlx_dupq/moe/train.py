@@ -125,11 +125,19 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise DupqError(f"training needs steps >= 1, batch_size >= 1, seq_len >= 2 (got {self.steps}, {self.batch_size}, {self.seq_len})")
+            raise DupqError(
+                f"training needs steps >= 1, batch_size >= 1, seq_len >= 2 "
+                f"(got {self.steps}, {self.batch_size}, {self.seq_len})"
+            )
         if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-            raise DupqError(f"num_experts_per_tok must be in 1..n_routed_experts ({self.n_routed_experts}); got {self.num_experts_per_tok}")
+            raise DupqError(
+                f"num_experts_per_tok must be in 1..n_routed_experts ({self.n_routed_experts}); "
+                f"got {self.num_experts_per_tok}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise DupqError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise DupqError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise DupqError(f"save_dtype {self.save_dtype!r} is not supported; use float16, bfloat16 or float32")
 

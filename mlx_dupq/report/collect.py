@@ -12,6 +12,8 @@ Recognised shapes (the file's keys decide, not its name):
 - task entries ``{name: {"acc": ...}}`` (``mlx-dupq eval tasks --json``): one accuracy point per task.
 - ``kind`` ``eval_longctx`` / ``eval_memory`` (``bench/long_context.py``, ``bench/memory_study.py``).
 - ``rows`` of other dicts (e.g. ``bench/stream_memory.py``): kept as a plain table.
+- a dict of named entries with ``ppl`` and ``bpw`` / ``bits_per_weight`` (``bench/moe_study.py``'s
+  ``packs``, as a dict or a list of entries with a ``name``): one perplexity point each.
 - any top-level list of dicts with an integer ``layer`` field: per-layer scores.
 
 Anything else is listed as unknown with the reason; it never stops the report.
@@ -48,6 +50,8 @@ def _is_ref(label: str, bpw) -> bool:
 
 
 def _row_label(r: dict) -> str:
+    if "label" in r:
+        return str(r["label"])
     if "recipe" in r:
         return Path(str(r["recipe"])).stem if str(r["recipe"]).endswith(".toml") else str(r["recipe"])
     if "method" in r:
@@ -62,12 +66,29 @@ def _series(r: dict) -> str:
     """The family a perplexity point belongs to (one colour in the plots)."""
     if "method" in r:
         return str(r["method"])
+    if "table" in r:
+        return str(r["table"])
     return "recipes" if "recipe" in r else "models"
 
 
 def _layer_lists(d: dict) -> list[list[dict]]:
     return [v for v in d.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
             and all(isinstance(x.get("layer"), int) for x in v)]
+
+
+def _named_points(d: dict) -> list[tuple[str, dict]]:
+    """``{"packs": {name: {"ppl", "bpw"|"bits_per_weight", ...}}}`` or ``{"packs": [{"name", "ppl", "bpw"}]}``
+    entries, as (name, entry)."""
+    def point(x) -> bool:
+        return isinstance(x, dict) and "ppl" in x and ("bpw" in x or "bits_per_weight" in x)
+
+    out = []
+    for v in d.values():
+        if isinstance(v, dict) and v and all(point(x) for x in v.values()):
+            out += list(v.items())
+        elif isinstance(v, list) and v and all(point(x) and "name" in x for x in v):
+            out += [(str(x["name"]), x) for x in v]
+    return out
 
 
 def add_file(res: Results, path: str | Path) -> None:
@@ -116,6 +137,13 @@ def add_file(res: Results, path: str | Path) -> None:
                 res.acc.append({"model": _name(d.get("model", "?")), "bpw": bpw, "task": task, "acc": v["acc"],
                                 "acc_norm": v.get("acc_norm"), "n": v.get("n"), "num_fewshot": v.get("num_fewshot"),
                                 "reference": bpw is None or bpw >= REFERENCE_BPW, "source": src})
+    elif _named_points(d):
+        meta = d.get("meta", {}) if isinstance(d.get("meta"), dict) else {}
+        for name, v in _named_points(d):
+            bpw = v.get("bits_per_weight", v.get("bpw"))
+            res.ppl.append({"model": meta.get("model", d.get("model", "?")), "label": name, "series": "packs", "bpw": bpw,
+                            "ppl": v["ppl"], "data": meta.get("eval", d.get("data")), "ctx": meta.get("ctx", d.get("ctx")),
+                            "reference": _is_ref(name, bpw), "source": src})
     elif not found:
         keys = ", ".join(sorted(d)[:8])
         res.unknown.append((src, f"no known result fields (keys: {keys})"))

@@ -72,7 +72,7 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
         ok = c["shared"]["increase"] > c["hot"]["increase"] > c["cold"]["increase"]
         rows.append(("Sensitivity by expert type: shared > hot > mid > cold (000 §7.3.2)",
                      "PPL +45.2 % / +28.7 % / +12.3 % / +8.9 %",
-                     " / ".join(f"{k} {_pct(c[k]['increase'])}" for k in ("shared", "hot", "mid", "cold"))
+                     " / ".join(f"{k} {_pct(c[k]['increase'], 2)}" for k in ("shared", "hot", "mid", "cold"))
                      + " (that class alone at 2 bits)", _verdict(ok)))
         ms = se["mean_spearman"]
         rows.append(("The seed's score (0.5 err + 0.3 grad + 0.2 freq) ranks experts like their measured "
@@ -114,24 +114,24 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
         both = sim.get("experts INT2 + DFRot + duplication") or sim.get("experts INT2 + Hadamard + duplication")
         if base and had:
             rows.append(("Hadamard rotation of experts lowers INT2 PPL (000 §7.3.3)", "+156 % -> +82 %",
-                         f"{_pct(base['increase'])} -> {_pct(had['increase'])}", _verdict(had["ppl"] < base["ppl"])))
+                         f"{_pct(base['increase'], 2)} -> {_pct(had['increase'], 2)}", _verdict(had["ppl"] < base["ppl"])))
         if had and dfr:
             rows.append(("DFRot beats Hadamard on experts (000 §7.3.3, §7.3.6)", "+82 % -> +50 %",
-                         f"Hadamard {_pct(had['increase'])}, DFRot {_pct(dfr['increase'])}", _verdict(dfr["ppl"] < had["ppl"])))
+                         f"Hadamard {_pct(had['increase'], 2)}, DFRot {_pct(dfr['increase'], 2)}", _verdict(dfr["ppl"] < had["ppl"])))
         if base and dup:
             rows.append(("Selective expert duplication (30 %) lowers INT2 PPL (000 §7.3.3)", "+156 % -> +71.6 %",
-                         f"{_pct(base['increase'])} -> {_pct(dup['increase'])} (routed copies x{dup['routed_copy_ratio']:.2f})",
+                         f"{_pct(base['increase'], 2)} -> {_pct(dup['increase'], 2)} (routed copies x{dup['routed_copy_ratio']:.2f})",
                          _verdict(dup["ppl"] < base["ppl"])))
         if both and base and dup:
             rows.append(("Rotation + duplication is best of all (000 §7.3.3)", "+24.6 %",
-                         f"{both['name']}: {_pct(both['increase'])}",
+                         f"{both['name']}: {_pct(both['increase'], 2)}",
                          _verdict(both["ppl"] <= min(x["ppl"] for x in la["simulated"] if x["name"].startswith("experts INT2")))))
         packs = {x["name"]: x for x in la["packs"]}
         if "moe-w2" in packs and "rtn8" in packs:
             w2, r8 = packs["moe-w2"], packs["rtn8"]
             rows.append(("Expert-wise mixed precision at ~3 bits average rivals uniform INT8 (002)", "(prediction)",
-                         f"moe-w2 {w2['bpw']:.2f} bpw: PPL {w2['ppl']:.3f} ({_pct(w2['increase'])}); rtn8 {r8['bpw']:.2f} bpw: "
-                         f"{r8['ppl']:.3f} ({_pct(r8['increase'])})", _verdict(w2["ppl"] <= r8["ppl"] * 1.05, "PPL within 5 % of rtn8")))
+                         f"moe-w2 {w2['bpw']:.2f} bpw: PPL {w2['ppl']:.3f} ({_pct(w2['increase'], 2)}); rtn8 {r8['bpw']:.2f} bpw: "
+                         f"{r8['ppl']:.3f} ({_pct(r8['increase'], 2)})", _verdict(w2["ppl"] <= r8["ppl"] * 1.05, "PPL within 5 % of rtn8")))
         if "moe-w2" in packs and "experts-w2" in packs:
             w2, fl = packs["moe-w2"], packs["experts-w2"]
             rows.append(("Spending bits on hot experts beats uniform 2-bit experts (000 §7.1.4, 002)", "(no number)",
@@ -139,7 +139,7 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
                          _verdict(w2["ppl"] < fl["ppl"])))
         r8 = packs.get("rtn8")
         if r8:
-            rows.append(("INT8 costs +13.7 % PPL (000 §7.3.3)", "+13.7 %", f"rtn8: {_pct(r8['increase'])}",
+            rows.append(("INT8 costs +13.7 % PPL (000 §7.3.3)", "+13.7 %", f"rtn8: {_pct(r8['increase'], 2)}",
                          _verdict(r8["increase"] >= 0.05, ">= +5 %")))
     else:
         rows.append(("Ladder: Hadamard / DFRot / duplication on INT2 experts", "", "", NOT_MEASURED))
@@ -147,7 +147,7 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
         L = sorted(ly["layers"], key=int)
         first, last = ly["layers"][L[0]], ly["layers"][L[-1]]
         rows.append(("Deeper layers are more sensitive to INT2 (000 §7.3.2)", "layers 1-7: <5 %, 22-28: >30 %",
-                     ", ".join(f"L{l}: {_pct(ly['layers'][l]['increase_int2'])}" for l in L),
+                     ", ".join(f"L{l}: {_pct(ly['layers'][l]['increase_int2'], 2)}" for l in L),
                      _verdict(last["increase_int2"] > first["increase_int2"])))
         f, la_ = first.get("recovered_hadamard+dup"), last.get("recovered_hadamard+dup")
         rows.append(("Deeper layers benefit more from rotation + duplication (000 §7.3.3)", "11.8 % -> 48.2 %",
@@ -164,13 +164,13 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
         if fk1 and q4:
             rows.append(("Quantizing (INT4) costs less than dropping experts (k -> k-1) (001)",
                          "INT4: 1-3 %, Top-8 -> Top-6: 2-10 %",
-                         f"rtn4 (k={K}): {_pct(q4['increase'])} at {q4['bytes_per_token'] / 1e6:.2f} MB/token; float k={K - 1}: "
-                         f"{_pct(fk1['increase'])} at {fk1['bytes_per_token'] / 1e6:.2f} MB/token",
+                         f"rtn4 (k={K}): {_pct(q4['increase'], 2)} at {q4['bytes_per_token'] / 1e6:.2f} MB/token; float k={K - 1}: "
+                         f"{_pct(fk1['increase'], 2)} at {fk1['bytes_per_token'] / 1e6:.2f} MB/token",
                          _verdict(q4["increase"] < fk1["increase"])))
         half = rws.get(f"float k={max(1, K // 2)}")
         if half:
             rows.append(("Halving k breaks the model (Top-8 -> Top-4 'collapse') (001)", "Top-4: 40 % semantics kept",
-                         f"float k={K // 2}: PPL {_pct(half['increase'])}", _verdict(half["increase"] > 0.3, "> +30 % PPL")))
+                         f"float k={K // 2}: PPL {_pct(half['increase'], 2)}", _verdict(half["increase"] > 0.3, "> +30 % PPL")))
         dyn = tk["dynamic_k"]
         good = [d for d in dyn if d["ppl"] < d["ppl_static_k_rounded"]]
         rows.append(("Dynamic k from router entropy beats a fixed k of the same mean (001)", "(no number)",
@@ -260,7 +260,6 @@ def _plots(r: dict, root: Path) -> list[str]:
                 ax.annotate(f"k={x['k']}", (x["bytes_per_token"] / 1e6, x["ppl"]), fontsize=7)
         ax.set_xlabel("weight MB read per token (active weights x bpw)")
         ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.set_title("top-k reduction vs quantization")
         save(fig, "moe_topk.png")
@@ -296,6 +295,23 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _caveat(r: dict) -> list[str]:
+    """How much the routed experts matter at all on this model (from the top-k part)."""
+    tk = r.get("topk")
+    if not tk:
+        return []
+    rows = {x["config"]: x for x in tk["rows"]}
+    K = max(x["k"] for x in tk["rows"])
+    one, full = rows.get("float k=1"), rows.get(f"float k={K}")
+    if not one or not full:
+        return []
+    return [f"**Read this first.** On this model the routed experts contribute little: the float model at k=1 "
+            f"has PPL {one['ppl']:.3f} against {full['ppl']:.3f} at k={K} ({_pct(one['increase'], 2)}). Expert-side "
+            "effects are therefore tenths of a percent of PPL, and a verdict that rests on such a difference is "
+            "fragile; in the pack ladder the non-expert weights (embedding, lm_head, attention, dense layer) "
+            "dominate.", ""]
+
+
 def render(r: dict, plots: list[str]) -> str:
     meta = next((v["meta"] for v in r.values() if v and "meta" in v), {})
     md = ["# MoE studies: seed claims beside our measurements", "",
@@ -303,20 +319,21 @@ def render(r: dict, plots: list[str]) -> str:
           f"MoE layers {meta.get('moe_layers', '?')}). Perplexity: {meta.get('eval', 'brown:eval')}, "
           f"{meta.get('windows', '?')} windows of {meta.get('ctx', '?')} tokens, float32 on the CPU. Statistics and "
           f"scores: {meta.get('calib', 'brown:calib')}.", "",
-          "Generated by `python bench/moe_study.py` from `bench/results/moe_*.json`; every number below is in "
-          "those files. The seed's numbers are for DeepSeek-67B on WikiText-2; verdicts judge the qualitative "
+          f"Generated by `{meta.get('command', 'python bench/moe_study.py')}` into `bench/results/moe_*.json`; "
+          "every number below is in those files. The seed's numbers are for DeepSeek-67B on WikiText-2; verdicts judge the qualitative "
           "statement, never the absolute value. *Simulated* rows replace float weights by their dequantized "
           "values (same arithmetic as a pack); *packs* are real conversions with all-in bits per weight.", "",
+          *_caveat(r),
           "## Seed claims", "",
           _table(["claim", "seed", "ours", "verdict"], [list(c) for c in claims(r)]), ""]
     la = r.get("ladder")
     if la:
         md += ["## Baseline ladder", "", "Packs (real conversions, `mlx-dupq convert`):", "",
                _table(["pack", "bpw all-in", "PPL", "vs float"],
-                      [[x["name"], _f(x.get("bpw"), 3), _f(x["ppl"]), _pct(x["increase"])] for x in la["packs"]]), "",
+                      [[x["name"], _f(x.get("bpw"), 3), _f(x["ppl"]), _pct(x["increase"], 2)] for x in la["packs"]]), "",
                "Expert treatments (simulated; routed + shared experts quantized, everything else float):", "",
                _table(["variant", "expert bpw (copies counted)", "PPL", "vs float"],
-                      [[x["name"], _f(x.get("expert_bpw"), 2), _f(x["ppl"]), _pct(x["increase"])] for x in la["simulated"]]),
+                      [[x["name"], _f(x.get("expert_bpw"), 2), _f(x["ppl"]), _pct(x["increase"], 2)] for x in la["simulated"]]),
                "", f"Duplication plan ({_pct(la['duplication']['bits']['extra_share'])} "
                "extra routed-expert bits; shared experts x3 on top): "
                + "; ".join(f"layer {l}: {len(v)} experts copied" for l, v in la["duplication"]["plan"].items()), ""]
@@ -325,7 +342,7 @@ def render(r: dict, plots: list[str]) -> str:
         md += ["## Per-layer effects", "", "One MoE layer's experts at INT2 (the rest float); 'recovered' is the "
                "share of that layer's INT2 PPL loss won back.", "",
                _table(["layer", "INT2 PPL", "vs float", "Hadamard", "duplication", "Hadamard + dup"],
-                      [[l, _f(v["int2"]), _pct(v["increase_int2"]), _pct(v.get("recovered_hadamard")),
+                      [[l, _f(v["int2"]), _pct(v["increase_int2"], 2), _pct(v.get("recovered_hadamard")),
                         _pct(v.get("recovered_dup")), _pct(v.get("recovered_hadamard+dup"))]
                        for l, v in sorted(ly["layers"].items(), key=lambda kv: int(kv[0]))]), ""]
     st = r.get("stats")
@@ -342,7 +359,7 @@ def render(r: dict, plots: list[str]) -> str:
     se = r.get("sensitivity")
     if se:
         md += ["## Expert sensitivity", "", f"Float PPL {se['fp_ppl']:.3f}. One expert class alone at 2 bits:", "",
-               _table(["class", "PPL", "vs float"], [[k, _f(v["ppl"]), _pct(v["increase"])] for k, v in se["class_int2"].items()]),
+               _table(["class", "PPL", "vs float"], [[k, _f(v["ppl"]), _pct(v["increase"], 2)] for k, v in se["class_int2"].items()]),
                "", "Spearman rank correlation with ablation importance (per layer):", "",
                _table(["layer", "score", "frequency", "output error", "gradient"],
                       [[l, _f(v["spearman_score_ablation"], 2), _f(v["spearman_freq_ablation"], 2),
@@ -368,7 +385,7 @@ def render(r: dict, plots: list[str]) -> str:
         md += ["## Top-k reduction vs quantization", "", "Weight bytes read per token = active weights (attention, dense and "
                "shared MLPs, k routed experts, routers, lm_head) x bits per weight / 8.", "",
                _table(["config", "PPL", "vs float", "active weights", "MB / token"],
-                      [[x["config"], _f(x["ppl"]), _pct(x["increase"]), f"{x['active_weights'] / 1e6:.2f} M",
+                      [[x["config"], _f(x["ppl"]), _pct(x["increase"], 2), f"{x['active_weights'] / 1e6:.2f} M",
                         f"{x['bytes_per_token'] / 1e6:.2f}"] for x in tk["rows"]]), "",
                "Dynamic k (entropy thresholds at quantiles of the calibration entropies):", "",
                _table(["quantiles", "mean k", "PPL dynamic", "PPL fixed k (rounded mean)"],

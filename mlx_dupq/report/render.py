@@ -2,8 +2,9 @@
 
 Plots (written only when there is something to draw):
 
-- ``ppl_vs_bpw_<model>_<data>_ctx<N>.png``: perplexity (log scale) against all-in bits per weight,
-  one colour per method family, each point labelled; the full-precision reference a dashed line.
+- ``ppl_vs_bpw_<model>_<data>_ctx<N>.png``: perplexity (log scale when it spans more than 3x) against
+  all-in bits per weight, one colour per method family, each point labelled; the full-precision
+  reference a dashed line.
 - ``accuracy_vs_bpw.png``: accuracy per task against bits per weight; references dashed lines.
 - ``layers_<k>.png``: every numeric per-layer field of a per-layer score list, one panel each.
 
@@ -75,13 +76,17 @@ def plot_ppl(points: list[dict], title: str, path: Path) -> None:
         pts = sorted((p for p in quant if p["series"] == s), key=lambda p: p["bpw"])
         ax.scatter([p["bpw"] for p in pts], [p["ppl"] for p in pts], label=s, s=28, zorder=3)
         for p in pts:
-            ax.annotate(p["label"].replace(s, "").strip() or p["label"], (p["bpw"], p["ppl"]), fontsize=7,
+            text = p["label"].replace(s, "").strip() or p["label"]
+            ax.annotate(text if len(text) <= 24 else text[:22] + "..", (p["bpw"], p["ppl"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     for i, r in enumerate({p["label"]: p for p in points if p["reference"]}.values()):
         ax.axhline(r["ppl"], ls="--", lw=1, color=f"C{(len(series) + i) % 10}", label=f"{r['label']}: {r['ppl']:.2f}")
-    ax.set_yscale("log")
+    ys = [p["ppl"] for p in points if p["ppl"] and math.isfinite(p["ppl"])]
+    log = bool(ys) and max(ys) / min(ys) > 3  # a narrow range reads better on a linear axis
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("all-in bits per weight")
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel("perplexity (log scale)" if log else "perplexity")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -97,11 +102,12 @@ def plot_acc(points: list[dict], path: Path) -> None:
     for ax, t in zip(axes[0], tasks):
         pts = [p for p in points if p["task"] == t]
         q = sorted((p for p in pts if not p["reference"]), key=lambda p: p["bpw"])
-        ax.plot([p["bpw"] for p in q], [p["acc"] for p in q], "o-", label="quantized")
+        ax.plot([p["bpw"] for p in q], [p["acc"] for p in q], "o", label="quantized")
         for p in q:
             ax.annotate(p["model"], (p["bpw"], p["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for i, r in enumerate(p for p in pts if p["reference"]):
             ax.axhline(r["acc"], ls="--", lw=1, color=f"C{i + 1}", label=f"{r['model']}: {r['acc']:.3f}")
+        ax.set_ylim(0, max(max(p["acc"] for p in pts) * 1.2, 0.05))
         n = max((p.get("n") or 0) for p in pts)
         ax.set_title(f"{t} (n={n})")
         ax.set_xlabel("all-in bits per weight")
@@ -193,7 +199,8 @@ def _sections(r: Results, root: Path, plots: dict[str, list[str]]) -> list[str]:
         bw = m.get("bandwidth", {})
         mib = 2**20
         s.append(f"Weights read per decode step: {_fmt(bw.get('weight_bytes', 0) / mib, 1)} MiB ({bw.get('model_dtype')}); "
-                 f"peak bandwidth {_fmt(bw.get('peak_gbps'), 2)} GB/s ({bw.get('peak_source')}).\n")
+                 f"peak bandwidth {_fmt(bw.get('peak_gbps'), 2)} GB/s ({bw.get('peak_source')}); "
+                 f"measured matrix-vector {_fmt(bw.get('measured_gemv_gbps'), 2)} GB/s.\n")
         s.append(md_table(["batch", "decode tok/s", "per sequence tok/s", "MiB moved / token", "GB/s", "utilisation",
                            "KV MiB (allocated)", "peak MiB"],
                           [[x["batch"], x["decode_tps"], x["per_seq_tps"], x["bytes_per_token"] / mib, x["achieved_gbps"],

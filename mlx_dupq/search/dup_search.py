@@ -19,8 +19,8 @@ not evaluated (objective ``inf``).
 Searchers: :func:`grid_search` (every combination, in order, up to ``trials``),
 :func:`tpe_search` (optuna's TPE sampler; ``enqueue`` seeds it with known candidates),
 :func:`evolutionary_search` (truncation selection + mutation), :func:`two_stage_search` (a
-coarse grid over counts and modes keeps its best 10, then TPE refines every parameter starting
-from them). Each returns the evaluated trials, best first.
+coarse grid over counts and modes, in a seeded random order, keeps its best 10, which TPE
+receives as known results before refining every parameter). Each returns the evaluated trials, best first.
 """
 
 from __future__ import annotations
@@ -157,23 +157,33 @@ def _ranked(trials: list[dict]) -> list[dict]:
     return sorted(trials, key=lambda t: (t["objective"], t["bits_per_weight"]))
 
 
-def grid_search(ev: Evaluator, trials: int, choices: dict | None = None) -> list[dict]:
-    """Every combination of ``choices`` (default: the space's), in order, at most ``trials``."""
+def grid_search(ev: Evaluator, trials: int, choices: dict | None = None, shuffle: int | None = None) -> list[dict]:
+    """Every combination of ``choices`` (default: the space's), at most ``trials``: in order, or in a
+    random order seeded by ``shuffle`` (so a small budget samples the whole grid)."""
     choices = choices or ev.space.choices()
     keys = list(choices)
-    out = []
-    for combo in itertools.islice(itertools.product(*(choices[k] for k in keys)), trials):
-        out.append(ev(dict(zip(keys, combo))))
-    return _ranked(out)
+    combos = list(itertools.product(*(choices[k] for k in keys)))
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(combos)
+    return _ranked([ev(dict(zip(keys, c))) for c in combos[:trials]])
 
 
-def tpe_search(ev: Evaluator, trials: int, seed: int = 0, enqueue: list[dict] | None = None) -> list[dict]:
-    """optuna's TPE sampler over the space's choices (categorical), ``enqueue`` tried first."""
+def tpe_search(ev: Evaluator, trials: int, seed: int = 0, enqueue: list[dict] | None = None,
+               history: list[dict] | None = None) -> list[dict]:
+    """optuna's TPE sampler over the space's choices (categorical). ``enqueue``: parameters tried
+    first; ``history``: trials already evaluated (e.g. a grid's), given to TPE as known results
+    without spending the budget on them again."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     choices = ev.space.choices()
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    dists = {k: optuna.distributions.CategoricalDistribution(list(v)) for k, v in choices.items()}
+    for t in history or []:
+        if all(t["params"].get(k) in v for k, v in choices.items()):
+            study.add_trial(optuna.trial.create_trial(
+                params={k: t["params"][k] for k in choices}, distributions=dists,
+                value=t["objective"] if math.isfinite(t["objective"]) else 1e30))
     for p in enqueue or []:
         study.enqueue_trial(p)
     out = []
@@ -219,8 +229,8 @@ def two_stage_search(ev: Evaluator, trials: int, keep: int = 10, seed: int = 0) 
     """Coarse grid (counts x modes, scale copies of step 0.05) keeps the best ``keep``; TPE refines."""
     coarse = dict(ev.space.choices(), by=("scale",), step=(0.05,))
     n_grid = min(trials // 2 or 1, math.prod(len(v) for v in coarse.values()))
-    first = grid_search(ev, n_grid, coarse)
-    second = tpe_search(ev, max(0, trials - n_grid), seed, enqueue=[t["params"] for t in first[:keep]])
+    first = grid_search(ev, n_grid, coarse, shuffle=seed)
+    second = tpe_search(ev, max(0, trials - n_grid), seed, history=first[:keep])
     return _ranked(first + second)
 
 

@@ -62,6 +62,62 @@ def w2_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def w2_plot(path: Path) -> Path:
+    """PPL vs all-in bpw for one model: the w2 comparison plus the same model's RTN table and recipe
+    ladders measured with the same protocol (data, ctx, windows); -> bench/results/w2_<model>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = json.loads(path.read_text())
+    proto = (r["data"], r["ctx"], r["windows"])
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    ref = None
+    for x in r["rows"]:
+        if x["row"] == "reference":
+            ref = x["ppl"]
+            continue
+        kind = "mlx-dupq" if x["row"].startswith("dupq:") else "mlx-lm"
+        series.setdefault(f"{kind} (this comparison)", []).append(
+            (x["bits_per_weight"], x["ppl"], x["row"].split(":", 1)[1]))
+    for other in sorted(RESULTS.glob(f"*_{r['model']}*.json")):
+        o = json.loads(other.read_text())
+        if other == path or (o.get("data"), o.get("ctx"), o.get("windows")) != proto or "rows" not in o:
+            continue
+        for x in o["rows"]:
+            if x.get("bits_per_weight", 32) >= 16 or "ppl" not in x:
+                continue
+            if other.name.startswith("rtn_"):
+                name = f"{x['method']} (RTN table)"
+                label = f"{x['bits']}b g{x['group_size']}"
+            elif other.name.startswith("ladder_"):
+                name, label = "mlx-dupq recipes (ladder)", str(x["recipe"])
+            else:
+                continue
+            series.setdefault(name, []).append((x["bits_per_weight"], x["ppl"], label))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for name, pts in series.items():
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=name, s=30)
+        for bx, py, label in pts:
+            ax.annotate(label, (bx, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1, label=f"float reference {ref:.1f}")
+        ax.axhline(1.3 * ref, color="g", ls=":", lw=1, label="1.3x reference (issue 4 target)")
+    ax.axvline(2.5, color="r", ls=":", lw=1, label="2.5 bpw")
+    ax.set_yscale("log")
+    ax.set_xlabel("all-in bits per weight")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{r['model']}: PPL vs all-in bpw ({r['data']}, ctx {r['ctx']}, {r['windows']} windows)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def bench_table(path: Path) -> str:
     r = json.loads(path.read_text())
     lines = [f"`{r['command']}`", "",
@@ -100,7 +156,7 @@ def main() -> None:
     if w2:
         parts += ["## At most 2.5 bits per weight: mlx-dupq `w2` vs mlx-lm's quantizers, same protocol", ""]
         for p in w2:
-            parts += [w2_table(p), ""]
+            parts += [w2_table(p), "", f"![PPL vs bpw](bench/results/{w2_plot(p).name})", ""]
     if (RESULTS / "stream_memory.json").exists():
         parts += ["## Streaming conversion memory (Qwen2-32B layer shapes)", "", stream_table(RESULTS / "stream_memory.json"), ""]
     benches = sorted(RESULTS.glob("bench_*.json"))

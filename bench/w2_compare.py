@@ -14,7 +14,8 @@ Row kinds:
   mlxlm:rtn:B:G             ``mlx_lm.convert -q --q-bits B --q-group-size G`` (embeddings too)
   mlxlm:mixed_2_6 (etc.)    ``mlx_lm.convert --quant-predicate mixed_2_6`` (group 64)
   mlxlm:gptq:B:G:FB:FG      ``mlx_lm.quant.gptq.gptq_quantize``: linears B-bit GPTQ, the rest FB-bit RTN
-  mlxlm:awq:B:G:EB:EG       ``mlx_lm.quant.awq.awq_quantize``: linears B-bit AWQ, embedding/lm_head EB-bit
+  mlxlm:awq:B:G:EB:EG[:N]   ``mlx_lm.quant.awq.awq_quantize``: linears B-bit AWQ, embedding/lm_head EB-bit
+                            (N: calibration sequences for this row, when the CPU cannot afford them all)
   mlxlm:dwq:B:G:STEPS       ``mlx_lm.quant.dwq.dwq_quantize``: B-bit RTN, then STEPS distillation steps on
                             the quantization scales/biases (float model as teacher)
 
@@ -86,8 +87,8 @@ def _mlx_save(out: Path, float_dir: Path, model, tok, config) -> None:
     save(str(out), str(float_dir), model, tok, config)
 
 
-def _calib(tok, args) -> mx.array:
-    return calibration_batches(tok, load_text(args.calib), args.calib_samples, args.calib_len, seed=0)
+def _calib(tok, args, samples: int | None = None) -> mx.array:
+    return calibration_batches(tok, load_text(args.calib), samples or args.calib_samples, args.calib_len, seed=0)
 
 
 def mlxlm_row(kind: list[str], float_dir: Path, out: Path, args) -> dict:
@@ -104,7 +105,7 @@ def mlxlm_row(kind: list[str], float_dir: Path, out: Path, args) -> dict:
                     quant_predicate=method)
         return {"predicate": method, "group_size": 64}
     model, tok, config = _mlx_load(float_dir)
-    data = _calib(tok, args)
+    data = _calib(tok, args, int(kind[5]) if method == "awq" and len(kind) > 5 else None)
     if method == "gptq":
         from mlx_lm.quant.gptq import gptq_quantize
 
@@ -118,7 +119,7 @@ def mlxlm_row(kind: list[str], float_dir: Path, out: Path, args) -> dict:
         awq_quantize(model, data, AWQ_MODEL_CONFIGS[config["model_type"]], group_size=g, bits=b,
                      embed_group_size=eg, embed_bits=eb)
         config = update_config(model, config)
-        info = {"bits": b, "group_size": g, "embed_bits": eb, "embed_group_size": eg}
+        info = {"bits": b, "group_size": g, "embed_bits": eb, "embed_group_size": eg, "calib_samples": int(data.shape[0])}
     elif method == "dwq":
         import copy
 

@@ -11,7 +11,6 @@ calibration tokens — what ``quantizer.calib_head`` does inside ``convert``. Ne
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from mlx_dupq.config import QuantSpec  # noqa: E402
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
+from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
 from mlx_dupq.quant.gptq import HessianAccumulator, gptq_quantize  # noqa: E402
 from mlx_dupq.quant.qtensor import dequantize  # noqa: E402
 from mlx_dupq.quant.search import mse_scale_search  # noqa: E402
@@ -59,9 +59,7 @@ def main() -> None:
         t = time.time()
         r = perplexity(model, tok, text, ctx=args.ctx, windows=args.windows)
         result["rows"].append({**row, "ppl": r["ppl"], "tokens": r["tokens"], "seconds": time.time() - t})
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_json_atomic(out, result)
         print(result["rows"][-1], flush=True)
 
     measure({"module": "none (reference)", "method": "-", "bits": 32, "group_size": None})

@@ -14,8 +14,6 @@ forward pass, to compare MLX's peak memory with the chunked run. Contexts above 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 from mlx_dupq.eval.data import load_text
 from mlx_dupq.eval.ppl import max_context, perplexity
 from mlx_dupq.io.loader import load
+from mlx_dupq.io.pack import write_json_atomic
 
 
 def main() -> None:
@@ -54,10 +53,7 @@ def main() -> None:
            "max_position_embeddings": max_context(m), "runs": runs,
            "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d")}
     p = Path(a.json)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, p)
+    write_json_atomic(p, out)
     print(f"wrote {p}")
 
 

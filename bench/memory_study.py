@@ -13,8 +13,6 @@ a 256 MiB float32 matrix-vector product's GB/s on this machine is recorded for r
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from mlx_dupq.eval.data import load_text, tokenize
 from mlx_dupq.eval.memory import memory_study
 from mlx_dupq.eval.ppl import windows_of
 from mlx_dupq.io.loader import load
+from mlx_dupq.io.pack import write_json_atomic
 
 
 def main() -> None:
@@ -57,10 +56,7 @@ def main() -> None:
               + (f", PPL {r['ppl_float']:.3f} -> {r['ppl_quant']:.3f}, top-1 {r['top1_agreement']:.4f}, KL {r['kl']:.2e}"
                  if "ppl_quant" in r else ""), flush=True)
     p = Path(a.json)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, p)
+    write_json_atomic(p, out)
     print(f"wrote {p}")
 
 

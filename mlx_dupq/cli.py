@@ -60,12 +60,10 @@ def progress_bar(enabled: bool = True):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path = Path(path)
+    from .io.pack import write_json_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, data)
     except OSError as e:
         raise DupqError(f"could not write {path} ({e.strerror or e}); choose another --json path") from None
 

@@ -79,21 +79,26 @@ def test_gptq_with_rotation_and_online_hadamard(tiny_dirs, tmp_path, calib_text)
     assert _err(out, tiny_dirs["llama"]) < _err(plain, tiny_dirs["llama"])
 
 
-def test_gptq_resume_is_exact(tiny_dirs, tmp_path, calib_text, monkeypatch):
-    recipe = _recipe("gptq", calib_text)
+def _assert_resume_exact(model_dir, recipe, tmp_path, monkeypatch, done: int = 3) -> None:
+    """Interrupt after ``done`` groups, resume, and compare with an uninterrupted conversion."""
     out = tmp_path / "pack"
-    real = interrupt_after(monkeypatch, 3)  # embedding, final norm, layer 0 done; layer 1 interrupted
+    real = interrupt_after(monkeypatch, done)
     with pytest.raises(KeyboardInterrupt):
-        mlx_dupq.convert(tiny_dirs["qwen2"], out, recipe)
+        mlx_dupq.convert(model_dir, out, recipe)
     monkeypatch.setattr(packio.PartialState, "write_group", real)
-    res = mlx_dupq.convert(tiny_dirs["qwen2"], out, recipe, resume=True)
-    assert res.groups_resumed == 3
+    res = mlx_dupq.convert(model_dir, out, recipe, resume=True)
+    assert res.groups_resumed == done
     fresh = tmp_path / "fresh"
-    mlx_dupq.convert(tiny_dirs["qwen2"], fresh, recipe)
+    mlx_dupq.convert(model_dir, fresh, recipe)
     a, _ = mlx_dupq.load(out)
     b, _ = mlx_dupq.load(fresh)
-    tokens = _eval_tokens(tiny_dirs["qwen2"])
+    tokens = _eval_tokens(model_dir)
     assert mx.allclose(a(tokens), b(tokens), atol=1e-5).item()
+
+
+def test_gptq_resume_is_exact(tiny_dirs, tmp_path, calib_text, monkeypatch):
+    # embedding, final norm, layer 0 done; layer 1 interrupted
+    _assert_resume_exact(tiny_dirs["qwen2"], _recipe("gptq", calib_text), tmp_path, monkeypatch)
 
 
 def _head_recipe(calib_text, calib_head, rotation=None):
@@ -121,20 +126,8 @@ def test_calibrated_head_lowers_error(tiny_dirs, tmp_path, calib_text, model_typ
 
 
 def test_calibrated_head_resume_is_exact(tiny_dirs, tmp_path, calib_text, monkeypatch):
-    recipe = _head_recipe(calib_text, True)
-    out = tmp_path / "pack"
-    real = interrupt_after(monkeypatch, 3)  # embedding, final norm, layer 0 done; the head comes last
-    with pytest.raises(KeyboardInterrupt):
-        mlx_dupq.convert(tiny_dirs["llama"], out, recipe)
-    monkeypatch.setattr(packio.PartialState, "write_group", real)
-    res = mlx_dupq.convert(tiny_dirs["llama"], out, recipe, resume=True)
-    assert res.groups_resumed == 3
-    fresh = tmp_path / "fresh"
-    mlx_dupq.convert(tiny_dirs["llama"], fresh, recipe)
-    a, _ = mlx_dupq.load(out)
-    b, _ = mlx_dupq.load(fresh)
-    tokens = _eval_tokens(tiny_dirs["llama"])
-    assert mx.allclose(a(tokens), b(tokens), atol=1e-5).item()
+    # embedding, final norm, layer 0 done; the head comes last
+    _assert_resume_exact(tiny_dirs["llama"], _head_recipe(calib_text, True), tmp_path, monkeypatch)
 
 
 def test_calib_head_must_be_bool():

@@ -42,10 +42,14 @@ PACK_FORMAT_VERSION = 1
 PROGRESS_FILE = "progress.json"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON through a temp file + rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -113,7 +117,7 @@ class PartialState:
         root.mkdir(parents=True)
         data = {"fingerprint": fingerprint, "recipe": recipe, "n_groups": n_groups, "done": {}}
         state = cls(root, data)
-        _write_json_atomic(progress, data)
+        write_json_atomic(progress, data)
         return state
 
     def write_group(
@@ -133,7 +137,7 @@ class PartialState:
             "n_params": n_params,
             "bits": bits,
         }
-        _write_json_atomic(self.root / PROGRESS_FILE, self.data)
+        write_json_atomic(self.root / PROGRESS_FILE, self.data)
 
     def finish(self, src, recipe, config_update: dict | None = None, online_rotations: dict | None = None,
                duplication: dict | None = None) -> dict:
@@ -171,9 +175,9 @@ class PartialState:
             config["mlx_dupq"]["online_rotations"] = dict(sorted(online_rotations.items()))
         if duplication:
             config["mlx_dupq"]["duplication"] = duplication
-        _write_json_atomic(self.root / "config.json", config)
+        write_json_atomic(self.root / "config.json", config)
         index = {"metadata": {"total_size": stored_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json_atomic(self.root / "model.safetensors.index.json", index)
+        write_json_atomic(self.root / "model.safetensors.index.json", index)
         src.save_tokenizer(self.root)
         (self.root / PROGRESS_FILE).unlink()
         return config["mlx_dupq"]
@@ -321,7 +325,7 @@ def record_act_ranges(root: Path, ranges: dict[str, float]) -> None:
     """Add the static activation ranges ``{module path: clip value}`` to a pack's config.json."""
     config = read_config(root)
     config["mlx_dupq"]["act_ranges"] = dict(sorted(ranges.items()))
-    _write_json_atomic(Path(root) / "config.json", config)
+    write_json_atomic(Path(root) / "config.json", config)
 
 
 def pack_summary(path: str | Path) -> dict:

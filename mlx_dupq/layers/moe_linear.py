@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import QuantSpec
 from ..errors import DupqError
-from .quant_linear import CPU_DENSE_MIN_ROWS
+from .quant_linear import CPU_DENSE_MIN_ROWS, SwitchShape
 
 FORMAT_MOE_MIXED = "moe_mixed"
 
@@ -86,7 +86,7 @@ def _local_maps(groups: list[dict], num_experts: int) -> tuple[np.ndarray, np.nd
     return owner, local
 
 
-class MixedSwitchLinear(nn.Module):
+class MixedSwitchLinear(SwitchShape, nn.Module):
     """Stacked experts with per-expert bit widths; called like mlx-lm's ``SwitchLinear``."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, entry: dict, bias: bool = False):
@@ -104,18 +104,6 @@ class MixedSwitchLinear(nn.Module):
         object.__setattr__(self, "_owner", mx.array(owner))
         object.__setattr__(self, "_local", mx.array(local))
         self.freeze()
-
-    @property
-    def input_dims(self) -> int:
-        return self.entry["shape"][2]
-
-    @property
-    def output_dims(self) -> int:
-        return self.entry["shape"][1]
-
-    @property
-    def num_experts(self) -> int:
-        return self.entry["shape"][0]
 
     @property
     def expert_bits(self) -> list[float]:

@@ -216,13 +216,8 @@ class DupqEmbedding(_DupqBase):
         return self._matmul(x)
 
 
-class DupqSwitchLinear(_DupqBase):
-    """Stacked experts (num_experts, output_dims, input_dims); call like mlx-lm's SwitchLinear."""
-
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int, entry: dict, bias: bool = False):
-        super().__init__((num_experts, output_dims, input_dims), entry)
-        if bias:
-            self.bias = mx.zeros((num_experts, output_dims))
+class SwitchShape:
+    """The ``SwitchLinear`` shape attributes of a layer whose ``entry["shape"]`` is (experts, out, in)."""
 
     @property
     def input_dims(self) -> int:
@@ -235,6 +230,16 @@ class DupqSwitchLinear(_DupqBase):
     @property
     def num_experts(self) -> int:
         return self.entry["shape"][0]
+
+
+class DupqSwitchLinear(SwitchShape, _DupqBase):
+    """Stacked experts (num_experts, output_dims, input_dims); call like mlx-lm's SwitchLinear."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, entry: dict, bias: bool = False):
+        super().__init__((num_experts, output_dims, input_dims), entry)
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)

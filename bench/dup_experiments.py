@@ -2,6 +2,7 @@
 
     python bench/dup_experiments.py --model qwen2.5-coder-0.5b --windows 4 --tables ladder,strategies,count,modes,full
     python bench/dup_experiments.py --model smollm2-135m --windows 8 --tables ladder,modes,count,eps,scaling,groups,act,score
+    python bench/dup_experiments.py --model qwen2.5-coder-0.5b --windows 4 --base-bits 3 --tables ladder,count,eps,mix,scaling,groups
 
 Every row is built in memory from the float model with the same machinery a pack uses
 (:func:`mlx_dupq.dup.runtime.duplicate_linears` for parallel / residual copies,
@@ -43,7 +44,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_dupq.config import QuantSpec  # noqa: E402
-from mlx_dupq.dup.build import quantize_with_plan  # noqa: E402
+from mlx_dupq.dup.build import float_hessians, quantize_with_plan  # noqa: E402
 from mlx_dupq.dup.runtime import layer_owner  # noqa: E402
 from mlx_dupq.dup.scores import layer_scores, measured_truth, spearman  # noqa: E402
 from mlx_dupq.dup.specs import CopySpec, DupPlan  # noqa: E402
@@ -113,7 +114,10 @@ class Bench:
     def build(self, plan: DupPlan | None, base: QuantSpec = BASE) -> tuple[nn.Module, float]:
         """Quantized model for ``plan`` (None: no duplication) -> (model in float32, all-in bpw)."""
         model = self.fresh()
-        bits = quantize_with_plan(model, plan, base, EMBED)
+        hessians = None
+        if plan is not None and plan.mode == "parallel" and plan.aggregation != "mean":
+            hessians = float_hessians(model, self.calib, sorted(plan.resolve(self.n_layers).copies))
+        bits = quantize_with_plan(model, plan, base, EMBED, hessians=hessians)
         cast_floats(model, mx.float32)
         use_dense_prefill(model)
         mx.eval(model.parameters())
@@ -174,7 +178,8 @@ def table_rows(table: str, n: int, ranked: list[int] | None, base: QuantSpec = B
     if table == "ladder":
         rot = {k: [CopySpec(rotation={"kind": "block_hadamard", "seed": 0})] for k in range(n)}
         rows = [("8-bit g64", None, QuantSpec(bits=8, group_size=64)), ("4-bit g64", None, QuantSpec(bits=4, group_size=64)),
-                ("2-bit g64", None, base), ("2-bit g64 + rotation (block Hadamard per linear)",
+                ("2-bit g64", None, QuantSpec(bits=2, group_size=64)),
+                (f"{base.bits}-bit g64 + rotation (block Hadamard per linear)",
                                             DupPlan(mode="parallel", copies=rot), base)]
         rows = [r for r, key in zip(rows, ("8-bit", "4-bit", "2-bit", "rot")) if key in ladder]
     elif table == "strategies":
@@ -211,7 +216,19 @@ def table_rows(table: str, n: int, ranked: list[int] | None, base: QuantSpec = B
              last(n, a_n, [CopySpec(), CopySpec(scale_mult=1.05, shared_codes=True), CopySpec(scale_mult=0.95, shared_codes=True)]), base),
             (f"last {a_n} x3 own codes, scale 1/1.05/0.95", last(n, a_n, copies_of(3, "scale")), base),
             (f"last {a_n} x3 own codes, grid offset 0/0.25/0.5", last(n, a_n, copies_of(3, "offset")), base),
+            # the seed's "quantile adjustment": group ranges from the 0.99 / 0.995 / 0.98 quantiles
+            (f"last {a_n} x3 shared codes, quantile scales 0.99/0.995/0.98",
+             last(n, a_n, [CopySpec(quantile=0.99), CopySpec(quantile=0.995, shared_codes=True),
+                           CopySpec(quantile=0.98, shared_codes=True)]), base),
+            (f"last {a_n} x3 own codes, quantile scales 0.99/0.995/0.98",
+             last(n, a_n, [CopySpec(quantile=0.99), CopySpec(quantile=0.995), CopySpec(quantile=0.98)]), base),
         ]
+    elif table == "mix":
+        # the seed's aggregations, fitted on calibration inputs of the float model (dup.aggregate.fit_mix)
+        for agg in ("mean", "variance_weighted", "learned", "selective"):
+            rows.append((f"last {a_n} x3 parallel (scale 1/1.05/0.95), {agg}",
+                         DupPlan(mode="parallel", aggregation=agg,
+                                 copies={k: copies_of(3) for k in range(n - a_n, n)}), base))
     elif table == "groups":
         def g(gs):
             return [CopySpec(quant=QuantSpec(bits=base.bits, group_size=x)) for x in gs]

@@ -90,14 +90,15 @@ def section(d: dict | None, name: str, table: str, title: str) -> list[str]:
 # ------------------------------------------------------------------------------------- claims
 
 
-def claims(q: dict | None, s: dict | None, q3: dict | None) -> list[tuple[str, str, str, str]]:
-    """(claim, source, measurement, verdict) rows."""
+def claims(q: dict | None, s: dict | None, q3: dict | None, q3w: dict | None = None) -> list[tuple[str, str, str, str]]:
+    """(claim, source, measurement, verdict) rows. ``q3w``: Qwen on the functional 3-bit base, 4 windows."""
+    Q3W = QWEN + " (3-bit base)"
     out = []
 
     def add(claim, src, meas, verdict):
         out.append((claim, src, meas, verdict))
 
-    for name, d in ((QWEN, q), (SMOL, s)):
+    for name, d in ((QWEN, q), (SMOL, s), (Q3W, q3w)):
         ref, b2 = find(d, "ladder", "reference"), find(d, "ladder", "2-bit g64")
         b4, rot = find(d, "ladder", "4-bit g64"), find(d, "ladder", "2-bit g64 + rotation")
         if ref and b2 and b4:
@@ -139,7 +140,7 @@ def claims(q: dict | None, s: dict | None, q3: dict | None) -> list[tuple[str, s
             + ("" if beat else "; every strategy loses to its equal-bits control" if not any(
                 control(d, r) and r["ppl"] < control(d, r)["ppl"] for r in st) else "; some lose to their control"))
     # copy count
-    for name, d in ((QWEN, q), (SMOL, s)):
+    for name, d in ((QWEN, q), (SMOL, s), (Q3W, q3w)):
         cnt = [r for r in rows(d, "count") if not r.get("control_of")]
         if len(cnt) >= 2:
             meas = "; ".join(f"x{r['label'].split('x')[-1]} {f(r['ppl'])} (lat x{f(r.get('latency_ratio'))})" for r in cnt)
@@ -175,11 +176,15 @@ def claims(q: dict | None, s: dict | None, q3: dict | None) -> list[tuple[str, s
                 add("(ours) duplication beats spending the same bytes on higher precision", "issue 5 control", meas,
                     "confirmed" if min(par["ppl"], ser["ppl"], res["ppl"]) < c["ppl"] else "refuted")
     # eps sweep
-    eps = [r for r in rows(s, "eps") if not r.get("control_of")]
-    if eps:
+    for name, d in ((SMOL, s), (Q3W, q3w)):
+        eps = [r for r in rows(d, "eps") if not r.get("control_of")]
+        if not eps:
+            continue
         e = {r["label"].split("eps ")[-1] if "eps " in r["label"] else "unrelated": r for r in eps}
         best = min(eps, key=lambda r: r["ppl"])
-        meas = f"{SMOL}: " + "; ".join(f"eps {k} {f(r['ppl'])}" for k, r in e.items())
+        c = control(d, eps[0])
+        meas = f"{name}: " + "; ".join(f"eps {k} {f(r['ppl'])}" for k, r in e.items()) + (
+            f"; equal-bits control {f(c['ppl'])}" if c else "")
         add("slightly perturbed rotations (eps 0.05) are the best copies (identical ~5%, eps 0.05 ~15%, very different ~8%)",
             "004 §6.2.3", meas, "confirmed" if "eps 0.05" in best["label"] else f"refuted (best: {best['label']})")
     # score vs last-N
@@ -197,19 +202,40 @@ def claims(q: dict | None, s: dict | None, q3: dict | None) -> list[tuple[str, s
                 + (f", by measured truth {f(truth_top['ppl'])}" if truth_top else ""),
                 "confirmed" if top["ppl"] < lastn["ppl"] else "refuted")
     # scaling
-    sc = {r["label"]: r for r in rows(s, "scaling") if not r.get("control_of")}
-    if sc:
+    for name, d in ((SMOL, s), (Q3W, q3w)):
+        sc = {r["label"]: r for r in rows(d, "scaling") if not r.get("control_of")}
         same = next((r for k, r in sc.items() if "same scale" in k), None)
         off = next((r for k, r in sc.items() if "grid offset" in k), None)
         sm = next((r for k, r in sc.items() if "own codes, scale" in k), None)
         if same and off:
             add("grid offset / scale multipliers beat identical copies (13.87 -> 13.42)", "004 §6.4.1",
-                f"{SMOL}: same scale {f(same['ppl'])}, scale 1/1.05/0.95 {f(sm['ppl']) if sm else '-'}, grid offset {f(off['ppl'])}",
+                f"{name}: same scale {f(same['ppl'])}, scale 1/1.05/0.95 {f(sm['ppl']) if sm else '-'}, grid offset {f(off['ppl'])}",
                 "confirmed" if off["ppl"] < same["ppl"] else "refuted")
-    grp = [r for r in rows(s, "groups") if not r.get("control_of")]
-    if grp:
-        add("smaller groups in the copies help (g64 12.73 < g128 12.96 < g256 13.45)", "004 §6.4.2",
-            f"{SMOL}: " + "; ".join(f"{r['label'].split('groups ')[-1]} {f(r['ppl'])}" for r in grp), "see table")
+        shs = next((r for k, r in sc.items() if "shared codes, scale" in k), None)
+        qsh = next((r for k, r in sc.items() if "shared codes, quantile" in k), None)
+        qown = next((r for k, r in sc.items() if "own codes, quantile" in k), None)
+        if same and shs and qsh:
+            c = control(d, qsh)
+            meas = (f"{name}, shared codes: same scale {f(same['ppl'])}, scale 1/1.05/0.95 {f(shs['ppl'])}, "
+                    f"quantile 0.99/0.995/0.98 {f(qsh['ppl'])}" + (f" (equal-bits control {f(c['ppl'])})" if c else "")
+                    + (f"; own codes: quantile {f(qown['ppl'])}, grid offset {f(off['ppl']) if off else '-'}" if qown else ""))
+            ok = qsh["ppl"] < shs["ppl"] < same["ppl"]
+            add("quantile-adjusted scales beat the grid shift, which beats identical copies (13.87 / 13.42 / 13.28)",
+                "004 §6.4.1", meas, "confirmed" if ok else "partly confirmed" if qsh["ppl"] < same["ppl"] else "refuted")
+    for name, d in ((SMOL, s), (Q3W, q3w)):
+        grp = [r for r in rows(d, "groups") if not r.get("control_of")]
+        if grp:
+            add("smaller groups in the copies help (g64 12.73 < g128 12.96 < g256 13.45)", "004 §6.4.2",
+                f"{name}: " + "; ".join(f"{r['label'].split('groups ')[-1]} {f(r['ppl'])}" for r in grp), "see table")
+    # fitted aggregation
+    mix = {r["label"].rsplit(", ", 1)[-1]: r for r in rows(q3w, "mix") if not r.get("control_of")}
+    if "mean" in mix and len(mix) > 1:
+        c = control(q3w, mix["mean"])
+        best = min(mix, key=lambda k: mix[k]["ppl"])
+        meas = f"{Q3W}, last layers x3 parallel: " + "; ".join(f"{k} {f(r['ppl'])}" for k, r in mix.items()) + (
+            f"; equal-bits control {f(c['ppl'])}" if c else "")
+        add("(F5.3) fitted aggregation (variance-weighted / learned / selective) beats the plain mean of copies",
+            "SPEC F5.3 / issue 5", meas, "confirmed" if best != "mean" else "refuted (the mean is best)")
     act = [r for r in rows(s, "act") if not r.get("control_of")]
     if act:
         clip = next((r for r in act if "clip" in r["label"]), None)
@@ -238,14 +264,14 @@ def claims(q: dict | None, s: dict | None, q3: dict | None) -> list[tuple[str, s
 # -------------------------------------------------------------------------------------- plots
 
 
-def plots(q: dict | None, s: dict | None) -> list[str]:
+def plots(q: dict | None, s: dict | None, q3w: dict | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    for name, d in ((QWEN, q), (SMOL, s)):
+    for name, d in ((QWEN, q), (SMOL, s), (QWEN + "-base3", q3w)):
         if d is None:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -309,7 +335,7 @@ def plots(q: dict | None, s: dict | None) -> list[str]:
 
 
 def main() -> None:
-    q, s, q3 = load(QWEN), load(SMOL), load(f"{QWEN}-base3")
+    q, s, q3, q3w = load(QWEN), load(SMOL), load(f"{QWEN}-base3"), load(f"{QWEN}-base3-w4")
     lines = ["# Layer duplication: seed claims vs measurement", "",
              "Generated by `python bench/dup_report.py` from `bench/results/dup_*.json`, which "
              "`bench/dup_experiments.py` wrote (commands below each table). Every row is a whole model "
@@ -322,10 +348,10 @@ def main() -> None:
              "Equal-bits control: for every duplication row, the same planned layers stored once at the most "
              "precise RTN spec (3/4/5/6/8 bits, groups 32/64/128) that fits the bits of their copies together.", "",
              "## Claims", "", "| seed claim | source | our measurement | verdict |", "|---|---|---|---|"]
-    for c, src, m, v in claims(q, s, q3):
+    for c, src, m, v in claims(q, s, q3, q3w):
         lines.append(f"| {c} | {src} | {m} | {v} |")
     summary = []
-    for d, name in ((q, QWEN), (s, SMOL), (q3, QWEN + " base 3-bit")):
+    for d, name in ((q, QWEN), (s, SMOL), (q3, QWEN + " base 3-bit, 2 windows"), (q3w, QWEN + " base 3-bit, 4 windows")):
         if d is None:
             continue
         dup = [r for r in d["rows"] if r["table"] != "ladder" and not r.get("control_of") and control(d, r)]
@@ -335,18 +361,22 @@ def main() -> None:
         summary.append(f"- {name}: {len(dup)} duplication rows with an equal-bits control; {len(better)} improve on "
                        f"the plain base, {len(won)} beat their control" + (f" ({'; '.join(won)})" if won else "") + ".")
     lines[lines.index("## Claims"):lines.index("## Claims")] = ["## Summary", ""] + summary + [""]
-    for what in ("quantile scales (F5.4)", "adaptive scale search (004 §6.4.1, 4.5 h)", "learned / variance-weighted "
-                 "aggregation on a real model (needs a calibrated conversion)", "HellaSwag / C4 (004 §6.5)",
-                 "Extreme-1bit row (003 §4)"):
+    unmeasured = ["adaptive scale search (004 §6.4.1, 4.5 h)", "HellaSwag / C4 (004 §6.5)", "Extreme-1bit row (003 §4)"]
+    if not any("quantile" in r["label"] for r in rows(q3w, "scaling") + rows(s, "scaling")):
+        unmeasured.insert(0, "quantile scales (F5.4)")
+    if not rows(q3w, "mix"):
+        unmeasured.insert(1, "learned / variance-weighted aggregation on a real model")
+    for what in unmeasured:
         lines.append(f"| {what} | | | not measured |")
     lines += ["", "## Tables", ""]
-    for d, name in ((q, QWEN), (s, SMOL), (q3, QWEN + " base 3-bit")):
+    for d, name in ((q, QWEN), (s, SMOL), (q3, QWEN + " base 3-bit"), (q3w, QWEN + " base 3-bit, 4 windows")):
         if d is None:
             continue
         for table, title in (("ladder", "Baseline ladder"), ("strategies", "Strategies A/B/C"), ("count", "Copy count"),
                              ("modes", "Serial vs parallel vs residual"), ("full", "Full system"),
                              ("score", "Score-selected vs fixed last-N"), ("eps", "Rotation diversity (eps sweep)"),
-                             ("scaling", "Scaling strategies"), ("groups", "Group-size mixes"),
+                             ("scaling", "Scaling strategies"), ("mix", "Aggregation of parallel copies"),
+                             ("groups", "Group-size mixes"),
                              ("act", "Activation strategies")):
             if rows(d, table):
                 lines += section(d, name, table, title)
@@ -355,7 +385,7 @@ def main() -> None:
                   f"Spearman(score, PPL increase) = {s['spearman_score_vs_ppl_increase']:.3f}, "
                   f"Spearman(score, KL) = {s['spearman_score_vs_kl']:.3f} over {len(s['truth'])} layers "
                   f"(truth: only layer k RTN 2-bit, calibration windows). Ranked by score: {s['ranked_by_score']}", ""]
-    made = plots(q, s)
+    made = plots(q, s, q3w)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in made] + [""]
     out = RESULTS / "DUP_REPORT.md"
     tmp = out.with_name(out.name + ".tmp")

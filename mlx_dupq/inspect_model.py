@@ -1,27 +1,90 @@
 """``mlx-dupq inspect``: per-tensor weight statistics; for a pack also its choices and all-in bpw.
 
 Statistics stream one tensor at a time (a pack's quantized tensors are dequantized first,
-so the numbers describe the weights the model actually runs).
+so the numbers describe the weights the model actually runs). A per-expert-width switch layer
+(``moe_mixed``) is one row: its effective (E, out, in) weight (copies summed, rotation undone),
+labelled with its expert widths, copies and rotation; ``moe_layers`` lists them per layer.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .errors import DupqError
 
 
-def _pack_tensors(path: Path, meta: dict):
-    """(name, float weight, quant label) for every weight tensor of a pack, one at a time."""
+MOE_GROUP_RE = re.compile(r"^(.*)\.groups\.\d+(?:\.copies\.\d+)?$")
+
+
+def moe_layer_summary(path: str, entry: dict) -> dict:
+    """A moe_mixed entry -> {path, shape, expert_bits {width: count}, expert_copies {n: count}, rotation}."""
+    E = entry["shape"][0]
+    count = lambda xs: {str(k): int(v) for k, v in sorted(Counter(xs).items())}  # noqa: E731
+    rot = entry.get("rotation")
+    return {
+        "path": path,
+        "shape": list(entry["shape"]),
+        "expert_bits": count(f"{float(b):g}" for b in entry["expert_bits"]),
+        "expert_copies": count(entry.get("expert_copies") or [1] * E),
+        "rotation": rot["kind"] if rot else "none",
+    }
+
+
+def moe_label(s: dict) -> str:
+    """``moe_mixed 2b:12 4b:4 | copies x1:13 x2:3 | rotation hadamard``."""
+    bits = " ".join(f"{b}b:{n}" for b, n in s["expert_bits"].items())
+    copies = " ".join(f"x{c}:{n}" for c, n in s["expert_copies"].items())
+    return f"moe_mixed {bits} | copies {copies} | rotation {s['rotation']}"
+
+
+def _moe_weight(base: str, entry: dict, arrays: dict, files: list[Path]) -> mx.array:
+    """The effective float32 (E, out, in) weight of a moe_mixed layer, built by its own module."""
+    from .layers.moe_linear import MixedSwitchLinear
+
+    pre = base + ".groups."
+    found = {k[len(base) + 1:]: v for k, v in arrays.items() if k.startswith(pre)}
+    E, out, n = entry["shape"]
+    m = MixedSwitchLinear(n, out, E, entry)
+    want = {k for k, _ in tree_flatten(m.parameters())}
+    for f in files:  # a layer split across shards
+        if want <= set(found):
+            break
+        found.update({k[len(base) + 1:]: v for k, v in mx.load(str(f)).items() if k.startswith(pre)})
+    try:
+        m.load_weights(list(found.items()), strict=True)
+    except ValueError as e:
+        raise DupqError(f"{base}: its expert groups do not match config.json ({e}); the pack is damaged") from None
+    return m.dequantized()
+
+
+def _pack_tensors(path: Path, meta: dict, moe_rows: list[dict] | None = None):
+    """(name, float weight, quant label) for every weight tensor of a pack, one at a time;
+    ``moe_rows`` collects :func:`moe_layer_summary` of each moe_mixed layer."""
     from .quant.packing import unpack
     from .quant.qtensor import dequantize
 
     entries = meta["modules"]
-    for f in sorted(path.glob("model*.safetensors")):
+    files = sorted(path.glob("model*.safetensors"))
+    done: set[str] = set()
+    for f in files:
         arrays = mx.load(str(f))
         for key in sorted(arrays):
             mod, _, param = key.rpartition(".")
+            moe = MOE_GROUP_RE.match(mod)
+            if moe and entries.get(moe.group(1), {}).get("format") == "moe_mixed":
+                base = moe.group(1)
+                if base not in done:
+                    done.add(base)
+                    summary = moe_layer_summary(base, entries[base])
+                    if moe_rows is not None:
+                        moe_rows.append(summary)
+                    yield f"{base}.weight", _moe_weight(base, entries[base], arrays, files), moe_label(summary)
+                continue
             copy = re.match(r"^(.*)\.copies\.(\d+)$", mod)
             if copy and entries.get(copy.group(1), {}).get("format") == "dup":
                 if param != "weight":
@@ -60,7 +123,8 @@ def inspect_model(model: str) -> dict:
         meta = packio.pack_summary(p)
         report["pack"] = meta
         report["bits_per_weight"] = meta["bits_per_weight"]
-        items = _pack_tensors(p, meta)
+        report["moe_layers"] = []
+        items = _pack_tensors(p, meta, report["moe_layers"])
     else:
         src = open_source(model)
         items = ((k, src.get(k).astype(mx.float32), "float") for k in src.keys() if k.endswith("weight"))
@@ -70,6 +134,8 @@ def inspect_model(model: str) -> dict:
         rows.append({"name": name, "shape": list(w.shape), "quant": label, **st})
         del w
     report["tensors"] = rows
+    if not report.get("moe_layers"):
+        report.pop("moe_layers", None)
     if "pack" not in report:
         # a source's bits per weight as stored on disk (a GGUF's own quantization, or the checkpoint dtype)
         path = Path(getattr(src, "path", ""))

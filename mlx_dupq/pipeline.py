@@ -116,15 +116,16 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
         expert_specs = moe.expert_specs(path, spec) if moe is not None and kind == "switch_linear" else None
         fitted = spec.fit(w.shape[-1])
         copy_specs = planned_copies(dup, path) if kind == "linear" else None
-        if expert_specs is not None:
-            from .layers.moe_linear import quantize_experts
+        dplan = dup
+        if moe is not None and path in moe.linear_copies:  # shared expert as residual copies (SPEC F6.5)
+            from .moe.duplication import shared_dup_plan
 
-            q_arrays, entry = quantize_experts(w, [s.fit(w.shape[-1]) for s in expert_specs], storage, quantize=(
-                None if rec.quantizer.method == "rtn"
-                else lambda wg, s: pack(quantize_weight(wg.astype(mx.float32), s, storage, rec.quantizer, None))))
+            dplan, copy_specs = shared_dup_plan(moe.linear_copies[path])
+        if expert_specs is not None:
+            q_arrays, entry = _quantize_switch(w, path, expert_specs, moe, rec, storage)
             fitted = spec  # the entry records its own groups (moe recipes are never calibrated: keep is False)
         elif copy_specs is not None:
-            q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dup, storage, stats.get(path), keep,
+            q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dplan, storage, stats.get(path), keep,
                                                       rec.quantizer)
             if keep:
                 dequantized[key] = wq
@@ -142,6 +143,16 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
         for suffix, a in q_arrays.items():
             arrays[f"{path}.{suffix}"] = a
     return arrays, entries, dequantized
+
+
+def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, storage) -> tuple[dict, dict]:
+    """A switch layer (E, out, in) with the expert plan's widths, copies and rotation -> (arrays, moe_mixed entry)."""
+    from .layers.moe_linear import quantize_experts
+
+    quantize = (None if rec.quantizer.method == "rtn"
+                else lambda wg, s: pack(quantize_weight(wg.astype(mx.float32), s, storage, rec.quantizer, None)))
+    return quantize_experts(w, [s.fit(w.shape[-1]) for s in expert_specs], storage, quantize=quantize,
+                            copies=moe.copies_for(path), rotation=moe.rotation_for(w.shape[-1]))
 
 
 def _fail_write(path: Path, e: OSError) -> DupqError:

@@ -124,3 +124,22 @@ def test_written_recipe_round_trips(tmp_path):
     p = write_dup_recipe(rec, tmp_path / "r.toml")
     back = load_recipe(str(p))
     assert back.duplication == rec.duplication and back.default == rec.default
+
+
+def test_in_memory_build_fits_mixtures_on_float_hessians(tiny_dirs):
+    from mlx_dupq.dup.build import float_hessians
+    from mlx_dupq.layers.dup_linear import DupLinear
+
+    model, _ = mlx_dupq.load(tiny_dirs["qwen2"])
+    plan = DupPlan(mode="parallel", aggregation="learned",
+                   copies={1: [CopySpec(), CopySpec(scale_mult=1.05), CopySpec(scale_mult=0.95)]})
+    with pytest.raises(DupqError, match="hessians"):
+        quantize_with_plan(model, plan, S2)
+    tokens = mx.array(np.random.default_rng(0).integers(1, 300, size=(2, 16)))
+    hs = float_hessians(model, tokens, [1])
+    assert set(hs) == {1} and "mlp.down_proj" in hs[1]
+    h = hs[1]["self_attn.q_proj"]
+    assert h.shape[0] == h.shape[1] and float(mx.abs(h - h.T).max().item()) < 1e-3 * float(mx.abs(h).max().item())
+    quantize_with_plan(model, plan, S2, hessians=hs)
+    dups = [m for p, m in model.named_modules() if isinstance(m, DupLinear) and ".layers.1." in f".{p}."]
+    assert dups and any("mix" in m for m in dups)  # fitted weights kept where they beat the mean

@@ -106,10 +106,22 @@ def choose_codes(w: mx.array, scales: mx.array, biases: mx.array | None, spec: Q
     return q.reshape(w.shape).astype(mx.uint8)
 
 
+def quantile_clip(w: mx.array, spec: QuantSpec, q: float) -> mx.array:
+    """(..., in) -> the weight with each quantization group clipped to its [1-q, q] quantiles
+    (nearest rank), so that RTN's min/max range becomes the quantile range. Per-channel and
+    per-tensor specs clip each row."""
+    g = spec.group_for(w.shape[-1])
+    wg = w.astype(mx.float32).reshape(*w.shape[:-1], w.shape[-1] // g, g)
+    srt = mx.sort(wg, axis=-1)
+    hi_i = int(round(q * (g - 1)))
+    lo, hi = srt[..., g - 1 - hi_i: g - hi_i], srt[..., hi_i: hi_i + 1]
+    return mx.clip(wg, lo, hi).reshape(w.shape)
+
+
 def quantize_copy(w: mx.array, spec: QuantSpec, copy: CopySpec, dtype: mx.Dtype = mx.float16,
                   codes: mx.array | None = None) -> QTensor:
     """One copy of an (already rotated) weight (..., in) -> QTensor; ``codes`` given = shared codes."""
-    qt = rtn_quantize(w, spec, dtype)
+    qt = rtn_quantize(w if copy.quantile == 1.0 else quantile_clip(w, spec, copy.quantile), spec, dtype)
     scales, biases = dequant_params(qt, copy, dtype)
     if codes is None:
         codes = choose_codes(w, scales, biases, qt.spec, copy)
@@ -126,7 +138,7 @@ def gptq_applies(copy: CopySpec) -> bool:
     """GPTQ can make this copy: its codes are its own and its grid is the RTN one (no multiplier,
     offset, stochastic rounding or noise; those copies stay RTN on their variant grid)."""
     return (not copy.shared_codes and copy.stochastic_seed is None and copy.noise == 0
-            and copy.scale_mult == 1.0 and copy.grid_offset == 0.0)
+            and copy.scale_mult == 1.0 and copy.grid_offset == 0.0 and copy.quantile == 1.0)
 
 
 def make_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec], dtype: mx.Dtype = mx.float16,

@@ -78,6 +78,8 @@ class CopySpec:
                      Applied through :class:`mlx_dupq.layers.act_quant.ActQuantInput` (dynamic,
                      per-token) when set; ``act_clip`` alone means 8-bit with that clip.
     shared_codes:    reuse copy 0's packed codes, store only own scales/biases (see module doc)
+    quantile:        quantile scales: each group's range is its [1-q, q] quantiles instead of its
+                     min / max (q in [0.8, 1]; 1 = min/max), values outside clip to the end levels
     """
 
     quant: QuantSpec | None = None
@@ -90,6 +92,7 @@ class CopySpec:
     act_clip: float | None = None
     act_bits: int | None = None
     shared_codes: bool = False
+    quantile: float = 1.0
 
     def __post_init__(self):
         if self.quant is not None and not isinstance(self.quant, QuantSpec):
@@ -108,6 +111,7 @@ class CopySpec:
         if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS):
             raise DupqError(f"copy act_bits {self.act_bits!r} is not supported; use one of {', '.join(map(str, ACT_BITS))}")
         object.__setattr__(self, "shared_codes", bool(self.shared_codes))
+        object.__setattr__(self, "quantile", _number("quantile", self.quantile, 0.8, 1.0))
         if self.shared_codes:
             if self.stochastic_seed is not None or self.noise > 0:
                 raise DupqError("a shared-codes copy reuses copy 0's codes, so stochastic rounding / noise "
@@ -123,7 +127,7 @@ class CopySpec:
 
     def dequant_key(self) -> tuple:
         """What distinguishes a shared-codes copy's function: equal keys = identical copies."""
-        return (self.scale_mult, self.grid_offset, self.act_bits, self.act_clip)
+        return (self.scale_mult, self.grid_offset, self.act_bits, self.act_clip, self.quantile)
 
     def label(self) -> str:
         parts = []
@@ -141,6 +145,8 @@ class CopySpec:
             parts.append(f"noise{self.noise:g}")
         if self.act_quantized:
             parts.append(f"a{self.act_bits or 8}c{self.act_clip or 1:g}")
+        if self.quantile != 1.0:
+            parts.append(f"q{self.quantile:g}")
         if self.shared_codes:
             parts.append("shared")
         return "+".join(parts) or "rtn"
@@ -148,6 +154,8 @@ class CopySpec:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["quant"] = None if self.quant is None else self.quant.to_dict()
+        if self.quantile == 1.0:
+            del d["quantile"]  # the default: dicts (and the packs / results that hold them) stay as before
         return d
 
     @classmethod

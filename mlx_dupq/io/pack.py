@@ -277,8 +277,8 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
             continue
         if p not in mods:
             raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
-        # (a moe_mixed switch layer keeps its bias per expert group: <p>.groups.0.bias)
-        has_bias = f"{p}.bias" in weights or f"{p}.linear.bias" in weights or f"{p}.groups.0.bias" in weights
+        # (a moe_mixed switch layer keeps its (E, out) bias as its own parameter <p>.bias)
+        has_bias = f"{p}.bias" in weights or f"{p}.linear.bias" in weights
         custom.append((p, build_module(e["kind"], tuple(e["shape"]), e, has_bias)))
     if custom:
         from mlx.utils import tree_unflatten

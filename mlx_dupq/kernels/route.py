@@ -190,7 +190,11 @@ def stacked(module: nn.Module) -> dict | None:
 
 def mixed_groups(module: nn.Module) -> list[tuple[list[int], dict, dict]] | None:
     """The ``groups`` argument of :func:`switch` for a per-expert-width switch layer
-    (``MixedSwitchLinear``: ``entry["groups"]`` + one packed switch module per group), else None."""
+    (``MixedSwitchLinear``: ``entry["groups"]`` + one packed switch module per group), else None:
+    the layer then runs its own grouped path. None too when the experts are rotated or a group
+    stores residual copies (the kernels run one code stack per expert, unrotated)."""
+    if module.entry.get("rotation") or any("copies" in g for g in module.entry["groups"]):
+        return None
     out = []
     for grp, mod in zip(module.entry["groups"], module.groups):
         arrays = stacked(mod)

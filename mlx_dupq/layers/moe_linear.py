@@ -1,19 +1,31 @@
-"""A switch (gather) layer whose experts have different bit widths (SPEC F6.4).
+"""A switch (gather) layer whose experts have different bit widths (SPEC F6.4), optionally with
+residual expert copies (F6.5) and an input rotation.
 
-Storage: the experts of one ``(E, out, in)`` stack are grouped by their :class:`QuantSpec`; each
-group is a smaller ``(n_g, out, in)`` stack packed exactly like any other switch layer
+Storage: the experts of one ``(E, out, in)`` stack are grouped by (:class:`QuantSpec`, copies);
+each group is a smaller ``(n_g, out, in)`` stack packed exactly like any other switch layer
 (:func:`mlx_dupq.layers.quant_linear.quantize_tensor`: mlx's format when mlx can express the spec,
-ours otherwise) and stored as ``<path>.groups.<g>.{weight,scales,biases}``. The pack entry::
+ours otherwise) and stored as ``<path>.groups.<g>.{weight,scales,biases}``; a group with ``n >= 2``
+residual copies stores ``n`` such stacks as ``<path>.groups.<g>.copies.<c>.{...}`` (copy c
+quantizes what copies < c left over, :func:`residual_copies`). The pack entry::
 
     {"kind": "switch_linear", "format": "moe_mixed", "shape": [E, out, in],
      "bits": <mean bits of the codes, weighted by experts>, "group_size": ..., "symmetric": ...,
      "expert_bits": [b_0, ..., b_{E-1}],
-     "groups": [{"experts": [ids, ascending], "entry": <the group's packed entry>}, ...]}
+     "expert_copies": [n_0, ..., n_{E-1}],              # only when some expert has copies
+     "rotation": {"kind": "hadamard", "size": in, ...},  # only when the experts are rotated
+     "groups": [{"experts": [ids, ascending], "entry": <the group's packed entry>},          # 1 copy
+                {"experts": [...], "copies": [<entry of copy 0>, <entry of copy 1>, ...]}]}  # n copies
 
-Run time: every group runs ``gather_qmm`` over all token-expert pairs with the expert ids mapped to
-its local ids, and the results are merged with a mask (a pair uses the group that holds its expert).
-The local map is monotone in the global id, so ``sorted_indices`` stays valid. Cost: one gather
-matmul per group (2-3 groups), each cheaper than a full-width one; memory: each expert's own bits.
+Rotation ``R`` (:func:`mlx_dupq.rotation.make_rotation` of the recorded dict): the stored stacks
+quantize ``W R`` (all copies in that basis) and the layer computes ``(x R) Q(W R)^T``.
+
+Run time: on a custom-kernel backend, decode goes to :func:`mlx_dupq.kernels.route.switch` (one
+launch for all widths; groups with copies or a rotation fall back). Otherwise every group runs
+``gather_qmm`` over all token-expert pairs with the expert ids mapped to its local ids (a group
+with copies: one per copy, summed), and the results are merged with a mask (a pair uses the group
+that holds its expert). The local map is monotone in the global id, so ``sorted_indices`` stays
+valid. Cost: one gather matmul per group and copy, each cheaper than a full-width one; memory: each
+expert's own bits times its copies. A switch bias (E, out) is the layer's own float parameter.
 """
 
 from __future__ import annotations
@@ -29,32 +41,71 @@ from .quant_linear import CPU_DENSE_MIN_ROWS, SwitchShape
 FORMAT_MOE_MIXED = "moe_mixed"
 
 
-def group_experts(specs: list[QuantSpec]) -> list[tuple[QuantSpec, list[int]]]:
-    """Experts with the same spec together: [(spec, ascending expert ids)], ordered by bits then first id."""
-    by: dict[QuantSpec, list[int]] = {}
+def group_experts(specs: list[QuantSpec], copies: list[int] | None = None) -> list[tuple[QuantSpec, int, list[int]]]:
+    """Experts with the same (spec, copies) together: [(spec, copies, ascending expert ids)],
+    ordered by bits, then copies, then first id."""
+    copies = copies or [1] * len(specs)
+    by: dict[tuple[QuantSpec, int], list[int]] = {}
     for e, s in enumerate(specs):
-        by.setdefault(s, []).append(e)
-    return sorted(by.items(), key=lambda kv: (float(kv[0].bits), kv[1][0]))
+        by.setdefault((s, int(copies[e])), []).append(e)
+    return [(s, n, ids) for (s, n), ids in sorted(by.items(), key=lambda kv: (float(kv[0][0].bits), kv[0][1], kv[1][0]))]
 
 
-def quantize_experts(w: mx.array, specs: list[QuantSpec], dtype: mx.Dtype = mx.float16,
-                     quantize=None) -> tuple[dict[str, mx.array], dict]:
+def residual_copies(w: mx.array, spec: QuantSpec, n: int, quantize) -> list[tuple[dict[str, mx.array], dict]]:
+    """(n_g, out, in) float -> ``n`` packed stacks; copy c packs ``W - sum_{j<c} dequant(copy j)``.
+
+    The duplication engine's residual arithmetic (:func:`mlx_dupq.dup.copies.make_copies`), with the
+    recipe's per-stack quantizer ``quantize(w, spec) -> (arrays, entry)``.
+    """
+    from ..quant.packing import unpack
+    from ..quant.qtensor import dequantize
+
+    target = w.astype(mx.float32)
+    out = []
+    for c in range(n):
+        arrays, entry = quantize(target, spec)
+        mx.eval(arrays)
+        out.append((arrays, entry))
+        if c < n - 1:
+            target = target - dequantize(unpack(arrays, dict(entry, shape=list(target.shape))))
+    return out
+
+
+def _check_inputs(w: mx.array, specs: list, copies: list[int] | None, rotation) -> None:
+    if w.ndim != 3 or len(specs) != w.shape[0]:
+        raise DupqError(f"expert bit widths: {len(specs)} specs for a stack of shape {tuple(w.shape)}; give one per expert")
+    if copies is not None and (len(copies) != w.shape[0] or any(int(c) < 1 for c in copies)):
+        raise DupqError(f"expert copies {list(copies)} do not fit {w.shape[0]} experts; give one count >= 1 per expert")
+    if rotation is not None and rotation.size != w.shape[-1]:
+        raise DupqError(f"a rotation of width {rotation.size} cannot rotate experts with {w.shape[-1]} inputs")
+
+
+def quantize_experts(w: mx.array, specs: list[QuantSpec], dtype: mx.Dtype = mx.float16, quantize=None,
+                     copies: list[int] | None = None, rotation=None) -> tuple[dict[str, mx.array], dict]:
     """Stacked experts (E, out, in) with one spec per expert -> (arrays, moe_mixed entry).
 
-    ``quantize(w_group, spec) -> (arrays, entry)`` packs one group (default: round to nearest).
-    Array names are ``groups.<g>.<param>``.
+    ``quantize(w_group, spec) -> (arrays, entry)`` packs one group (default: round to nearest);
+    ``copies``: residual copies per expert (E,) ints, default all 1; ``rotation``: a
+    :class:`~mlx_dupq.rotation.Rotation` of width ``in`` (the stacks store ``W R``).
+    Array names are ``groups.<g>.<param>`` (one copy) or ``groups.<g>.copies.<c>.<param>``.
     """
     from .quant_linear import quantize_tensor
 
-    if w.ndim != 3 or len(specs) != w.shape[0]:
-        raise DupqError(f"expert bit widths: {len(specs)} specs for a stack of shape {tuple(w.shape)}; give one per expert")
+    _check_inputs(w, specs, copies, rotation)
     quantize = quantize or (lambda wg, s: quantize_tensor(wg.astype(mx.float32), s, dtype))
+    if rotation is not None:
+        w = rotation.apply(w.astype(mx.float32))
     arrays: dict[str, mx.array] = {}
     groups = []
-    for g, (spec, ids) in enumerate(group_experts(specs)):
-        a, entry = quantize(w[mx.array(ids)], spec)
-        arrays.update({f"groups.{g}.{k}": v for k, v in a.items()})
-        groups.append({"experts": ids, "entry": entry})
+    for g, (spec, n, ids) in enumerate(group_experts(specs, copies)):
+        packed = residual_copies(w[mx.array(ids)], spec, n, quantize)
+        if n == 1:
+            arrays.update({f"groups.{g}.{k}": v for k, v in packed[0][0].items()})
+            groups.append({"experts": ids, "entry": packed[0][1]})
+            continue
+        for c, (a, _) in enumerate(packed):
+            arrays.update({f"groups.{g}.copies.{c}.{k}": v for k, v in a.items()})
+        groups.append({"experts": ids, "copies": [e for _, e in packed]})
     bits = [float(s.bits) for s in specs]
     entry = {
         "format": FORMAT_MOE_MIXED,
@@ -66,6 +117,10 @@ def quantize_experts(w: mx.array, specs: list[QuantSpec], dtype: mx.Dtype = mx.f
         "expert_bits": bits,
         "groups": groups,
     }
+    if copies is not None and max(copies) > 1:
+        entry["expert_copies"] = [int(c) for c in copies]
+    if rotation is not None:
+        entry["rotation"] = rotation.to_dict()
     return arrays, entry
 
 
@@ -86,21 +141,60 @@ def _local_maps(groups: list[dict], num_experts: int) -> tuple[np.ndarray, np.nd
     return owner, local
 
 
+class ResidualSwitch(nn.Module):
+    """One expert group stored as residual copies: ``y = sum_c copy_c(x, indices)``.
+
+    copies: packed switch modules of one (n_g, out, in) stack each (parameters ``copies.<c>.*``).
+    """
+
+    def __init__(self, copies: list[nn.Module]):
+        super().__init__()
+        self.copies = list(copies)
+        self.freeze()
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        ys = [c(x, indices, sorted_indices=sorted_indices) for c in self.copies]
+        return sum(ys[1:], ys[0])
+
+    def dequantized(self) -> mx.array:
+        """Float32 (n_g, out, in): the sum of the copies' weights."""
+        ws = [dequantize_switch(c) for c in self.copies]
+        return sum(ws[1:], ws[0])
+
+
+def _group_module(grp: dict, out: int, n: int) -> nn.Module:
+    """The module of one moe_mixed group (see module doc), bias-free."""
+    from .quant_linear import build_module
+
+    shape = (len(grp["experts"]), out, n)
+    if "copies" in grp:
+        if not grp["copies"]:
+            raise DupqError("a moe_mixed group lists no copies; the pack is damaged, convert it again")
+        return ResidualSwitch([build_module("switch_linear", shape, e) for e in grp["copies"]])
+    if "entry" not in grp:
+        raise DupqError("a moe_mixed group has neither 'entry' nor 'copies'; the pack is damaged, convert it again")
+    return build_module("switch_linear", shape, grp["entry"])
+
+
 class MixedSwitchLinear(SwitchShape, nn.Module):
-    """Stacked experts with per-expert bit widths; called like mlx-lm's ``SwitchLinear``."""
+    """Stacked experts with per-expert bit widths, copies and input rotation; called like mlx-lm's
+    ``SwitchLinear``: x (..., 1 or k, 1, in), indices (..., k) -> (..., k, 1, out)."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, entry: dict, bias: bool = False):
         super().__init__()
-        from .quant_linear import build_module
-
         if entry.get("format") != FORMAT_MOE_MIXED or not entry.get("groups"):
             raise DupqError(f"MixedSwitchLinear needs a {FORMAT_MOE_MIXED!r} entry with groups; the pack is damaged")
         object.__setattr__(self, "entry", dict(entry, shape=[num_experts, output_dims, input_dims]))
         owner, local = _local_maps(entry["groups"], num_experts)
-        self.groups = [
-            build_module("switch_linear", (len(g["experts"]), output_dims, input_dims), g["entry"], bias)
-            for g in entry["groups"]
-        ]
+        self.groups = [_group_module(g, output_dims, input_dims) for g in entry["groups"]]
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+        rot = None
+        if entry.get("rotation"):
+            from ..rotation import make_rotation
+
+            rot = make_rotation(entry["rotation"], input_dims)
+        object.__setattr__(self, "rotation", rot)
         object.__setattr__(self, "_owner", mx.array(owner))
         object.__setattr__(self, "_local", mx.array(local))
         self.freeze()
@@ -109,11 +203,25 @@ class MixedSwitchLinear(SwitchShape, nn.Module):
     def expert_bits(self) -> list[float]:
         return list(self.entry["expert_bits"])
 
+    @property
+    def expert_copies(self) -> list[int]:
+        return list(self.entry.get("expert_copies") or [1] * self.num_experts)
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)
+
+        groups = route.mixed_groups(self)
+        y = route.switch(self, groups, x, indices) if groups else None
+        if y is None:
+            y = self._grouped(x if self.rotation is None else self.rotation.apply(x), indices, sorted_indices)
+        return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
+
+    def _grouped(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """The mlx path on (rotated) x: one gather matmul per group (and copy), merged by mask."""
         if mx.default_device() == mx.cpu and indices.size >= CPU_DENSE_MIN_ROWS * self.num_experts:
             # CPU prefill: >= 16 rows per expert on average -> dequantize each expert once and use BLAS
             # (the dense-linear rule of quant_linear, per expert); decode keeps the packed kernels
-            w = self.dequantized().astype(x.dtype).swapaxes(-1, -2)
+            w = self.stored_dequantized().astype(x.dtype).swapaxes(-1, -2)
             return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
         if len(self.groups) == 1:
             return self.groups[0](x, self._local[0][indices], sorted_indices=sorted_indices)
@@ -125,18 +233,28 @@ class MixedSwitchLinear(SwitchShape, nn.Module):
             y = mx.where(mask, yg, 0.0) if y is None else mx.where(mask, yg, y)
         return y
 
-    def dequantized(self) -> mx.array:
-        """Float32 (E, out, in) weight (reference path, CPU prefill)."""
+    def stored_dequantized(self) -> mx.array:
+        """Float32 (E, out, in) weight in the stored (rotated) basis, copies summed."""
         parts = [dequantize_switch(mod) for mod in self.groups]
         order = np.argsort(np.concatenate([g["experts"] for g in self.entry["groups"]]))
         return mx.concatenate(parts)[mx.array(order)]
 
+    def dequantized(self) -> mx.array:
+        """Float32 (E, out, in) effective weight in the input's basis: ``Q(W R) R^T`` (reference path)."""
+        w = self.stored_dequantized()
+        return w if self.rotation is None else w @ self.rotation.matrix().T
+
     def _extra_repr(self) -> str:
-        return f"shape={tuple(self.entry['shape'])}, expert_bits={sorted(set(self.entry['expert_bits']))}"
+        extra = ""
+        if "expert_copies" in self.entry:
+            extra += f", copies={sorted(set(self.entry['expert_copies']))}"
+        if self.rotation is not None:
+            extra += f", rotation={self.rotation.kind}"
+        return f"shape={tuple(self.entry['shape'])}, expert_bits={sorted(set(self.entry['expert_bits']))}{extra}"
 
 
 def dequantize_switch(mod: nn.Module) -> mx.array:
-    """Float32 weight of any switch module (float, mlx-quantized, dupq, mixed)."""
+    """Float32 weight of any switch module (float, mlx-quantized, dupq, mixed: its effective weight)."""
     if hasattr(mod, "dequantized"):
         return mod.dequantized().astype(mx.float32)
     if "scales" in mod:

@@ -7,11 +7,17 @@ budget, candidates are taken in that order (by frequency inside a group); ``budg
 *routed-expert* weight bits as a share of the undup'ed routed-expert bits (0.3 = +30 %). The
 copies themselves are the duplication engine's residual copies (:mod:`mlx_dupq.moe.experts`).
 Honest bits: :func:`copies_bits` counts every copy, shared ones included.
+
+Packs (:func:`expert_copies`, used by the ``[moe] dup_budget`` option): the converter has only the
+calibration routing, not per-genre routing, so the groups come from frequency alone
+(:func:`frequency_groups`: always / hot / general / rare; no "domain" experts).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .stats import RARE_SHARE, frequency_class
 
 ALWAYS_SHARE = 0.5  # routed for >= half of the tokens
 POLICY = {"always": 3, "hot": 2, "domain": 2, "general": 1, "rare": 1}
@@ -60,3 +66,33 @@ def copies_bits(plan: dict[int, dict[int, int]], n_experts: dict[int, int], expe
         "extra_share": routed / base - 1.0,
         "shared_extra_bits": shared_bits * (shared_copies - 1) * len(n_experts),
     }
+
+
+def frequency_groups(freq: np.ndarray, k: int) -> list[str]:
+    """(E,) assignment shares of one layer -> its experts' groups from frequency alone: always /
+    hot / general, or rare when the share is below ``RARE_SHARE`` of the uniform share."""
+    E = len(freq)
+    cls = frequency_class(freq)
+    return [expert_group(float(f), k, c, "rare" if f < RARE_SHARE / E else "general") for f, c in zip(freq, cls)]
+
+
+def expert_copies(freqs: dict[int, np.ndarray], ks: dict[int, int], budget: float) -> dict[int, np.ndarray]:
+    """{layer: (E,) shares}, {layer: top-k} -> {layer: (E,) int copies per expert} (1 = no copy)
+    under the group policy within ``budget`` extra copies per routed expert (:func:`plan_copies`)."""
+    groups = {l: frequency_groups(f, ks[l]) for l, f in freqs.items()}
+    plan = plan_copies(freqs, groups, budget)
+    out = {}
+    for l, f in freqs.items():
+        c = np.ones(len(f), dtype=np.int64)
+        for e, n in plan[l].items():
+            c[e] = n
+        out[l] = c
+    return out
+
+
+def shared_dup_plan(n: int):
+    """(DupPlan, copy specs) that store a shared-expert linear as ``n`` residual copies: the dense
+    duplication engine's ``DupLinear`` (:func:`mlx_dupq.dup.convert.quantize_dup_linear`)."""
+    from ..dup.specs import CopySpec, DupPlan
+
+    return DupPlan(mode="residual"), tuple(CopySpec() for _ in range(n))

@@ -8,6 +8,12 @@ calibration text (routing frequency or the F6.2 sensitivity score), prices every
 model with the exact byte count the packer will write (:func:`stored_bits`), and raises experts
 greedily -- best score first, across layers -- while the predicted all-in bpw stays within budget.
 
+Copies and rotation (F6.5, ``dup_budget`` / ``shared_copies`` / ``rotation``): routed experts get
+residual copies by the group policy of :mod:`mlx_dupq.moe.duplication` (frequency-based groups from
+the same calibration routing), each copy priced like one more expert at its width; an expert with
+copies keeps ``low_bits`` (its copies are its extra precision) and is never raised. Each shared-expert
+linear costs ``shared_copies`` times its spec. A rotation changes no stored byte.
+
 The converter (:func:`mlx_dupq.pipeline.convert`) packs each switch layer with its experts' specs
 (:mod:`mlx_dupq.layers.moe_linear`). The scores need one float forward pass over the calibration
 windows, so the source model is loaded once in full before streaming (an MoE conversion therefore
@@ -57,7 +63,11 @@ class ExpertPlan:
     """Per switch layer the bits of each expert, per shared-expert linear its spec."""
 
     expert_bits: dict[str, list[float]] = field(default_factory=dict)  # switch path -> bits per expert
+    expert_copies: dict[str, list[int]] = field(default_factory=dict)  # switch path -> copies per expert
     linear_specs: dict[str, QuantSpec] = field(default_factory=dict)  # shared-expert linears
+    linear_copies: dict[str, int] = field(default_factory=dict)  # shared-expert linears with >= 2 copies
+    rotation: str = "none"  # expert input rotation kind
+    seed: int = 0
     scores: dict[int, list[float]] = field(default_factory=dict)  # layer -> score per expert
     predicted_bpw: float = 0.0
     floor_bpw: float = 0.0  # every routed expert at low_bits
@@ -66,6 +76,19 @@ class ExpertPlan:
     def expert_specs(self, path: str, default: QuantSpec) -> list[QuantSpec] | None:
         bits = self.expert_bits.get(path)
         return None if bits is None else [QuantSpec(b, default.group_size, default.symmetric) for b in bits]
+
+    def copies_for(self, path: str) -> list[int] | None:
+        """Residual copies per expert of a switch layer, or None when none of its experts has copies."""
+        c = self.expert_copies.get(path)
+        return None if c is None or max(c) == 1 else list(c)
+
+    def rotation_for(self, n: int):
+        """The experts' input :class:`~mlx_dupq.rotation.Rotation` of width ``n``, or None."""
+        if self.rotation == "none":
+            return None
+        from .experts import expert_rotation
+
+        return expert_rotation(self.rotation, n, self.seed)
 
     def summary(self) -> dict:
         per_layer = {}
@@ -78,6 +101,9 @@ class ExpertPlan:
             "floor_bpw": self.floor_bpw,
             "experts_high": {k: int(sum(b > min(v) for b in v)) for k, v in per_layer.items()},
             "expert_bits": per_layer,
+            "expert_copies": {p.split(".switch_mlp.")[0]: c for p, c in self.expert_copies.items() if max(c) > 1},
+            "shared_copies": max(self.linear_copies.values(), default=1),
+            "rotation": self.rotation,
         }
 
 
@@ -86,21 +112,25 @@ def switch_paths(block_path: str, switch: nn.Module) -> list[str]:
 
 
 def allocate(scores: dict[int, np.ndarray], expert_cost: dict[int, tuple[int, int]], fixed_bits: int,
-             n_params: int, budget: float, max_high_fraction: float = 1.0) -> dict[int, np.ndarray]:
+             n_params: int, budget: float, max_high_fraction: float = 1.0,
+             copies: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Greedy budgeted upgrade; pure function.
 
     scores {layer: (E,)}; expert_cost {layer: (bits of one expert at low, at high)} (all its
-    projections); fixed_bits: everything else. Raises experts best score first (ties: lower layer,
+    projections); fixed_bits: everything else; copies {layer: (E,) ints}: an expert with n copies
+    costs n times low and is never raised. Raises experts best score first (ties: lower layer,
     lower id) while ``(fixed + experts) / n_params <= budget``. Returns {layer: (E,) bool raised}.
     """
+    copies = copies or {l: np.ones(len(s), dtype=np.int64) for l, s in scores.items()}
     raised = {l: np.zeros(len(s), dtype=bool) for l, s in scores.items()}
-    total = fixed_bits + sum(expert_cost[l][0] * len(s) for l, s in scores.items())
+    total = fixed_bits + sum(expert_cost[l][0] * int(copies[l].sum()) for l in scores)
     if total / n_params > budget + 1e-9:
         raise DupqError(
-            f"moe budget {budget:g} bpw is below the floor {total / n_params:.3f} bpw (every routed expert at low_bits); "
-            "raise budget or lower the default / embed / lm_head / shared bits of the recipe"
+            f"moe budget {budget:g} bpw is below the floor {total / n_params:.3f} bpw (every routed expert at low_bits, "
+            "with its copies); raise budget, lower dup_budget / shared_copies or the default / embed / lm_head / "
+            "shared bits of the recipe"
         )
-    cands = sorted(((-float(s[e]), l, e) for l, s in scores.items() for e in range(len(s))))
+    cands = sorted(((-float(s[e]), l, e) for l, s in scores.items() for e in range(len(s)) if copies[l][e] == 1))
     cap = {l: int(math.floor(max_high_fraction * len(s) + 1e-9)) for l, s in scores.items()}
     for _, l, e in cands:
         lo, hi = expert_cost[l]
@@ -115,15 +145,42 @@ def allocate(scores: dict[int, np.ndarray], expert_cost: dict[int, tuple[int, in
 def plan_experts(rec: Recipe, skeleton: nn.Module, model: nn.Module, tokenizer) -> ExpertPlan:
     """The expert plan of ``rec.moe`` for a model (``skeleton``: shapes; ``model``: float weights)."""
     moe: MoESpec = rec.moe
-    dtype_bits = {"float16": 16, "bfloat16": 16, "float32": 32}[rec.dtype]
     blocks = find_blocks(skeleton)
+    low, high = moe.spec(moe.low_bits, rec.default), moe.spec(moe.high_bits, rec.default)
+    plan = ExpertPlan(score=moe.score, rotation=moe.rotation, seed=moe.seed)
+    fixed, n_params, costs = _price(rec, skeleton, blocks, plan)
+
+    scores, freqs = expert_scores(model, tokenizer, moe, low, with_frequency=moe.dup_budget > 0)
+    plan.scores = {l: [float(x) for x in s] for l, s in scores.items()}
+    copies = None
+    if moe.dup_budget > 0:
+        from .duplication import expert_copies
+
+        copies = expert_copies(freqs, {b.layer: b.k for b in find_blocks(model)}, moe.dup_budget)
+    copies = copies or {b.layer: np.ones(b.num_experts, dtype=np.int64) for b in blocks}
+    raised = allocate(scores, costs, fixed, n_params, moe.budget, moe.max_high_fraction, copies)
+    total = fixed
+    for b in blocks:
+        r, c = raised[b.layer], copies[b.layer]
+        bits = [float(high.bits) if r[e] else float(low.bits) for e in range(b.num_experts)]
+        total += int(sum(c[e] * costs[b.layer][1 if r[e] else 0] for e in range(b.num_experts)))
+        for p in switch_paths(b.path, b.switch):
+            plan.expert_bits[p] = bits
+            plan.expert_copies[p] = [int(x) for x in c]
+    plan.predicted_bpw = total / n_params
+    plan.floor_bpw = (fixed + sum(costs[b.layer][0] * int(copies[b.layer].sum()) for b in blocks)) / n_params
+    return plan
+
+
+def _price(rec: Recipe, skeleton: nn.Module, blocks: list, plan: ExpertPlan) -> tuple[int, int, dict]:
+    """(fixed bits of everything but the routed experts, parameter count, {layer: [bits of one
+    expert at low, at high]}); fills ``plan.linear_specs`` / ``plan.linear_copies`` (shared experts)."""
+    moe: MoESpec = rec.moe
+    dtype_bits = {"float16": 16, "bfloat16": 16, "float32": 32}[rec.dtype]
     mods = dict(skeleton.named_modules())
     low, high, shared = (moe.spec(b, rec.default) for b in (moe.low_bits, moe.high_bits, moe.shared_bits))
     switch = {p: b.layer for b in blocks for p in switch_paths(b.path, b.switch)}
-
-    plan = ExpertPlan(score=moe.score)
-    fixed = 0
-    n_params = 0
+    fixed = n_params = 0
     expert_cost: dict[int, list[int]] = {b.layer: [0, 0] for b in blocks}
     from ..pipeline import module_kind
 
@@ -143,24 +200,12 @@ def plan_experts(rec: Recipe, skeleton: nn.Module, model: nn.Module, tokenizer) 
             c[1] += stored_bits(shape, high, dtype_bits) // E
         elif re.search(SHARED_PATTERN, "." + path + "."):
             plan.linear_specs[path] = shared
-            fixed += stored_bits(shape, shared, dtype_bits)
+            if moe.shared_copies > 1:
+                plan.linear_copies[path] = moe.shared_copies
+            fixed += stored_bits(shape, shared, dtype_bits) * moe.shared_copies
         else:
             fixed += stored_bits(shape, spec, dtype_bits)
-
-    scores = expert_scores(model, tokenizer, moe, low)
-    plan.scores = {l: [float(x) for x in s] for l, s in scores.items()}
-    costs = {l: tuple(c) for l, c in expert_cost.items()}
-    raised = allocate(scores, costs, fixed, n_params, moe.budget, moe.max_high_fraction)
-    total = fixed
-    for b in blocks:
-        r = raised[b.layer]
-        bits = [float(high.bits) if r[e] else float(low.bits) for e in range(b.num_experts)]
-        total += int(sum(costs[b.layer][1] if r[e] else costs[b.layer][0] for e in range(b.num_experts)))
-        for p in switch_paths(b.path, b.switch):
-            plan.expert_bits[p] = bits
-    plan.predicted_bpw = total / n_params
-    plan.floor_bpw = (fixed + sum(costs[b.layer][0] * b.num_experts for b in blocks)) / n_params
-    return plan
+    return fixed, n_params, {l: tuple(c) for l, c in expert_cost.items()}
 
 
 def calibration_tokens(tokenizer, moe: MoESpec) -> mx.array:
@@ -169,13 +214,25 @@ def calibration_tokens(tokenizer, moe: MoESpec) -> mx.array:
     return calibration_batches(tokenizer, load_text(moe.calib_data), moe.calib_samples, moe.calib_seq_len, moe.seed)
 
 
-def expert_scores(model: nn.Module, tokenizer, moe: MoESpec, low: QuantSpec) -> dict[int, np.ndarray]:
-    """{layer: (E,) score}: routing share, or the F6.2 sensitivity score at ``low``."""
+def expert_scores(model: nn.Module, tokenizer, moe: MoESpec, low: QuantSpec, with_frequency: bool = False):
+    """{layer: (E,) score}: routing share, or the F6.2 sensitivity score at ``low``.
+
+    ``with_frequency``: returns (scores, {layer: (E,) routing share}) (one routing pass is shared
+    when the score is the frequency); else (scores, None).
+    """
     batches = calibration_tokens(tokenizer, moe)
+    freqs = expert_frequency(model, batches) if (moe.score == "frequency" or with_frequency) else None
     if moe.score == "sensitivity":
         from .sensitivity import expert_sensitivity
 
-        return {l: np.array(d["score"]) for l, d in expert_sensitivity(model, batches, low).items()}
+        scores = {l: np.array(d["score"]) for l, d in expert_sensitivity(model, batches, low).items()}
+    else:
+        scores = freqs
+    return scores, (freqs if with_frequency else None)
+
+
+def expert_frequency(model: nn.Module, batches: mx.array) -> dict[int, np.ndarray]:
+    """{layer: (E,) share of the token-expert assignments} on the calibration batches."""
     from .stats import frequency, record_routing
 
     blocks = {b.layer: b for b in find_blocks(model)}
@@ -192,8 +249,23 @@ def check_moe_recipe(rec: Recipe, skeleton: nn.Module) -> None:
             f"a [moe] recipe quantizes experts with rtn or mse, not {rec.quantizer.method}; set quantizer.method"
         )
     if rec.rotation is not None or rec.duplication is not None:
-        raise DupqError("a [moe] recipe cannot combine with [rotation] or [duplication] yet; remove one of them")
-    find_blocks(skeleton)  # raises when the model has no MoE layers
+        raise DupqError("a [moe] recipe cannot combine with [rotation] or [duplication] yet; for the experts use "
+                        "[moe] rotation / dup_budget / shared_copies instead")
+    blocks = find_blocks(skeleton)  # raises when the model has no MoE layers
+    if rec.moe.rotated:
+        for b in blocks:
+            for p in switch_paths(b.path, b.switch):
+                n = b.switch[p.rpartition(".")[2]]["weight"].shape[-1]
+                _check_rotation(rec.moe, p, n)
+
+
+def _check_rotation(moe: MoESpec, path: str, n: int) -> None:
+    from .experts import expert_rotation
+
+    try:
+        expert_rotation(moe.rotation, n, moe.seed)
+    except DupqError as e:
+        raise DupqError(f"moe rotation {moe.rotation!r} does not fit {path} ({n} inputs): {e}") from None
 
 
 def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module) -> ExpertPlan | None:

@@ -47,19 +47,20 @@ from mlx_dupq.moe import stats as S  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers")  # priority order
-PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2")
+PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot")
 
 
 def pack_recipe(name: str):
     """Shipped recipes, and moe-w2 variants at the same non-expert widths (matched baselines)."""
     import dataclasses
 
-    if name in ("rtn8", "rtn4", "moe-w2"):
+    if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup"):
         return load_recipe(name)
     rec = load_recipe("moe-w2")
     moe = {"experts-w4": dict(low_bits=4, high_bits=4, budget=16.0),  # every routed expert 4-bit
            "experts-w2": dict(high_bits=2),  # every routed expert 2-bit (the plan's floor)
-           "moe-w2-sensitivity": dict(score="sensitivity")}[name]
+           "moe-w2-sensitivity": dict(score="sensitivity"),
+           "moe-w2-rot": dict(rotation="hadamard")}[name]  # experts stored as Q(W H), inputs rotated at run time
     return dataclasses.replace(rec, name=name, moe=dataclasses.replace(rec.moe, **moe))
 INT2 = QuantSpec(2, 64)
 

@@ -17,6 +17,8 @@ run-time rotations are planned up front and recorded in the pack's config.json.
 
 from __future__ import annotations
 
+import re
+
 import shutil
 import time
 from dataclasses import dataclass
@@ -155,6 +157,27 @@ def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, sto
                             copies=moe.copies_for(path), rotation=moe.rotation_for(w.shape[-1]))
 
 
+def sanitize_group(skeleton: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """``skeleton.sanitize`` for the weights of one streamed group (one decoder layer, or the rest).
+
+    Stacks per-expert checkpoint tensors (``mlp.experts.E.up_proj``) into ``switch_mlp``. mlx-lm's
+    qwen2_moe / mixtral / olmoe ``sanitize`` only stacks when *layer 0's* first expert is among the
+    weights (it is written for a whole checkpoint), so a layer's weights are renamed to layer 0,
+    sanitized, and renamed back.
+    """
+    if not hasattr(skeleton, "sanitize"):
+        return weights
+    from .calib_state import layer_prefix
+
+    prefix = layer_prefix(list(weights))
+    if prefix is None:
+        return skeleton.sanitize(weights)
+    zero = re.sub(r"\d+$", "0", prefix)
+    renamed = {zero + k[len(prefix):] if k.startswith(prefix + ".") else k: v for k, v in weights.items()}
+    out = skeleton.sanitize(renamed)
+    return {prefix + k[len(zero):] if k.startswith(zero + ".") else k: v for k, v in out.items()}
+
+
 def _fail_write(path: Path, e: OSError) -> DupqError:
     return DupqError(
         f"could not write {path} ({e.strerror or e}); free disk space or choose another output "
@@ -277,10 +300,10 @@ def convert(
     if head is not None:  # the calibrated head goes last: it needs the final hidden states
         groups = groups[: head[0]] + groups[head[0] + 1 :] + [groups[head[0]]]
     moe = None
-    if rec.moe is not None:  # expert-wise precision: score the experts once on the float model (SPEC F6.4)
-        from .moe.precision import plan_for_convert
+    if rec.moe is not None:  # expert-wise precision: score the experts on calibration text (SPEC F6.4)
+        from .moe.precision import plan_for_convert, scoring_message
 
-        (progress or (lambda *a: None))(f"scoring experts ({rec.moe.score}) on {rec.moe.calib_data}", 0, len(groups))
+        (progress or (lambda *a: None))(scoring_message(rec), 0, len(groups))
         moe = plan_for_convert(rec, model, skeleton)
 
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
@@ -305,8 +328,7 @@ def convert(
         weights = {k: src.get(k) for k in keys}
         if plan is not None:
             weights = plan.fold_group(gname, {k: v.astype(mx.float32) for k, v in weights.items()})
-        if hasattr(skeleton, "sanitize"):
-            weights = skeleton.sanitize(weights)
+        weights = sanitize_group(skeleton, weights)
         n_params = sum(int(v.size) for v in weights.values()) if weights else 0
         arrays, entries = {}, {}
         try:

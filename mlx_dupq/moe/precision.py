@@ -15,9 +15,10 @@ copies keeps ``low_bits`` (its copies are its extra precision) and is never rais
 linear costs ``shared_copies`` times its spec. A rotation changes no stored byte.
 
 The converter (:func:`mlx_dupq.pipeline.convert`) packs each switch layer with its experts' specs
-(:mod:`mlx_dupq.layers.moe_linear`). The scores need one float forward pass over the calibration
-windows, so the source model is loaded once in full before streaming (an MoE conversion therefore
-peaks at the float model's size, unlike the dense streaming path).
+(:mod:`mlx_dupq.layers.moe_linear`). The frequency score streams like the dense converter
+(:func:`stream_frequency`: one float decoder layer at a time plus the calibration hidden states);
+the sensitivity score needs gradients through the whole model, so it loads the float source in
+full (that conversion peaks at the float model's size).
 """
 
 from __future__ import annotations
@@ -145,18 +146,27 @@ def allocate(scores: dict[int, np.ndarray], expert_cost: dict[int, tuple[int, in
 def plan_experts(rec: Recipe, skeleton: nn.Module, model: nn.Module, tokenizer) -> ExpertPlan:
     """The expert plan of ``rec.moe`` for a model (``skeleton``: shapes; ``model``: float weights)."""
     moe: MoESpec = rec.moe
+    low = moe.spec(moe.low_bits, rec.default)
+    scores, freqs = expert_scores(model, tokenizer, moe, low, with_frequency=moe.dup_budget > 0)
+    return plan_from_scores(rec, skeleton, scores, freqs)
+
+
+def plan_from_scores(rec: Recipe, skeleton: nn.Module, scores: dict[int, np.ndarray],
+                     freqs: dict[int, np.ndarray] | None = None) -> ExpertPlan:
+    """The expert plan of ``rec.moe`` from the experts' scores {layer: (E,)} (and, for
+    ``dup_budget``, their routing shares {layer: (E,)}); ``skeleton`` gives the shapes only."""
+    moe: MoESpec = rec.moe
     blocks = find_blocks(skeleton)
     low, high = moe.spec(moe.low_bits, rec.default), moe.spec(moe.high_bits, rec.default)
     plan = ExpertPlan(score=moe.score, rotation=moe.rotation, seed=moe.seed)
     fixed, n_params, costs = _price(rec, skeleton, blocks, plan)
 
-    scores, freqs = expert_scores(model, tokenizer, moe, low, with_frequency=moe.dup_budget > 0)
     plan.scores = {l: [float(x) for x in s] for l, s in scores.items()}
     copies = None
     if moe.dup_budget > 0:
         from .duplication import expert_copies
 
-        copies = expert_copies(freqs, {b.layer: b.k for b in find_blocks(model)}, moe.dup_budget)
+        copies = expert_copies(freqs, {b.layer: b.k for b in blocks}, moe.dup_budget)
     copies = copies or {b.layer: np.ones(b.num_experts, dtype=np.int64) for b in blocks}
     raised = allocate(scores, costs, fixed, n_params, moe.budget, moe.max_high_fraction, copies)
     total = fixed
@@ -268,11 +278,33 @@ def _check_rotation(moe: MoESpec, path: str, n: int) -> None:
         raise DupqError(f"moe rotation {moe.rotation!r} does not fit {path} ({n} inputs): {e}") from None
 
 
-def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module) -> ExpertPlan | None:
-    """The expert plan for ``convert``: loads the float source once and scores its experts."""
+def scoring_message(rec: Recipe) -> str:
+    """The converter's progress line for scoring the experts of ``rec.moe``."""
+    moe: MoESpec = rec.moe
+    how = ("streamed one layer at a time" if moe.score == "frequency"
+           else "loads the whole float model: the score needs gradients through every layer")
+    return f"scoring experts ({moe.score}) on {moe.calib_data}, {how}"
+
+
+def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module, progress=None) -> ExpertPlan | None:
+    """The expert plan for ``convert``: scores the experts of the float source ``model_ref``.
+
+    ``score = "frequency"`` streams the source one decoder layer at a time (:func:`stream_frequency`);
+    ``"sensitivity"`` loads the whole float model (it back-propagates through every layer).
+    ``progress(message, done, total)`` hears one line per streamed layer.
+    """
     if rec.moe is None:
         return None
     check_moe_recipe(rec, skeleton)
+    moe: MoESpec = rec.moe
+    if moe.score == "frequency":
+        from ..io.loader import _tokenizer
+        from ..io.source import open_source
+
+        src = open_source(model_ref)
+        batches = calibration_tokens(_tokenizer(src.tokenizer_dir(), src.config), moe)
+        freqs = stream_frequency(src, skeleton, batches, progress=progress)
+        return plan_from_scores(rec, skeleton, freqs, freqs)
     from ..io.loader import _tokenizer, load_model
 
     model, config, tok_dir = load_model(model_ref, compute_dtype="float32")
@@ -281,3 +313,73 @@ def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module) -> ExpertPlan 
     finally:
         del model
         mx.clear_cache()
+
+
+def stream_frequency(src, skeleton: nn.Module, batches: mx.array, batch: int = 4,
+                     progress=None) -> dict[int, np.ndarray]:
+    """{layer: (E,) routing share} on ``batches`` (n, T), streaming the float weights of ``src``.
+
+    The same shares as :func:`expert_frequency` on the loaded float model, without loading it: the
+    float32 embedding rows of the tokens start the hidden states h (n, T, hidden); then for each
+    decoder layer up to the last MoE one, only that layer's weights are read from ``src`` (experts
+    stacked by :func:`mlx_dupq.pipeline.sanitize_group`) into ``skeleton``'s layer in float32, h is run through it
+    (causal mask, ``batch`` sequences at a time) while its router's picks are recorded
+    (:mod:`mlx_dupq.moe.routing`), and the layer gets its original (lazy, never evaluated)
+    parameters back. Peak memory: one layer + h + the embedding while h is built.
+    """
+    from ..calib import run_layer
+    from ..calib_state import EMBED_KEY_RE, layer_prefix
+    from ..pipeline import sanitize_group
+    from .routing import Routing, install, layers_of, uninstall
+    from .stats import frequency
+
+    blocks = {b.layer: b for b in find_blocks(skeleton)}
+    layers = layers_of(skeleton)
+    groups = dict(src.groups())
+    embed = [k for k in groups.get("other", []) if EMBED_KEY_RE.search(k)]
+    if not embed:
+        raise DupqError(f"{src.name} has no token embedding (model.embed_tokens.weight), so the experts cannot be "
+                        "scored; convert the original float model")
+    w = src.get(embed[0])
+    h = w.astype(mx.float32)[batches]
+    mx.eval(h)
+    del w
+    say = progress or (lambda *a: None)
+    last = max(blocks)
+    record: list = []
+    install(skeleton, Routing(record=record))
+    freqs: dict[int, np.ndarray] = {}
+    try:
+        for i in range(last + 1):
+            keys = groups.get(f"layer.{i}")
+            if not keys:
+                raise DupqError(f"{src.name} has no weights for decoder layer {i} of its {len(layers)}; "
+                                "the checkpoint does not match its config.json")
+            say(f"scoring experts: layer {i + 1} of {last + 1}", i, last + 1)
+            prefix = layer_prefix(keys)
+            layer = layers[i]
+            original = layer.parameters()
+            weights = sanitize_group(skeleton, {k: src.get(k) for k in keys})
+            items = [(k[len(prefix) + 1:], v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
+                     for k, v in weights.items()]
+            del weights
+            try:
+                try:
+                    layer.load_weights(items, strict=True)
+                except ValueError as e:
+                    raise DupqError(f"the weights of {src.name} layer {i} do not match its config "
+                                    f"({' '.join(str(e).split())})") from None
+                del items
+                record.clear()
+                h = run_layer(layer, h, batch)
+                if i in blocks:
+                    inds = np.concatenate([np.asarray(r["inds"].reshape(-1, r["inds"].shape[-1]).astype(mx.int32))
+                                           for r in record])
+                    freqs[i] = frequency(inds, blocks[i].num_experts)
+            finally:
+                record.clear()
+                layer.update(original)
+                mx.clear_cache()
+    finally:
+        uninstall(skeleton)
+    return freqs

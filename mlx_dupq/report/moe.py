@@ -137,6 +137,13 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
             rows.append(("Spending bits on hot experts beats uniform 2-bit experts (000 §7.1.4, 002)", "(no number)",
                          f"moe-w2 {w2['bpw']:.3f} bpw PPL {w2['ppl']:.3f} vs all-2-bit experts {fl['bpw']:.3f} bpw PPL {fl['ppl']:.3f}",
                          _verdict(w2["ppl"] < fl["ppl"])))
+        for name, what in (("moe-w2-dup", "residual expert copies (hot experts x2, shared expert x2)"),
+                           ("moe-w2-rot", "Hadamard-rotated experts")):
+            if name in packs and "moe-w2" in packs:
+                p, w2 = packs[name], packs["moe-w2"]
+                rows.append((f"Packed {what} beat moe-w2 within the same 3.0 bpw budget (F6.5, 000 §7.3.3)", "(no number)",
+                             f"{name} {p['bpw']:.3f} bpw PPL {p['ppl']:.3f} vs moe-w2 {w2['bpw']:.3f} bpw PPL {w2['ppl']:.3f}",
+                             _verdict(p["ppl"] < w2["ppl"])))
         r8 = packs.get("rtn8")
         if r8:
             rows.append(("INT8 costs +13.7 % PPL (000 §7.3.3)", "+13.7 %", f"rtn8: {_pct(r8['increase'], 2)}",

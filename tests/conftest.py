@@ -36,3 +36,11 @@ def tiny_dirs(tmp_path_factory):
     """{model_type: path} of tiny random HF model directories (qwen2, llama, deepseek)."""
     root = tmp_path_factory.mktemp("tiny")
     return {t: make_hf_dir(root / t, t) for t in ("qwen2", "llama", "deepseek")}
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory):
+    """A small English calibration file (the MoE tests' default; modules with other text override it)."""
+    p = tmp_path_factory.mktemp("calib_en") / "calib.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. hello world, this is a tiny test corpus. " * 100)
+    return p

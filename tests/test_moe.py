@@ -27,13 +27,6 @@ from tests.tiny import TOKENS, build_model, logits, make_hf_dir, rel_err
 FAMILIES = ("deepseek", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("moe") / "calib.txt"
-    p.write_text("the quick brown fox jumps over the lazy dog. hello world, this is a tiny test corpus. " * 100)
-    return p
-
-
 def _recipe(calib_text, budget=4.0, **kw) -> Recipe:
     rec = load_recipe("moe-w2")
     moe = dataclasses.replace(rec.moe, calib_data=str(calib_text), calib_samples=2, calib_seq_len=64,

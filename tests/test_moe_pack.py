@@ -20,13 +20,6 @@ from mlx_dupq.moe.spec import SHARED_PATTERN, MoESpec
 from tests.tiny import build_model, logits, make_hf_dir, rel_err
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("moe_pack") / "calib.txt"
-    p.write_text("the quick brown fox jumps over the lazy dog. hello world, this is a tiny test corpus. " * 100)
-    return p
-
-
 def _recipe(calib_text, name="moe-w2", **kw):
     rec = load_recipe(name)
     moe = dataclasses.replace(rec.moe, calib_data=str(calib_text), calib_samples=2, calib_seq_len=64, **kw)

@@ -16,16 +16,9 @@ from mlx_dupq.io.loader import _tokenizer, load_model
 from mlx_dupq.io.source import layer_index, open_source
 from mlx_dupq.moe import precision as P
 from mlx_dupq.pipeline import build_skeleton
-from tests.tiny import make_hf_dir
+from tests.tiny import make_hf_dir, unstack_experts
 
 FAMILIES = ("deepseek", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("moe_stream") / "calib.txt"
-    p.write_text("the quick brown fox jumps over the lazy dog. hello world, this is a tiny test corpus. " * 100)
-    return p
 
 
 def _recipe(calib_text, **kw):
@@ -71,16 +64,7 @@ def _unstack(path, model_type):
     f = path / "model.safetensors"
     w = dict(mx.load(str(f)))
     mx.eval(w)  # read before the file is overwritten
-    out = {}
-    for k, v in w.items():
-        if ".switch_mlp." in k:
-            head, proj = k.split(".switch_mlp.")
-            proj = proj.split(".")[0]
-            for e in range(v.shape[0]):
-                out[f"{head}.experts.{e}.{proj}.weight"] = v[e]
-        else:
-            out[k] = v
-    mx.save_safetensors(str(f), out, metadata={"format": "pt"})
+    mx.save_safetensors(str(f), unstack_experts(w), metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -75,20 +75,24 @@ def make_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def _hf_names(model_type: str, weights: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
-    """mlx-lm parameter names -> Hugging Face names (DeepSeek experts unstacked)."""
-    if model_type != "deepseek":
-        return weights
+def unstack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Stacked ``<block>.switch_mlp.<proj>.weight`` (E, out, in) -> one tensor per expert,
+    ``<block>.experts.<e>.<proj>.weight`` (the Hugging Face checkpoint names); other names unchanged."""
     out = {}
     for k, v in weights.items():
-        if ".mlp.switch_mlp." in k:
-            prefix, proj = k.split(".mlp.switch_mlp.")
+        if ".switch_mlp." in k:
+            head, proj = k.split(".switch_mlp.")
             proj = proj.split(".")[0]
             for e in range(v.shape[0]):
-                out[f"{prefix}.mlp.experts.{e}.{proj}.weight"] = v[e]
+                out[f"{head}.experts.{e}.{proj}.weight"] = v[e]
         else:
             out[k] = v
     return out
+
+
+def _hf_names(model_type: str, weights: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
+    """mlx-lm parameter names -> Hugging Face names (DeepSeek experts unstacked)."""
+    return unstack_experts(weights) if model_type == "deepseek" else weights
 
 
 def build_model(model_type: str, seed: int = 0, **overrides):

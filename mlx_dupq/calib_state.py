@@ -54,8 +54,12 @@ class Calibration:
                 self.h = w.astype(mx.float32)[self.tokens]
                 mx.eval(self.h)
 
-    def capture(self, layer: nn.Module, prefix: str, weights: dict[str, mx.array], online: dict[str, dict]):
-        """Load the float layer, wrap its online rotations, return ({full path: LinearStats}, wrapped)."""
+    def capture(self, layer: nn.Module, prefix: str, weights: dict[str, mx.array], online: dict[str, dict],
+                switch: bool = False):
+        """Load the float layer, wrap its online rotations, return ({full path: LinearStats}, wrapped).
+
+        ``switch``: also record per-expert statistics of its switch layers (``[moe]`` recipes):
+        :class:`~mlx_dupq.calib.SwitchStats` under the switch layer's path."""
         if self.h is None:
             raise DupqError("calibration needs the embedding before the first layer; this model's layout is not supported")
         from .layers.online_rotation import apply_online_rotations
@@ -65,7 +69,7 @@ class Calibration:
         _set_weights(layer, prefix, weights, set())
         if rel_online:
             apply_online_rotations(layer, rel_online)
-        stats = layer_input_hessians(layer, self.h)
+        stats = layer_input_hessians(layer, self.h, switch=switch)
         full = {f"{prefix}.{p.removesuffix('.linear')}": s for p, s in stats.items()}
         return full, wrapped
 

@@ -124,8 +124,10 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
 
             dplan, copy_specs = shared_dup_plan(moe.linear_copies[path])
         if expert_specs is not None:
-            q_arrays, entry = _quantize_switch(w, path, expert_specs, moe, rec, storage)
-            fitted = spec  # the entry records its own groups (moe recipes are never calibrated: keep is False)
+            q_arrays, entry, wq = _quantize_switch(w, path, expert_specs, moe, rec, storage, stats.get(path), keep)
+            fitted = spec  # the entry records its own groups
+            if keep:
+                dequantized[key] = wq
         elif copy_specs is not None:
             q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dplan, storage, stats.get(path), keep,
                                                       rec.quantizer)
@@ -147,14 +149,71 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
     return arrays, entries, dequantized
 
 
-def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, storage) -> tuple[dict, dict]:
-    """A switch layer (E, out, in) with the expert plan's widths, copies and rotation -> (arrays, moe_mixed entry)."""
+def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, storage, stats=None,
+                     keep: bool = False) -> tuple[dict, dict, mx.array | None]:
+    """A switch layer (E, out, in) with the expert plan's widths, copies and rotation
+    -> (arrays, moe_mixed entry, when ``keep`` the dequantized (E, out, in) float32 weight).
+
+    A calibrated quantizer (gptq, awq) with the layer's :class:`~mlx_dupq.calib.SwitchStats` quantizes
+    each expert's first copy on its own against that expert's statistics (:func:`_expert_quantizer`);
+    without statistics (or for residual copies >= 2) it falls back to ``mse`` like any stacked weight.
+    """
     from .layers.moe_linear import quantize_experts
 
+    rotation = moe.rotation_for(w.shape[-1])
     quantize = (None if rec.quantizer.method == "rtn"
                 else lambda wg, s: pack(quantize_weight(wg.astype(mx.float32), s, storage, rec.quantizer, None)))
-    return quantize_experts(w, [s.fit(w.shape[-1]) for s in expert_specs], storage, quantize=quantize,
-                            copies=moe.copies_for(path), rotation=moe.rotation_for(w.shape[-1]))
+    first, fallback = None, []
+    if rec.quantizer.calibrated and stats is not None:
+        first = _expert_quantizer(stats, rec.quantizer, storage, rotation, fallback)
+    arrays, entry = quantize_experts(w, [s.fit(w.shape[-1]) for s in expert_specs], storage, quantize=quantize,
+                                     copies=moe.copies_for(path), rotation=rotation, first_copy=first)
+    if first is not None:  # experts no calibration row reached (quantized with mse)
+        entry["calib_fallback_experts"] = sorted(fallback)
+    wq = None
+    if keep:
+        from .layers.quant_linear import build_module
+
+        m = build_module("switch_linear", tuple(w.shape), entry)
+        m.load_weights(list(arrays.items()))
+        wq = m.dequantized()  # in the input's basis: Q(W R) R^T
+    return arrays, entry, wq
+
+
+def _expert_quantizer(stats, quantizer, storage, rotation, fallback: list[int]):
+    """``first_copy(w_group (n_g, out, in), spec, ids) -> (arrays, entry)`` for
+    :func:`~mlx_dupq.layers.moe_linear.quantize_experts`: expert ``ids[i]`` is quantized alone,
+    (out, in), with ``quantize_weight`` and its own :class:`~mlx_dupq.calib.LinearStats`
+    (``stats.expert(e)``; in the rotated basis ``R^T H R`` when the experts are rotated), and the
+    QTensors are stacked and packed. An expert without statistics gets ``mse`` and its id is
+    appended to ``fallback``. Per-tensor specs (one scale for the whole stack) stay stacked ``mse``.
+    """
+    import dataclasses
+
+    from .quant.qtensor import QTensor
+
+    R = None if rotation is None else rotation.matrix()
+
+    def first_copy(wg: mx.array, spec, ids: list[int]):
+        if spec.group_size == -1:
+            fallback.extend(ids)
+            return pack(quantize_weight(wg.astype(mx.float32), spec, storage, quantizer, None))
+        qts = []
+        for i, e in enumerate(ids):
+            st = stats.expert(e)
+            if st is None:
+                fallback.append(e)
+            elif R is not None:  # x R is what the stored W R sees; E|x R| is not kept, its RMS stands in
+                h = R.T @ st.hessian @ R
+                st = dataclasses.replace(st, hessian=h, mean_abs=mx.sqrt(mx.maximum(mx.diagonal(h), 0.0)))
+            qt = quantize_weight(wg[i].astype(mx.float32), spec, storage, quantizer, st)
+            mx.eval(qt.codes, qt.scales, *([] if qt.biases is None else [qt.biases]))
+            qts.append(qt)
+        return pack(QTensor(codes=mx.stack([q.codes for q in qts]), scales=mx.stack([q.scales for q in qts]),
+                            biases=None if qts[0].biases is None else mx.stack([q.biases for q in qts]),
+                            spec=qts[0].spec))
+
+    return first_copy
 
 
 def sanitize_group(skeleton: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -339,7 +398,8 @@ def convert(
                     prefix = layer_prefix(list(weights)) if gname.startswith("layer.") else None
                     if prefix is not None:
                         layer = modules[prefix]
-                        stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {})
+                        stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {},
+                                                       switch=moe is not None)
                     elif head is not None and gi == len(groups) - 1:
                         stats = {head[1]: _head_stats(calib, modules, weights, src)}
                 a, e, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None,

@@ -51,11 +51,13 @@ def group_experts(specs: list[QuantSpec], copies: list[int] | None = None) -> li
     return [(s, n, ids) for (s, n), ids in sorted(by.items(), key=lambda kv: (float(kv[0][0].bits), kv[0][1], kv[1][0]))]
 
 
-def residual_copies(w: mx.array, spec: QuantSpec, n: int, quantize) -> list[tuple[dict[str, mx.array], dict]]:
+def residual_copies(w: mx.array, spec: QuantSpec, n: int, quantize,
+                    first=None) -> list[tuple[dict[str, mx.array], dict]]:
     """(n_g, out, in) float -> ``n`` packed stacks; copy c packs ``W - sum_{j<c} dequant(copy j)``.
 
     The duplication engine's residual arithmetic (:func:`mlx_dupq.dup.copies.make_copies`), with the
-    recipe's per-stack quantizer ``quantize(w, spec) -> (arrays, entry)``.
+    recipe's per-stack quantizer ``quantize(w, spec) -> (arrays, entry)``; ``first`` (same signature),
+    when given, packs copy 0 instead.
     """
     from ..quant.packing import unpack
     from ..quant.qtensor import dequantize
@@ -63,7 +65,7 @@ def residual_copies(w: mx.array, spec: QuantSpec, n: int, quantize) -> list[tupl
     target = w.astype(mx.float32)
     out = []
     for c in range(n):
-        arrays, entry = quantize(target, spec)
+        arrays, entry = (first if c == 0 and first is not None else quantize)(target, spec)
         mx.eval(arrays)
         out.append((arrays, entry))
         if c < n - 1:
@@ -81,10 +83,14 @@ def _check_inputs(w: mx.array, specs: list, copies: list[int] | None, rotation) 
 
 
 def quantize_experts(w: mx.array, specs: list[QuantSpec], dtype: mx.Dtype = mx.float16, quantize=None,
-                     copies: list[int] | None = None, rotation=None) -> tuple[dict[str, mx.array], dict]:
+                     copies: list[int] | None = None, rotation=None,
+                     first_copy=None) -> tuple[dict[str, mx.array], dict]:
     """Stacked experts (E, out, in) with one spec per expert -> (arrays, moe_mixed entry).
 
     ``quantize(w_group, spec) -> (arrays, entry)`` packs one group (default: round to nearest);
+    ``first_copy(w_group, spec, ids) -> (arrays, entry)``, when given, packs a group's first (or
+    only) copy knowing its expert ids (ascending; a calibrated quantizer uses each expert's own
+    statistics); later residual copies use ``quantize``;
     ``copies``: residual copies per expert (E,) ints, default all 1; ``rotation``: a
     :class:`~mlx_dupq.rotation.Rotation` of width ``in`` (the stacks store ``W R``).
     Array names are ``groups.<g>.<param>`` (one copy) or ``groups.<g>.copies.<c>.<param>``.
@@ -98,7 +104,8 @@ def quantize_experts(w: mx.array, specs: list[QuantSpec], dtype: mx.Dtype = mx.f
     arrays: dict[str, mx.array] = {}
     groups = []
     for g, (spec, n, ids) in enumerate(group_experts(specs, copies)):
-        packed = residual_copies(w[mx.array(ids)], spec, n, quantize)
+        first = None if first_copy is None else (lambda wg, s, ids=ids: first_copy(wg, s, ids))
+        packed = residual_copies(w[mx.array(ids)], spec, n, quantize, first)
         if n == 1:
             arrays.update({f"groups.{g}.{k}": v for k, v in packed[0][0].items()})
             groups.append({"experts": ids, "entry": packed[0][1]})

@@ -39,6 +39,9 @@ from .routing import find_blocks
 from .spec import SHARED_PATTERN, MoESpec
 
 SWITCH_PROJS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+# quantizers a [moe] recipe takes; gptq quantizes each routed expert against the Hessian of the
+# calibration rows routed to it (mlx_dupq.pipeline._quantize_switch)
+MOE_METHODS = ("rtn", "mse", "gptq")
 
 
 def stored_bits(shape: tuple[int, ...], spec: QuantSpec | None, dtype_bits: int = 16) -> int:
@@ -254,9 +257,9 @@ def check_moe_recipe(rec: Recipe, skeleton: nn.Module) -> None:
     """Refuse what the expert plan cannot do, with one line saying what to change."""
     if rec.moe is None:
         return
-    if rec.quantizer.method not in ("rtn", "mse"):
+    if rec.quantizer.method not in MOE_METHODS:
         raise DupqError(
-            f"a [moe] recipe quantizes experts with rtn or mse, not {rec.quantizer.method}; set quantizer.method"
+            f"a [moe] recipe quantizes experts with rtn, mse or gptq, not {rec.quantizer.method}; set quantizer.method"
         )
     if rec.rotation is not None or rec.duplication is not None:
         raise DupqError("a [moe] recipe cannot combine with [rotation] or [duplication] yet; for the experts use "

@@ -47,14 +47,14 @@ from mlx_dupq.moe import stats as S  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers")  # priority order
-PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot")
+PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot", "moe-gptq2")
 
 
 def pack_recipe(name: str):
     """Shipped recipes, and moe-w2 variants at the same non-expert widths (matched baselines)."""
     import dataclasses
 
-    if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup"):
+    if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup", "moe-gptq2"):
         return load_recipe(name)
     rec = load_recipe("moe-w2")
     moe = {"experts-w4": dict(low_bits=4, high_bits=4, budget=16.0),  # every routed expert 4-bit

@@ -138,7 +138,8 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
                          f"moe-w2 {w2['bpw']:.3f} bpw PPL {w2['ppl']:.3f} vs all-2-bit experts {fl['bpw']:.3f} bpw PPL {fl['ppl']:.3f}",
                          _verdict(w2["ppl"] < fl["ppl"])))
         for name, what in (("moe-w2-dup", "residual expert copies (hot experts x2, shared expert x2)"),
-                           ("moe-w2-rot", "Hadamard-rotated experts")):
+                           ("moe-w2-rot", "Hadamard-rotated experts"),
+                           ("moe-gptq2", "GPTQ (per-expert Hessians of the routed rows)")):
             if name in packs and "moe-w2" in packs:
                 p, w2 = packs[name], packs["moe-w2"]
                 rows.append((f"Packed {what} beat moe-w2 within the same 3.0 bpw budget (F6.5, 000 §7.3.3)", "(no number)",

@@ -66,13 +66,13 @@ class TrainConfig:
     first_k_dense_replace: int = 1
     max_position_embeddings: int = 2048
     # training
-    steps: int = 240
+    steps: int = 1000
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = 8
     seq_len: int = 256
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup: int = 30
+    warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     balance_alpha: float = 0.01

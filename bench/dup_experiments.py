@@ -275,7 +275,9 @@ def main() -> None:
     result = {"rows": []}
     if out.exists():
         result = json.loads(out.read_text())
-    result.update(command="python bench/dup_experiments.py " + " ".join(sys.argv[1:]), model=args.model,
+    command = "python bench/dup_experiments.py " + " ".join(sys.argv[1:])
+    commands = result.get("commands") or ([result["command"]] if "command" in result else [])
+    result.update(command=command, commands=commands + ([command] if command not in commands else []), model=args.model,
                   data=args.data, ctx=args.ctx, windows=args.windows, base=base.to_dict(), embed=EMBED.to_dict())
     done = {(r["table"], r["label"]) for r in result["rows"]}
     memo = {r["key"]: r for r in result["rows"] if "key" in r}  # identical builds are measured once

@@ -83,7 +83,8 @@ def section(d: dict | None, name: str, table: str, title: str) -> list[str]:
     if d is None or not rows(d, table):
         return [f"### {title} ({name})", "", "not measured", ""]
     head = f"### {title} ({name}, base {int(d['base']['bits'])}-bit g64 RTN)"
-    return [head, "", f"`{d['command']}` -- {d['data']}, ctx {d['ctx']}, {d['windows']} windows", "",
+    cmds = " and ".join(f"`{c}`" for c in d.get("commands") or [d["command"]])
+    return [head, "", f"{cmds} -- {d['data']}, ctx {d['ctx']}, {d['windows']} windows", "",
             table_md(d, table), ""]
 
 

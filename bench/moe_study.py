@@ -17,6 +17,8 @@ Parts (one JSON each, ``bench/results/moe_<part>.json``):
   topk         top-k reduction vs quantization at matched weight bytes per token, dynamic k from
                router entropy, fallback expert (F6.6)
   agreement    routing agreement of each pack with the float model (F6.7)
+  contribution how much the float model leans on its MoE blocks: PPL without the routed experts, with
+               k experts drawn at random (router scores kept), without the shared experts, without both
 
 Simulated treatments replace float weights by their dequantized values (:mod:`mlx_dupq.moe.experts`):
 same numbers the packed layers compute with, without a conversion per variant. Perplexity: brown:eval,
@@ -46,7 +48,7 @@ from mlx_dupq.moe import routing as R  # noqa: E402
 from mlx_dupq.moe import stats as S  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers")  # priority order
+PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers", "contribution")  # priority order
 PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot", "moe-gptq2")
 
 
@@ -166,6 +168,20 @@ class Study:
                                    rotation=rotation if isinstance(rotation, str) else None)
 
     # ------------------------------------------------------------------ parts
+    def part_contribution(self) -> dict:
+        """PPL of the float model with parts of every MoE block removed (what the experts carry)."""
+        fp = self.fp_ppl()
+        rows = [{"name": "float (full MoE blocks)", "ppl": fp}]
+        for name, knobs in (("routed experts dropped (shared only)", dict(drop_routed=True)),
+                            ("routed experts drawn at random (router scores kept)", dict(random_experts=0)),
+                            ("shared experts dropped (routed only)", dict(drop_shared=True)),
+                            ("whole MoE FFN dropped", dict(drop_routed=True, drop_shared=True)),
+                            (f"top-1 instead of top-{self.K}", dict(k=1))):
+            rows.append({"name": name, "ppl": self.ppl(**knobs)})
+        for r in rows:
+            r["increase"] = r["ppl"] / fp - 1.0
+        return {"fp_ppl": fp, "rows": rows}
+
     def part_stats(self) -> dict:
         routes = self.routes()
         freqs = self.freqs()

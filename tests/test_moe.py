@@ -81,6 +81,28 @@ def test_mixed_switch_rejects_damaged_entry():
 # --------------------------------------------------------------------------- routing and statistics
 
 
+@pytest.mark.parametrize("family", ("deepseek", "qwen2_moe"))
+def test_dropping_routed_or_shared_experts(family):
+    """drop_routed + drop_shared = the block outputs zero; each alone keeps exactly the other part."""
+    model, _ = build_model(family)
+    blocks = R.install(model)
+    b = blocks[0]
+    x = mx.random.normal((1, 5, model.args.hidden_size), key=mx.random.key(0))
+    full = b.block(x)
+    with R.routing(model, drop_routed=True, drop_shared=True):
+        assert float(mx.abs(b.block(x)).max().item()) == 0.0
+    with R.routing(model, drop_routed=True):
+        shared = b.block(x)
+    with R.routing(model, drop_shared=True):
+        routed = b.block(x)
+    assert rel_err(shared + routed, full) < 1e-5 and float(mx.abs(shared).max().item()) > 0
+    with R.routing(model, random_experts=0):
+        a = b.block(x)
+    with R.routing(model, random_experts=0):
+        assert rel_err(b.block(x), a) < 1e-7  # seeded
+    assert rel_err(a, full) > 1e-3
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generic_routing_equals_mlx_lm_and_full_k(family):
     model, _ = build_model(family)

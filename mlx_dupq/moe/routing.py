@@ -39,6 +39,9 @@ class Routing:
     dynamic: tuple[float, float] | None = None
     fallback: tuple[float, dict[int, int]] | None = None
     ablate: dict[int, int] = field(default_factory=dict)
+    drop_routed: bool = False  # the routed experts' sum left out (shared experts only)
+    drop_shared: bool = False  # the shared experts left out (routed experts only)
+    random_experts: int | None = None  # seed: k distinct experts drawn at random per token, router scores kept
     record: list | None = None
     record_inputs: bool = False
 
@@ -127,6 +130,9 @@ def _routed_call(self, x: mx.array) -> mx.array:
     order = mx.argsort(-probs, axis=-1)
     inds = mx.stop_gradient(order[..., :k])
     scores = mx.take_along_axis(probs, inds, axis=-1)
+    if r.random_experts is not None:  # same weights, experts chosen blindly: what the router's choice is worth
+        key = mx.random.key(r.random_experts * 1000 + info.layer)
+        inds = mx.argsort(mx.random.uniform(shape=probs.shape, key=key), axis=-1)[..., :k].astype(inds.dtype)
     if r.fallback is not None and info.layer in r.fallback[1]:
         alpha, experts = r.fallback
         fb = experts[info.layer]
@@ -148,7 +154,9 @@ def _routed_call(self, x: mx.array) -> mx.array:
         scores = scores / mx.maximum(scores.sum(axis=-1, keepdims=True), 1e-20)
     y = info.switch(x, inds)
     y = (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
-    if info.shared is not None:
+    if r.drop_routed:
+        y = mx.zeros_like(y)
+    if info.shared is not None and not r.drop_shared:
         s = self[info.shared](x)
         if info.shared_gate is not None:
             s = mx.sigmoid(self[info.shared_gate](x)) * s

@@ -304,20 +304,25 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _caveat(r: dict) -> list[str]:
-    """How much the routed experts matter at all on this model (from the top-k part)."""
+    """How much the routed experts matter at all on this model (the top-k and contribution parts)."""
+    out = []
     tk = r.get("topk")
-    if not tk:
-        return []
-    rows = {x["config"]: x for x in tk["rows"]}
-    K = max(x["k"] for x in tk["rows"])
-    one, full = rows.get("float k=1"), rows.get(f"float k={K}")
-    if not one or not full:
-        return []
-    return [f"**Read this first.** On this model the routed experts contribute little: the float model at k=1 "
-            f"has PPL {one['ppl']:.3f} against {full['ppl']:.3f} at k={K} ({_pct(one['increase'], 2)}). Expert-side "
-            "effects are therefore tenths of a percent of PPL, and a verdict that rests on such a difference is "
-            "fragile; in the pack ladder the non-expert weights (embedding, lm_head, attention, dense layer) "
-            "dominate.", ""]
+    if tk:
+        rows = {x["config"]: x for x in tk["rows"]}
+        K = max(x["k"] for x in tk["rows"])
+        one, full = rows.get("float k=1"), rows.get(f"float k={K}")
+        if one and full:
+            out.append(f"**Read this first.** On this model the routed experts contribute little: the float model at "
+                       f"k=1 has PPL {one['ppl']:.3f} against {full['ppl']:.3f} at k={K} ({_pct(one['increase'], 2)}). "
+                       "Expert-side effects are therefore tenths of a percent of PPL, and a verdict that rests on such a "
+                       "difference is fragile; in the pack ladder the non-expert weights (embedding, lm_head, attention, "
+                       "dense layer) dominate.")
+    co = r.get("contribution")
+    if co:
+        out.append("What the MoE blocks carry (float model, every MoE layer at once): "
+                   + "; ".join(f"{x['name']}: {x['ppl']:.2f} ({_pct(x['increase'], 2)})" for x in co["rows"][1:])
+                   + f" -- against {co['fp_ppl']:.2f} for the full blocks.")
+    return [x for o in out for x in (o, "")]
 
 
 def render(r: dict, plots: list[str]) -> str:
@@ -415,7 +420,7 @@ def render(r: dict, plots: list[str]) -> str:
 def write_report(root: str | Path) -> Path:
     """Render ``root/MOE_REPORT.md`` (+ PNG plots) from the moe_*.json files there."""
     root = Path(root)
-    parts = ("stats", "sensitivity", "router", "ladder", "layers", "topk", "agreement")
+    parts = ("stats", "sensitivity", "router", "ladder", "layers", "topk", "agreement", "contribution")
     r = {p: _load(root, p) for p in parts}
     plots = _plots(r, root)
     out = root / "MOE_REPORT.md"

@@ -111,7 +111,7 @@ def quantile_clip(w: mx.array, spec: QuantSpec, q: float) -> mx.array:
     (nearest rank), so that RTN's min/max range becomes the quantile range. Per-channel and
     per-tensor specs clip each row."""
     g = spec.group_for(w.shape[-1])
-    wg = w.astype(mx.float32).reshape(*w.shape[:-1], w.shape[-1] // g, g)
+    wg = grouped(w.astype(mx.float32), g)
     srt = mx.sort(wg, axis=-1)
     hi_i = int(round(q * (g - 1)))
     lo, hi = srt[..., g - 1 - hi_i: g - hi_i], srt[..., hi_i: hi_i + 1]

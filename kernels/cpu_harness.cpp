@@ -33,6 +33,17 @@ struct Scheduler {
 
 Scheduler S;
 std::mutex run_mutex;
+long w_reads = 0;
+
+// A read-only buffer that counts its element reads (the body's w[i] reads the packed weights).
+template <typename V>
+struct Counted {
+  const V* data;
+  V operator[](long i) const {
+    ++w_reads;
+    return data[i];
+  }
+};
 constexpr size_t kStack = 256 * 1024;
 
 void trampoline() {
@@ -90,20 +101,26 @@ void dq_cpu_barrier() {
 
 extern "C" {
 
-int dq_cpu_abi_version() { return 1; }
+int dq_cpu_abi_version() { return 2; }
+
+// Number of reads of the packed weights `w` by the last dq_cpu_gqmv call (every thread's).
+long dq_cpu_w_reads() { return w_reads; }
 
 // p = {N, O, M, J, SUM, ROWS, HAD, XS, TG}; x, scales, biases, y are float32.
-int dq_cpu_gqmv(const float* x, const uint32_t* w, const float* scales, const float* biases,
+int dq_cpu_gqmv(const float* x, const uint32_t* w_data, const float* scales, const float* biases,
                 const int32_t* meta, const int32_t* idx, const float* coef, const float* signs,
                 float* y, const int32_t* p) {
   using T = float;
+  const Counted<uint32_t> w{w_data};
   const int N = p[0], O = p[1], M = p[2], J = p[3], SUM = p[4], ROWS = p[5], HAD = p[6],
             XS = p[7], TG = p[8];
   const int slots = SUM ? M : M * J;
-  if (N % 32 || O <= 0 || M <= 0 || J <= 0 || ROWS <= 0 || (TG & (TG - 1))) return -3;
-  if ((XS && M * N > 65536) || slots > 64 || slots * TG > 65536) return -2;
+  if (N % 32 || O <= 0 || M <= 0 || J <= 0 || ROWS <= 0 || TG <= 0 || TG % ROWS) return -3;
+  if ((TG / ROWS) & (TG / ROWS - 1)) return -3;  // lanes per row: a power of two
+  if ((XS && M * N + M * N / 32 > 67584) || slots > 64 || slots * TG > 65536) return -2;
   if (HAD > 0 && (!XS || (HAD & (HAD - 1)) || N % HAD)) return -3;
   std::lock_guard<std::mutex> lock(run_mutex);
+  w_reads = 0;
   auto body = [&]() {
 #include "gqmv.body.h"
   };

@@ -12,8 +12,9 @@
 //
 // Bodies may use: DQ_TID, DQ_GID, DQ_TPG (x-dimension thread/threadgroup index and size),
 // DQ_SHARED (threadgroup / __shared__ storage), DQ_BARRIER(), DQ_F32(v) (to float),
-// DQ_CAST(T, v) (from float), dq_u32 / dq_i32, DQ_FN (helper-function qualifier), and the
-// bit helpers below. No warp/simdgroup intrinsics: they cannot be emulated faithfully here.
+// DQ_CAST(T, v) (from float), dq_u32 / dq_i32, DQ_FN (helper-function qualifier), DQ_UNROLL
+// (before a loop with a compile-time trip count: unroll it fully, so that small arrays indexed
+// by the loop counter stay in registers), and the bit helpers below. No warp/simdgroup intrinsics: they cannot be emulated faithfully here.
 #ifndef DQ_PORTABLE_H
 #define DQ_PORTABLE_H
 
@@ -28,6 +29,7 @@ typedef int dq_i32;
 #define DQ_SHARED threadgroup
 #define DQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define DQ_RSQRT(v) metal::rsqrt(v)
+#define DQ_UNROLL _Pragma("unroll")
 #elif defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define DQ_BACKEND_CUDA 1
 typedef unsigned int dq_u32;
@@ -39,6 +41,7 @@ typedef int dq_i32;
 #define DQ_SHARED __shared__
 #define DQ_BARRIER() __syncthreads()
 #define DQ_RSQRT(v) rsqrtf(v)
+#define DQ_UNROLL _Pragma("unroll")
 #else
 #define DQ_BACKEND_CPU 1
 #include <cmath>
@@ -57,6 +60,7 @@ void dq_cpu_barrier();
 #define DQ_SHARED static
 #define DQ_BARRIER() dq_cpu_barrier()
 #define DQ_RSQRT(v) (1.0f / std::sqrt(v))
+#define DQ_UNROLL _Pragma("GCC unroll 32")
 #endif
 
 // Size of a shared/local array: the template expression on a GPU, a fixed capacity on the

@@ -13,5 +13,15 @@ if [ "$(uname -s)" = "Linux" ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthr
     echo "setup: note: install libopenblas0-pthread (as root) to make MLX's CPU matmuls ~50x faster"
   fi
 fi
-"$PY" -m pip install -q --disable-pip-version-check -e .
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+if [ "$(uname -s)" = "Linux" ] && [ "${MLX_DUPQ_CUDA_CHECK:-1}" != 0 ]; then
+  # + NVRTC and the CUDA headers (~95 MB, no GPU needed): the tests compile the CUDA kernel as mlx
+  # would (tests/test_kernels_nvrtc.py). MLX_DUPQ_CUDA_CHECK=0 skips them (scripts/quickstart.sh does).
+  "${PIP[@]}" -e ".[cuda-check]" || {
+    echo "setup: warning: could not install NVRTC (nvidia-cuda-nvrtc-cu12); the CUDA compile tests will skip"
+    "${PIP[@]}" -e .
+  }
+else
+  "${PIP[@]}" -e .
+fi
 echo "setup: done ($("$PY" -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__)'))"

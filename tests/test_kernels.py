@@ -66,7 +66,8 @@ def test_qmv_every_format(harness, bits, group, sym):
     close(R.gqmv_reference(x, kp, idx, coef, True)[:, 0], want)
 
 
-@pytest.mark.parametrize("tg,rows,stage", [(1, 1, True), (8, 5, False), (64, 2, True), (128, 4, False)])
+@pytest.mark.parametrize("tg,rows,stage", [(1, 1, True), (8, 8, False), (8, 2, True), (64, 2, True), (128, 4, False),
+                                           (96, 3, True), (128, 32, False)])
 def test_launch_shapes(harness, tg, rows, stage):
     """Thread count, rows per group (O not a multiple) and x staging do not change the result."""
     arrays, entry = layer(QuantSpec(3, 64), out=13, n=256)
@@ -470,3 +471,56 @@ def test_shared_codes_copies_stored_once(kbackend):
     want, got, launches = both(lambda: dup(x), kbackend)
     close(got, want)
     assert launches == 1 and dup._kernel_pack[1].w.size == a.weight.size
+
+
+def test_launch_shape_with_lanes_not_a_power_of_two_is_refused(harness):
+    """TG / ROWS lanes per row must be a power of two (the per-row tree reduction)."""
+    arrays, entry = layer(QuantSpec(2, 64), out=8, n=256)
+    kp = kernel_pack([(arrays, entry)])
+    with pytest.raises(RuntimeError, match="bad launch parameters"):
+        gqmv_cpu(mx.random.normal((1, 256)), kp, *one(1), True, rows=5, tg=8)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 8, TERNARY))
+def test_each_code_word_is_read_once(harness, bits):
+    """Memory access pattern: a chunk's `bits` words are read once per (x row, slot), not per code.
+
+    Binary widths read exactly out * (in/32) * bits words per slot; a ternary chunk (32 trits in
+    <= 8 bytes) reads the 2 or 3 words those bytes lie in.
+    """
+    from mlx_dupq.kernels.cpu_harness import last_w_reads
+
+    out, n = 8, 512
+    arrays, entry = layer(QuantSpec(bits, 64), out=out, n=n)
+    kp = kernel_pack([(arrays, entry)] * 2)
+    x = mx.random.normal((2, n))
+    idx = mx.array([[0, 1], [1, 0]], dtype=mx.int32)
+    gqmv_cpu(x, kp, idx, mx.ones((2, 2)), True, rows=2, tg=16)
+    reads = last_w_reads()
+    chunks = 2 * 2 * out * (n // 32)  # x rows * slots * chunks
+    if bits == TERNARY:
+        assert 2 * chunks <= reads <= 3 * chunks
+    else:
+        assert reads == chunks * bits
+
+
+def test_launch_plan():
+    """x is staged when it fits; a batch too wide to stage runs in one launch reading x from memory
+    (the weights are read once), and only a fused Hadamard splits the rows to fit shared memory."""
+    from mlx_dupq.kernels.gpu import XS_MAX, plan
+
+    assert plan(1, 896, 1, True) == gpu_plan(0, True, 1)
+    assert plan(4, 4864, 1, True) == gpu_plan(0, False, 4)
+    assert plan(4, 4864, 1, True, 128) == gpu_plan(128, True, XS_MAX // 4864)
+    assert plan(4, 896, 1, True, 128) == gpu_plan(128, True, 4)
+    assert plan(1, 8960, 1, True, 128) == gpu_plan(0, False, 1)  # too wide to fuse: mlx rotates first
+    assert plan(1, 896, 1, True, 96) == gpu_plan(0, True, 1)  # not a power of two: mlx rotates first
+    assert plan(8, 256, 8, False) == gpu_plan(0, True, 2)  # 16 partial sums per thread at most
+    with pytest.raises(ValueError, match="slots per row"):
+        plan(1, 256, 17, False)
+
+
+def gpu_plan(had, stage, rows):
+    from mlx_dupq.kernels.gpu import Plan
+
+    return Plan(had, stage, rows)

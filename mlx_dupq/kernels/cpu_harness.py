@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .gpu import ROWS, TG, GpuBackend
+from .gpu import TG, GpuBackend, rows_per_group
 from .layout import KernelPack
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
@@ -59,7 +59,13 @@ def load_harness() -> ctypes.CDLL:
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
     dll.dq_cpu_gqmv.restype = ctypes.c_int
+    dll.dq_cpu_w_reads.restype = ctypes.c_long
     return dll
+
+
+def last_w_reads() -> int:
+    """How many 32-bit words of the packed weights the last :func:`gqmv_cpu` call read (all threads)."""
+    return int(load_harness().dq_cpu_w_reads())
 
 
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
@@ -67,7 +73,7 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
 
 
 def gqmv_cpu(x: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, summed: bool,
-             signs: mx.array | None = None, had: int = 0, *, rows: int = 3, tg: int = 32,
+             signs: mx.array | None = None, had: int = 0, *, rows: int = 4, tg: int = 32,
              stage_x: bool = True) -> mx.array:
     """The gqmv kernel body run by the CPU harness: x (M, in), idx/coef (M, J) -> (M, 1|J, out)."""
     dll = load_harness()
@@ -104,5 +110,5 @@ class HarnessBackend(GpuBackend):
 
     def launch(self, xs, kp, idx, coef, summed, signs, had, stage):
         self.launches += 1
-        y = gqmv_cpu(xs, kp, idx, coef, summed, signs, had, rows=ROWS, tg=TG, stage_x=stage)
+        y = gqmv_cpu(xs, kp, idx, coef, summed, signs, had, rows=rows_per_group(xs.shape[1]), tg=TG, stage_x=stage)
         return y.astype(xs.dtype)

@@ -8,6 +8,8 @@ threadgroup, threads, row chunking to fit shared memory) lives here, the choice 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from .layout import KernelPack
@@ -24,8 +26,8 @@ PROLOGUE = {
     ),
     "cuda": "",
 }
-TG = 64  # threads per threadgroup (power of two)
-ROWS = 4  # output rows per threadgroup
+TG = 128  # threads per threadgroup (power of two)
+LANES_MAX = 32  # threads sharing one output row (a warp / simdgroup's width)
 XS_MAX = 6144  # floats of x staged in shared memory (24 KiB)
 SLOTS_MAX = 16  # partial sums per thread
 
@@ -39,8 +41,50 @@ def kernel_source(kind: str) -> tuple[str, str]:
     return header, PROLOGUE[kind] + body
 
 
+def launch_template(dtype: mx.Dtype, n: int, n_out: int, rows: int, j: int, summed: bool, had: int,
+                    stage: bool) -> list[tuple[str, object]]:
+    """The template arguments of one launch (the kernel's compile-time constants)."""
+    return [("T", dtype), ("N", n), ("O", n_out), ("M", rows), ("J", j), ("SUM", int(summed)),
+            ("ROWS", rows_per_group(n)), ("HAD", had), ("XS", int(stage)), ("TG", TG)]
+
+
+def rows_per_group(n: int) -> int:
+    """Output rows per threadgroup: TG / lanes, where a row's lanes are the power of two >= its
+    number of 32-weight chunks (N/32), at most LANES_MAX; small rows pack more rows per group."""
+    lanes = min(LANES_MAX, 1 << max(0, (n // 32 - 1).bit_length()))
+    return TG // lanes
+
+
 def _pow2(k: int) -> bool:
     return k > 0 and k & (k - 1) == 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How :meth:`GpuBackend.gqmv` launches an (m, n) input: the Hadamard block fused in the kernel
+    (0: none, or rotated before with mlx's ``hadamard_transform``), x staged in shared memory, and
+    the rows of x per launch."""
+
+    had: int
+    stage: bool
+    rows: int
+
+
+def plan(m: int, n: int, j: int, summed: bool, had: int = 0) -> Plan:
+    """The launch plan. Rows per launch: at most SLOTS_MAX partial sums per thread. A power-of-two
+    Hadamard block is fused when one row of x fits shared memory (it needs x staged: then the rows
+    per launch are limited to what fits); otherwise mlx rotates first. Without a Hadamard, x is
+    staged when the launch's rows fit and read from memory otherwise (no extra launches: every
+    launch reads all the weights once)."""
+    per_row = 1 if summed else j
+    if per_row > SLOTS_MAX:
+        raise ValueError(f"{j} slots per row exceed the kernel's {SLOTS_MAX}; split the gather")
+    if had and (not _pow2(had) or n > XS_MAX):
+        had = 0
+    rows = max(1, min(m, SLOTS_MAX // per_row))
+    if had:
+        rows = max(1, min(rows, XS_MAX // n))
+    return Plan(had, had > 0 or rows * n <= XS_MAX, rows)
 
 
 class GpuBackend:
@@ -66,19 +110,14 @@ class GpuBackend:
              signs: mx.array | None = None, had: int = 0) -> mx.array:
         """Same contract as :func:`~mlx_dupq.kernels.reference.gqmv_reference` (output in x's dtype)."""
         m, n = x.shape
-        j = idx.shape[1]
-        if had and (not _pow2(had) or n > XS_MAX):
-            x, had = rotate_ref(x, signs, had).astype(x.dtype), 0  # mlx's own fast Hadamard, then the GEMV
-        stage = had > 0 or n <= XS_MAX
-        per_row = 1 if summed else j
-        mc = max(1, min(m, SLOTS_MAX // per_row, XS_MAX // n if stage else m))
-        if per_row > SLOTS_MAX:
-            raise ValueError(f"{j} slots per row exceed the kernel's {SLOTS_MAX}; split the gather")
+        p = plan(m, n, idx.shape[1], summed, had)
+        if had and not p.had:
+            x = rotate_ref(x, signs, had).astype(x.dtype)  # mlx's own fast Hadamard, then the GEMV
         signs = mx.ones((n,), mx.float32) if signs is None else signs.astype(mx.float32)
         outs = []
-        for r0 in range(0, m, mc):
-            outs.append(self.launch(x[r0: r0 + mc], kp, idx[r0: r0 + mc].astype(mx.int32),
-                                    coef[r0: r0 + mc].astype(mx.float32), summed, signs, had, stage))
+        for r0 in range(0, m, p.rows):
+            outs.append(self.launch(x[r0: r0 + p.rows], kp, idx[r0: r0 + p.rows].astype(mx.int32),
+                                    coef[r0: r0 + p.rows].astype(mx.float32), summed, signs, p.had, p.stage))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
     def launch(self, xs: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, summed: bool,
@@ -89,9 +128,8 @@ class GpuBackend:
         self.launches += 1
         (y,) = self.kernel()(
             inputs=[xs, kp.w, kp.scales.astype(xs.dtype), kp.biases.astype(xs.dtype), kp.meta, idx, coef, signs],
-            template=[("T", xs.dtype), ("N", n), ("O", kp.n_out), ("M", rows), ("J", j),
-                      ("SUM", int(summed)), ("ROWS", ROWS), ("HAD", had), ("XS", int(stage)), ("TG", TG)],
-            grid=(-(-kp.n_out // ROWS) * TG, 1, 1),
+            template=launch_template(xs.dtype, n, kp.n_out, rows, j, summed, had, stage),
+            grid=(-(-kp.n_out // rows_per_group(n)) * TG, 1, 1),
             threadgroup=(TG, 1, 1),
             output_shapes=[(rows, 1 if summed else j, kp.n_out)],
             output_dtypes=[xs.dtype],

@@ -50,11 +50,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default=",".join(nvrtc.ARCHS), help="comma-separated NVRTC architectures")
     ap.add_argument("--dtypes", default="float16", help="activation dtypes (float16, bfloat16, float32)")
+    ap.add_argument("--toolkit", default=None, help="CUDA major version of the NVRTC to use (12, 13); default: the first found")
     ap.add_argument("--label", default="", help="free text stored with the results (which kernel version)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/kernel_nvrtc.json"))
     args = ap.parse_args()
     try:
-        major, minor = nvrtc.version()
+        tk = nvrtc.toolkit(args.toolkit)
+        major, minor = nvrtc.version(tk)
     except nvrtc.NvrtcUnavailable as e:
         sys.exit(f"error: {e}")
     try:
@@ -73,7 +75,7 @@ def main() -> None:
                 for arch in args.archs.split(","):
                     t0 = time.perf_counter()
                     try:
-                        res = nvrtc.compile_cuda(template, arch)
+                        res = nvrtc.compile_cuda(template, arch, tk)
                     except nvrtc.CompileError as e:
                         sys.exit(f"error: {name} {call} {arch}: {e}")
                     row = {"layer": name, "out": out, "in": n, "call": call, "dtype": dname, "arch": arch,

@@ -20,6 +20,7 @@ shared memory) and counts of memory instructions in the PTX: static facts, not t
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -106,61 +107,91 @@ def cuda_source(template: list[tuple[str, object]], name: str = "dupq_gqmv") -> 
     return kname, src
 
 
-def _nvidia_dir() -> Path:
+@dataclass(frozen=True)
+class Toolkit:
+    """An NVRTC library and the CUDA headers beside it (pip wheel layouts of CUDA 12 and 13)."""
+
+    name: str  # "12" or "13"
+    lib: Path
+    includes: tuple[Path, ...]  # CCCL first, then the CUDA runtime headers (mlx's order)
+
+
+# (name, libnvrtc relative to site-packages/nvidia, include dirs): cu12 wheels
+# (nvidia-cuda-nvrtc-cu12 ...) and cu13 wheels (nvidia-cuda-nvrtc==13.* ...)
+LAYOUTS = (("12", "cuda_nvrtc/lib/libnvrtc.so.12", ("cuda_cccl/include", "cuda_runtime/include")),
+           ("13", "cu13/lib/libnvrtc.so.13", ("cu13/include/cccl", "cu13/include")))
+INSTALL_HINT = ("pip install 'nvidia-cuda-nvrtc-cu12==12.9.*' 'nvidia-cuda-runtime-cu12==12.9.*' "
+                "'nvidia-cuda-cccl-cu12==12.9.*' (or: pip install -e '.[cuda-check]')")
+
+
+def _nvidia_dirs() -> list[Path]:
+    """site-packages/nvidia folders: the installed namespace package, then $MLX_DUPQ_NVIDIA_DIRS (":"-separated)."""
+    dirs = []
     try:
         import nvidia  # namespace package of the nvidia-* wheels
-    except ImportError as e:
-        raise NvrtcUnavailable("the nvidia-cuda-nvrtc-cu12 wheel is not installed "
-                               "(pip install 'nvidia-cuda-nvrtc-cu12==12.9.*' nvidia-cuda-runtime-cu12 "
-                               "nvidia-cuda-cccl-cu12)") from e
-    for p in nvidia.__path__:
-        if (Path(p) / "cuda_nvrtc").is_dir():
-            return Path(p)
-    raise NvrtcUnavailable("nvidia-cuda-nvrtc-cu12 is not installed (pip install 'nvidia-cuda-nvrtc-cu12==12.9.*')")
+
+        dirs += [Path(p) for p in nvidia.__path__]
+    except ImportError:
+        pass
+    dirs += [Path(p) for p in os.environ.get("MLX_DUPQ_NVIDIA_DIRS", "").split(":") if p]
+    return dirs
+
+
+def toolkits() -> list[Toolkit]:
+    """Every complete NVRTC + headers set found, CUDA 12 first (mlx-cuda-12's pin)."""
+    found = []
+    for name, lib, incs in LAYOUTS:
+        for d in _nvidia_dirs():
+            if (d / lib).exists() and all((d / i).is_dir() for i in incs):
+                found.append(Toolkit(name, d / lib, tuple(d / i for i in incs)))
+                break
+    return found
+
+
+def toolkit(name: str | None = None) -> Toolkit:
+    """The toolkit called ``name`` ("12", "13"), or the first one found."""
+    found = toolkits()
+    for tk in found:
+        if name is None or tk.name == name:
+            return tk
+    have = ", ".join(tk.name for tk in found) or "none"
+    want = f"CUDA {name} " if name else ""
+    raise NvrtcUnavailable(f"no {want}NVRTC with its headers is installed (found: {have}); {INSTALL_HINT}")
 
 
 @cache
-def _lib() -> ctypes.CDLL:
-    nv = _nvidia_dir()
-    lib = nv / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
-    if not lib.exists():
-        raise NvrtcUnavailable(f"{lib} not found; reinstall nvidia-cuda-nvrtc-cu12")
+def _lib(path: Path | None = None) -> ctypes.CDLL:
+    path = path or toolkit().lib
     try:
-        dll = ctypes.CDLL(str(lib))
+        dll = ctypes.CDLL(str(path))
     except OSError as e:
-        raise NvrtcUnavailable(f"cannot load {lib}: {e}") from e
+        raise NvrtcUnavailable(f"cannot load {path}: {e}") from e
     dll.nvrtcGetErrorString.restype = ctypes.c_char_p
     return dll
 
 
-def include_args() -> list[str]:
+def include_args(tk: Toolkit | None = None) -> list[str]:
     """The --include-path options mlx's ``include_path_args`` gives NVRTC (CCCL, CUDA runtime)."""
-    nv = _nvidia_dir()
-    paths = [nv / "cuda_cccl" / "include", nv / "cuda_runtime" / "include"]
-    missing = [str(p) for p in paths if not p.is_dir()]
-    if missing:
-        raise NvrtcUnavailable(f"CUDA headers not found at {missing}; pip install nvidia-cuda-runtime-cu12 "
-                               "nvidia-cuda-cccl-cu12")
-    return [f"--include-path={p}" for p in paths]
+    return [f"--include-path={p}" for p in (tk or toolkit()).includes]
 
 
-def version() -> tuple[int, int]:
+def version(tk: Toolkit | None = None) -> tuple[int, int]:
+    lib = _lib((tk or toolkit()).lib)
     major, minor = ctypes.c_int(), ctypes.c_int()
-    _check(_lib().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    _check(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
     return major.value, minor.value
 
 
-def _check(rc: int, what: str) -> None:
+def _check(lib: ctypes.CDLL, rc: int, what: str) -> None:
     if rc != 0:
-        raise CompileError(f"{what} failed: {_lib().nvrtcGetErrorString(rc).decode()}")
+        raise CompileError(f"{what} failed: {lib.nvrtcGetErrorString(rc).decode()}")
 
 
-def _get(prog, size_fn: str, get_fn: str) -> bytes:
-    lib = _lib()
+def _get(lib: ctypes.CDLL, prog, size_fn: str, get_fn: str) -> bytes:
     n = ctypes.c_size_t()
-    _check(getattr(lib, size_fn)(prog, ctypes.byref(n)), size_fn)
+    _check(lib, getattr(lib, size_fn)(prog, ctypes.byref(n)), size_fn)
     buf = ctypes.create_string_buffer(n.value)
-    _check(getattr(lib, get_fn)(prog, buf), get_fn)
+    _check(lib, getattr(lib, get_fn)(prog, buf), get_fn)
     return buf.raw
 
 
@@ -188,38 +219,38 @@ def _ptx_ops(ptx: str) -> dict:
     return ops
 
 
-def compile_cuda(template: list[tuple[str, object]], arch: str = "sm_90a") -> CompileResult:
+def compile_cuda(template: list[tuple[str, object]], arch: str = "sm_90a", tk: Toolkit | None = None) -> CompileResult:
     """NVRTC-compile the gqmv kernel of ``template`` for ``arch``, with mlx's options.
 
     Raises :class:`CompileError` (with NVRTC's log) when the source does not compile and
     :class:`NvrtcUnavailable` when NVRTC or the headers are missing.
     """
-    lib = _lib()
+    tk = tk or toolkit()
+    lib = _lib(tk.lib)
     kname, src = cuda_source(template)
     names = [h.encode() for h in MLX_HEADERS]
     texts = [(MLX_HEADERS_DIR / h).read_bytes() for h in MLX_HEADERS]
     arr = ctypes.c_char_p * len(names)
     prog = ctypes.c_void_p()
-    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{kname}.cu".encode(), len(names),
-                                  arr(*texts), arr(*names)), "nvrtcCreateProgram")
+    _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{kname}.cu".encode(), len(names),
+                                       arr(*texts), arr(*names)), "nvrtcCreateProgram")
     try:
         full = "mlx::core::cu::" + kname
-        _check(lib.nvrtcAddNameExpression(prog, full.encode()), "nvrtcAddNameExpression")
-        opts = ["--device-as-default-execution-space", f"--gpu-architecture={arch}", *include_args(),
+        _check(lib, lib.nvrtcAddNameExpression(prog, full.encode()), "nvrtcAddNameExpression")
+        opts = ["--device-as-default-execution-space", f"--gpu-architecture={arch}", *include_args(tk),
                 "--ptxas-options=-v"]
         copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         rc = lib.nvrtcCompileProgram(prog, len(opts), copts)
-        log = _get(prog, "nvrtcGetProgramLogSize", "nvrtcGetProgramLog").rstrip(b"\0").decode(errors="replace")
+        log = _get(lib, prog, "nvrtcGetProgramLogSize", "nvrtcGetProgramLog").rstrip(b"\0").decode(errors="replace")
         if rc != 0:
-            raise CompileError(f"NVRTC could not compile {kname} for {arch}: "
+            raise CompileError(f"NVRTC {tk.name} could not compile {kname} for {arch}: "
                                f"{lib.nvrtcGetErrorString(rc).decode()}\n{log}")
         lowered = ctypes.c_char_p()
-        _check(lib.nvrtcGetLoweredName(prog, full.encode(), ctypes.byref(lowered)), "nvrtcGetLoweredName")
-        ptx = _get(prog, "nvrtcGetPTXSize", "nvrtcGetPTX").rstrip(b"\0").decode()
+        _check(lib, lib.nvrtcGetLoweredName(prog, full.encode(), ctypes.byref(lowered)), "nvrtcGetLoweredName")
+        ptx = _get(lib, prog, "nvrtcGetPTXSize", "nvrtcGetPTX").rstrip(b"\0").decode()
         if arch.startswith("sm_"):
-            _get(prog, "nvrtcGetCUBINSize", "nvrtcGetCUBIN")  # SASS was produced (as mlx loads it)
+            _get(lib, prog, "nvrtcGetCUBINSize", "nvrtcGetCUBIN")  # SASS was produced (as mlx loads it)
         return CompileResult(arch=arch, kernel=kname, lowered=lowered.value.decode(), log=log, ptx=ptx,
                              resources=_resources(log), ptx_ops=_ptx_ops(ptx))
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
-

@@ -12,6 +12,10 @@ With ``switch=True`` (``[moe]`` recipes) the switch (stacked-expert) layers are 
 (:class:`_SwitchCapture`): per expert ``e`` the mean ``x x^T`` over the rows routed to ``e`` (for
 gate/up the token inputs whose top-k includes ``e``, for down the intermediate activations of ``e``
 on those tokens), one ``(in, in)`` matrix per expert that received tokens (:class:`SwitchStats`).
+
+Linears that receive the very same input array (``q/k/v_proj``, ``gate/up_proj``, a switch
+layer's ``gate/up_proj`` with the same indices) share one accumulator (:class:`_Inputs`): their
+statistics are one object, computed and held once.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from .errors import DupqError
 from .quant.gptq import HessianAccumulator
 
 
@@ -35,25 +40,88 @@ class LinearStats:
     tokens: int
 
 
-class _Capture(nn.Module):
+class _Inputs:
+    """The inputs the captures of one layer received lately, to find linears fed the same array.
+
+    Holds strong references to the last few input arrays (so an identity test cannot be fooled
+    by a reused id). A capture whose input ``is`` an earlier capture's input (same indices for
+    switch layers) on every batch shares that capture's statistics instead of accumulating its own.
+    """
+
+    KEEP = 8
+
+    def __init__(self):
+        self.recent: list[tuple[tuple[mx.array, ...], object]] = []
+
+    def owner(self, key: tuple[mx.array, ...], capture: object) -> object:
+        """The capture that first received ``key`` (the arrays themselves) in this batch, or ``capture``."""
+        for k, cap in self.recent:
+            if len(k) == len(key) and all(a is b for a, b in zip(k, key)):
+                return cap
+        self.recent = (self.recent + [(key, capture)])[-self.KEEP:]
+        return capture
+
+
+class _Link:
+    """Which capture's statistics a capture shares (a plain object: an nn.Module attribute holding a
+    module would make it a child module)."""
+
+    def __init__(self, inputs: _Inputs | None):
+        self.inputs = inputs or _Inputs()
+        self.owner = None  # the capture whose statistics are shared (None: its own)
+        self.calls = 0
+
+
+class _Shared:
+    """Mixin: accumulate statistics, or share another capture's when fed the same input."""
+
+    def _accumulates(self, key: tuple[mx.array, ...]) -> bool:
+        """Whether this call must accumulate (False: the same input went into the owner's statistics)."""
+        link = self._link
+        owner = link.inputs.owner(key, self)
+        first = link.calls == 0
+        link.calls += 1
+        if first:
+            link.owner = None if owner is self else owner
+        elif (owner is self) != (link.owner is None) or (link.owner is not None and owner is not link.owner):
+            raise DupqError("calibration capture: linears shared an input on one batch but not on another; "
+                            "this model's forward pass is not deterministic in its inputs (please report it)")
+        return link.owner is None
+
+    def stats(self):
+        return self._link.owner.stats() if self._link.owner is not None else self._own_stats()
+
+
+class _Capture(_Shared, nn.Module):
     """Wraps a linear: records its inputs, returns the wrapped linear's output unchanged."""
 
-    def __init__(self, inner: nn.Module, in_features: int):
-        super().__init__()
+    def __init__(self, inner: nn.Module, in_features: int, inputs: _Inputs | None = None):
+        nn.Module.__init__(self)
         self.inner = inner
-        self._acc = HessianAccumulator(in_features)
-        self._abs = mx.zeros((in_features,), dtype=mx.float32)
+        self._in = in_features
+        self._acc = None
+        self._abs = None
+        self._stats = None
+        self._link = _Link(inputs)
 
     def __call__(self, x: mx.array) -> mx.array:
-        flat = x.reshape(-1, x.shape[-1])
-        self._acc.add(flat)
-        self._abs = self._abs + mx.abs(flat.astype(mx.float32)).sum(axis=0)
-        mx.eval(self._abs)
+        if self._accumulates((x,)):
+            if self._acc is None:
+                self._acc = HessianAccumulator(self._in)
+                self._abs = mx.zeros((self._in,), dtype=mx.float32)
+            flat = x.reshape(-1, x.shape[-1])
+            self._acc.add(flat)
+            self._abs = self._abs + mx.abs(flat.astype(mx.float32)).sum(axis=0)
+            mx.eval(self._abs)
         return self.inner(x)
 
-    def stats(self) -> LinearStats:
-        n = self._acc.tokens
-        return LinearStats(self._acc.finalize(), self._abs / max(n, 1), n)
+    def _own_stats(self) -> LinearStats:
+        if self._stats is None:  # computed once, also when shared
+            n = self._acc.tokens if self._acc is not None else 0
+            if n == 0:
+                raise DupqError("no calibration activations reached this linear; run the calibration pass first")
+            self._stats = LinearStats(self._acc.finalize(), self._abs / n, n)
+        return self._stats
 
 
 @dataclass
@@ -68,22 +136,29 @@ class SwitchStats:
         return self.experts.get(e)
 
 
-class _SwitchCapture(nn.Module):
+class _SwitchCapture(_Shared, nn.Module):
     """Wraps a switch layer: records per expert the rows it receives, returns the layer's output unchanged.
 
     Called like mlx-lm's ``SwitchLinear``: x (..., 1 or k, M, in) and indices (..., k) broadcast
     to one expert id per (M, in) row block (``gather_mm``'s batch rule).
     """
 
-    def __init__(self, inner: nn.Module, in_features: int, num_experts: int):
-        super().__init__()
+    def __init__(self, inner: nn.Module, in_features: int, num_experts: int, inputs: _Inputs | None = None):
+        nn.Module.__init__(self)
         self.inner = inner
         self._in = in_features
         self._accs: dict[int, HessianAccumulator] = {}
         self._abs: dict[int, mx.array] = {}
         self._num_experts = num_experts
+        self._stats = None
+        self._link = _Link(inputs)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if self._accumulates((x, indices)):
+            self._record(x, indices)
+        return self.inner(x, indices, sorted_indices=sorted_indices)
+
+    def _record(self, x: mx.array, indices: mx.array) -> None:
         batch = mx.broadcast_shapes(x.shape[:-2], indices.shape)
         rows = mx.broadcast_to(x, batch + x.shape[-2:]).reshape(-1, x.shape[-2], x.shape[-1])
         ids = np.array(mx.broadcast_to(indices, batch).reshape(-1).astype(mx.int32))
@@ -98,12 +173,13 @@ class _SwitchCapture(nn.Module):
             acc.add(xe)
             self._abs[e] = self._abs.get(e, 0) + mx.abs(xe.astype(mx.float32)).sum(axis=0)
             mx.eval(self._abs[e])
-        return self.inner(x, indices, sorted_indices=sorted_indices)
 
-    def stats(self) -> SwitchStats:
-        tokens = [self._accs[e].tokens if e in self._accs else 0 for e in range(self._num_experts)]
-        experts = {e: LinearStats(a.finalize(), self._abs[e] / a.tokens, a.tokens) for e, a in self._accs.items()}
-        return SwitchStats(experts, tokens)
+    def _own_stats(self) -> SwitchStats:
+        if self._stats is None:
+            tokens = [self._accs[e].tokens if e in self._accs else 0 for e in range(self._num_experts)]
+            experts = {e: LinearStats(a.finalize(), self._abs[e] / a.tokens, a.tokens) for e, a in self._accs.items()}
+            self._stats = SwitchStats(experts, tokens)
+        return self._stats
 
 
 def _in_features(m: nn.Module) -> int:
@@ -147,9 +223,10 @@ def layer_input_hessians(layer: nn.Module, h: mx.array, batch: int = 4,
     A linear behind an online rotation sees the rotated input, exactly as at run time.
     ``switch``: also capture the switch layers (``mlp.switch_mlp.up_proj``, ...) as :class:`SwitchStats`.
     """
-    caps = {path: _Capture(m, _in_features(m)) for path, m in _targets(layer)}
+    inputs = _Inputs()
+    caps = {path: _Capture(m, _in_features(m), inputs) for path, m in _targets(layer)}
     if switch:
-        caps.update({path: _SwitchCapture(m, int(m.input_dims), int(m.num_experts))
+        caps.update({path: _SwitchCapture(m, int(m.input_dims), int(m.num_experts), inputs)
                      for path, m in _switch_targets(layer)})
     layer.update_modules(tree_unflatten(list(caps.items())))
     try:

@@ -26,6 +26,10 @@ def test_hessians_are_the_inputs_each_linear_sees(model_type):
     assert mx.allclose(stats["self_attn.q_proj"].mean_abs, mx.abs(x).mean(axis=0), atol=1e-5).item()
     assert stats["mlp.down_proj"].hessian.shape == (cfg["intermediate_size"],) * 2
     assert stats["mlp.down_proj"].tokens == 30
+    # linears fed the same array share one statistics object (accumulated once)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"] and stats["mlp.down_proj"] is not stats["mlp.up_proj"]
     # the layer is restored: its linears are plain again and it computes the same function
     assert all(type(m).__name__ == "Linear" for p, m in layer.named_modules() if p.endswith("proj"))
     from mlx_lm.models.base import create_attention_mask
@@ -33,3 +37,25 @@ def test_hessians_are_the_inputs_each_linear_sees(model_type):
     ref = layer(h, mask=create_attention_mask(h, None))
     assert mx.allclose(advance(layer, h, batch=2), ref, atol=1e-5).item()
     assert mx.allclose(run_layer(layer, h, batch=3), ref, atol=1e-5).item()
+
+
+def test_inputs_shared_on_one_batch_only_is_an_error():
+    """Sharing is decided by identity on every batch; a forward pass that shares an input on one
+    batch and not on the next cannot be captured once and is refused in one line."""
+    import mlx.nn as nn
+
+    from mlx_dupq.errors import DupqError
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.calls = 0
+
+        def __call__(self, x, mask=None):
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else x * 1.0)
+
+    with pytest.raises(DupqError, match="shared an input on one batch but not on another"):
+        layer_input_hessians(Odd(), mx.random.normal((4, 3, 8)), batch=2)

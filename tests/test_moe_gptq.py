@@ -70,6 +70,8 @@ def test_expert_hessians_equal_the_routed_rows(family, n, L):
     stats = layer_input_hessians(layer, h, switch=True)
     sw = f"{block.path.split('.', 3)[-1]}.switch_mlp"  # mlp.switch_mlp, relative to the layer
     assert {f"{sw}.{p}" for p in ("gate_proj", "up_proj", "down_proj")} <= set(stats)
+    assert stats[f"{sw}.gate_proj"] is stats[f"{sw}.up_proj"]  # same x and indices: accumulated once
+    assert stats[f"{sw}.down_proj"] is not stats[f"{sw}.up_proj"]
     # the routed rows, recorded by the generic routing forward (same picks as mlx-lm's)
     record: list = []
     R.install(model, R.Routing(record=record, record_inputs=True))

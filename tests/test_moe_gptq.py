@@ -248,3 +248,27 @@ def test_calibration_advances_through_the_quantized_experts(tmp_path, random_tex
     for p, m in mixed.items():
         assert seen[f"{p}.weight"].shape == tuple(m.entry["shape"])
         assert mx.allclose(seen[f"{p}.weight"], m.dequantized(), atol=1e-5).item(), p
+
+
+@pytest.mark.parametrize("family", ["deepseek", "qwen2_moe"])
+def test_moe_recipe_with_a_residual_rotation(tmp_path, random_text, family):
+    """[rotation] (QuaRot residual stream, folded into router, experts and shared experts) + [moe]
+    expert plan + expert GPTQ: the 8-bit pack tracks the float model, the 2-bit pack converts,
+    loads and beats the same recipe without the rotation or at least stays in its range."""
+    from mlx_dupq.config import RotationSpec
+    from mlx_dupq.io import pack as packio
+    from mlx_dupq.pipeline import convert
+
+    src = make_hf_dir(tmp_path / "m", family)
+    rot = RotationSpec(kind="randomized_hadamard", seed=0)
+    hi = _recipe(random_text, low_bits=8, high_bits=8, shared_bits=8, budget=12.0)
+    hi = dataclasses.replace(hi, rotation=rot, default=QuantSpec(8, 64), embed=QuantSpec(8, 64),
+                             lm_head=QuantSpec(8, 64), rules=())
+    convert(src, tmp_path / "r8", hi)
+    convert(src, tmp_path / "n8", dataclasses.replace(hi, rotation=None))
+    e_rot, e_plain = _logit_err(tmp_path / "r8", src), _logit_err(tmp_path / "n8", src)
+    assert e_rot < 0.02 and e_plain < 0.02, (e_rot, e_plain)
+    cfg = packio.read_config(tmp_path / "r8")["mlx_dupq"]
+    assert cfg["recipe"]["rotation"]["kind"] == "randomized_hadamard"
+    convert(src, tmp_path / "r2", dataclasses.replace(_recipe(random_text), rotation=rot))
+    assert _logit_err(tmp_path / "r2", src) < 1.0

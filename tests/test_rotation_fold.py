@@ -236,3 +236,57 @@ def test_rotated_model_quantizes_no_worse_than_the_original(name):
     apply_online_rotations(qmodel, online)
     err_rot = err(qmodel, ref)
     assert 0 < err_rot <= 1.05 * err_plain, (err_rot, err_plain)
+
+
+# --------------------------------------------------------------------------- mixture-of-experts models
+
+
+def _restack(weights: dict) -> dict:
+    """Inverse of tests.tiny.unstack_experts: ``<block>.experts.<e>.<proj>.weight`` -> stacked switch_mlp."""
+    out, groups = {}, {}
+    for k, v in weights.items():
+        if ".experts." in k:
+            head, rest = k.split(".experts.")
+            e, proj = rest.split(".")[:2]
+            groups.setdefault(f"{head}.switch_mlp.{proj}.weight", {})[int(e)] = v
+        else:
+            out[k] = v
+    for k, d in groups.items():
+        out[k] = mx.stack([d[e] for e in sorted(d)])
+    return out
+
+
+@pytest.mark.parametrize("family", ["deepseek", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_moe_models_fold_exactly(family, per_expert):
+    """Router, experts (stacked or one tensor per expert), shared experts and Qwen2-MoE's shared
+    expert gate are rotated with the residual stream: same logits, same routing; the online
+    down_proj rotation lands on dense MLPs only (DeepSeek's first layer)."""
+    from tests.tiny import build_model, unstack_experts
+
+    model, config = build_model(family)
+    ref = logits(model)
+    w = dict(tree_flatten(model.parameters()))
+    if per_expert:
+        w = unstack_experts(w)
+    r = make_rotation({"kind": "randomized_hadamard", "seed": 1}, config["hidden_size"])
+    hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    h = make_rotation({"kind": "randomized_hadamard", "seed": 5}, hd)
+    d = make_rotation({"kind": "block_hadamard", "seed": 6}, config["intermediate_size"])
+    folded, update, online = fold_rotation(w, config, r, head_rotation=h, down_rotation=d)
+    assert set(online) == ({"model.layers.0.mlp.down_proj"} if family == "deepseek" else set())
+    moved = [k for k in w if (".gate." in k or "experts" in k or "switch_mlp" in k) and k.endswith("weight")]
+    assert moved and all(not np.allclose(np.array(folded[k]), np.array(w[k]), atol=1e-4) for k in moved)
+    model2, _ = build_model(family)
+    model2.load_weights(list(_restack(folded).items()))
+    apply_online_rotations(model2, online)
+    assert rel(logits(model2), ref) < 1e-4
+
+
+def test_moe_partial_rotation_is_refused_in_one_line():
+    from mlx_dupq.config import RotationSpec
+    from mlx_dupq.rotation.plan import plan_rotation
+    from tests.tiny import CONFIGS as TINY
+
+    with pytest.raises(DupqError, match="partial rotation.*mixture-of-experts.*remove rotation.layers"):
+        plan_rotation(RotationSpec(kind="hadamard", layers=(0,)), TINY["deepseek"], [], lambda k: None)

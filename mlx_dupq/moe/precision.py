@@ -261,9 +261,9 @@ def check_moe_recipe(rec: Recipe, skeleton: nn.Module) -> None:
         raise DupqError(
             f"a [moe] recipe quantizes experts with rtn, mse or gptq, not {rec.quantizer.method}; set quantizer.method"
         )
-    if rec.rotation is not None or rec.duplication is not None:
-        raise DupqError("a [moe] recipe cannot combine with [rotation] or [duplication] yet; for the experts use "
-                        "[moe] rotation / dup_budget / shared_copies instead")
+    if rec.duplication is not None:
+        raise DupqError("a [moe] recipe cannot combine with [duplication] yet; for the experts use "
+                        "[moe] dup_budget / shared_copies instead")
     blocks = find_blocks(skeleton)  # raises when the model has no MoE layers
     if rec.moe.rotated:
         for b in blocks:

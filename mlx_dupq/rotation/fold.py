@@ -22,6 +22,14 @@ so ``mean((x R)^2) = mean(x^2)`` and ``n(x R) = n(x) R``. So:
    any chosen linear (:func:`rotate_linear_input`), which is how *partial rotation* (only the layers
    with massive activations) is done without touching the residual stream.
 
+Mixture-of-experts layers (``deepseek``, ``qwen2_moe``, ``qwen3_moe``, ``mixtral``, ``olmoe``): every
+linear of the MoE block that reads the normed stream -- the router (``gate``), each expert's
+gate/up (``w1``/``w3``), the shared expert(s) and Qwen2-MoE's ``shared_expert_gate`` -- gets
+``diag(g) R`` on its input, each down projection (``w2``) ``R^T`` on its output, whether the
+checkpoint stores experts one by one (``mlp.experts.3.gate_proj``) or stacked (``mlp.switch_mlp.
+gate_proj``, (E, out, in)). The router then sees ``x R W_r^T R``-rotated weights, i.e. the same logits,
+so routing is unchanged. Online down_proj rotations apply to dense MLPs only.
+
 Model types: ``llama``, ``mistral`` (mlx-lm runs it with the llama classes), ``qwen2`` (q/k/v biases:
 an input rotation leaves them unchanged) and ``qwen3`` (``q_norm`` / ``k_norm`` normalise q and k per
 head *after* the projections; the residual rotation acts only on the projections' inputs and the
@@ -40,7 +48,10 @@ import mlx.core as mx
 from ..errors import DupqError
 from .rotations import Rotation
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+MLP_PREFIXES = ("mlp.", "block_sparse_moe.")
+MLP_READERS = ("gate_proj", "up_proj", "w1", "w3", "gate", "shared_expert_gate")  # read the normed stream
+MLP_WRITERS = ("down_proj", "w2")  # write into the residual stream
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -93,10 +104,31 @@ def rotate_in(w: mx.array, r: Rotation) -> mx.array:
 
 
 def rotate_out(w: mx.array, r: Rotation) -> mx.array:
-    """(n, in) -> (n, in): ``R^T W`` (the linear now writes ``y R``); for a bias (n,) -> ``b R``."""
+    """(..., n, in) -> ``R^T W`` (the linear now writes ``y R``; stacked experts too); a bias (n,) -> ``b R``."""
     if w.ndim == 1:
         return r.apply(_f32(w))
-    return r.apply(_f32(w).T).T
+    return r.apply(_f32(w).swapaxes(-1, -2)).swapaxes(-1, -2)
+
+
+def mlp_linears(weights: dict, i: int) -> tuple[list[str], list[str]]:
+    """(readers, writers): weight keys of layer ``i``'s MLP / MoE block that read the normed residual
+    stream and that write into it -- dense, per-expert or stacked experts, router, shared experts."""
+    p = f"model.layers.{i}."
+    readers, writers = [], []
+    for k in weights:
+        if not (k.startswith(p) and k.endswith(".weight") and k[len(p):].startswith(MLP_PREFIXES)):
+            continue
+        mod = k[: -len(".weight")].rsplit(".", 1)[-1]
+        if mod in MLP_READERS:
+            readers.append(k)
+        elif mod in MLP_WRITERS:
+            writers.append(k)
+    if not readers or not writers:
+        raise DupqError(
+            f"layer {i}'s MLP projections ({p}mlp.gate_proj / up_proj / down_proj, or experts) are missing "
+            "from the model weights; the checkpoint is incomplete or not a llama/qwen/MoE layout"
+        )
+    return sorted(readers), sorted(writers)
 
 
 def _per_head(w: mx.array, r: Rotation) -> mx.array:
@@ -106,20 +138,21 @@ def _per_head(w: mx.array, r: Rotation) -> mx.array:
 
 
 def fuse_norms_layer(weights: dict, i: int) -> dict:
-    """Fold layer ``i``'s input_layernorm into q/k/v and post_attention_layernorm into gate/up.
+    """Fold layer ``i``'s input_layernorm into q/k/v and post_attention_layernorm into the MLP's readers
+    (gate/up; for an MoE block the router, experts and shared experts too: :func:`mlp_linears`).
 
-    ``W (out, hidden) <- W * g[None, :]`` and the norm weight becomes ones (float32).
+    ``W (..., out, hidden) <- W * g`` and the norm weight becomes ones (float32).
     """
     p = f"model.layers.{i}."
     out = dict(weights)
-    for norm, readers in (
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    mlp_readers = mlp_linears(weights, i)[0]
+    for norm, keys in (
+        ("input_layernorm", [f"{p}self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")]),
+        ("post_attention_layernorm", mlp_readers),
     ):
         g = _f32(_require(weights, f"{p}{norm}.weight"))
-        for name in readers:
-            key = f"{p}{name}.weight"
-            out[key] = _f32(_require(weights, key)) * g[None, :]
+        for key in keys:
+            out[key] = _f32(_require(weights, key)) * g
         out[f"{p}{norm}.weight"] = mx.ones_like(g)
     return out
 
@@ -182,8 +215,8 @@ def rotate_layer(
     _check_fused(weights, f"{p}input_layernorm.weight")
     _check_fused(weights, f"{p}post_attention_layernorm.weight")
     out = dict(weights)
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-        key = f"{p}{name}.weight"
+    readers, writers = mlp_linears(weights, i)
+    for key in [f"{p}self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")] + readers:
         out[key] = rotate_in(_require(weights, key), r)
     if head_rotation is not None:
         wv = f"{p}self_attn.v_proj.weight"
@@ -193,15 +226,20 @@ def rotate_layer(
             out[bv] = _per_head(weights[bv], head_rotation)
         wo = f"{p}self_attn.o_proj.weight"
         out[wo] = _per_head(_require(weights, wo), head_rotation)
-    if down_rotation is not None:
+    if down_rotation is not None and has_dense_mlp(weights, i):
         wd = f"{p}mlp.down_proj.weight"
         out[wd] = rotate_in(_require(weights, wd), down_rotation)
-    for name in ("self_attn.o_proj", "mlp.down_proj"):
-        key = f"{p}{name}.weight"
+    for key in [f"{p}self_attn.o_proj.weight"] + writers:
         out[key] = rotate_out(_require(out, key), r)
-        if f"{p}{name}.bias" in weights:
-            out[f"{p}{name}.bias"] = rotate_out(weights[f"{p}{name}.bias"], r)
+        bias = key[: -len("weight")] + "bias"
+        if bias in weights:
+            out[bias] = rotate_out(weights[bias], r)
     return out
+
+
+def has_dense_mlp(weights_or_keys, i: int) -> bool:
+    """Whether layer ``i`` has a plain (dense) MLP, the only kind an online down_proj rotation applies to."""
+    return f"model.layers.{i}.mlp.down_proj.weight" in weights_or_keys
 
 
 def rotate_embeddings(weights: dict, r: Rotation, config: dict) -> tuple[dict, dict]:
@@ -251,7 +289,8 @@ def fold_rotation(
     online: dict = {}
     for i in range(model_dims(config)["layers"]):
         out = fuse_norms_layer(out, i)
+        dense = has_dense_mlp(out, i)
         out = rotate_layer(out, i, r, config, head_rotation=head_rotation, down_rotation=down_rotation)
-        if down_rotation is not None:
+        if down_rotation is not None and dense:
             online[down_proj_name(i)] = down_rotation.to_dict()
     return out, update, online

@@ -12,7 +12,8 @@ functions of :mod:`.fold`. Everything the pack must record is known before the f
 so an interrupted conversion resumes by rebuilding the same plan.
 
 Whole model (``layers`` None): every layer's norms are fused and the residual stream rotated by
-``R`` (plus the optional head-wise Hadamard on V/O and the online Hadamard on down_proj's input).
+``R`` (plus the optional head-wise Hadamard on V/O and the online Hadamard on down_proj's input,
+dense MLPs only; mixture-of-experts blocks are rotated whole: router, experts, shared experts).
 Partial (``layers`` given): the residual stream is left alone; each chosen layer gets its norms
 fused and its q/k/v/gate/up inputs rotated by ``R`` at run time, the head-wise Hadamard folded
 offline and the down_proj Hadamard at run time as above.
@@ -37,6 +38,7 @@ from .fold import (
     check_model_type,
     down_proj_name,
     fuse_norms_layer,
+    has_dense_mlp,
     model_dims,
     rotate_embeddings,
     rotate_layer,
@@ -88,12 +90,14 @@ class RotationPlan:
 
 def plan_rotation(spec: RotationSpec, config: dict, keys: list[str], get: Callable[[str], mx.array]) -> RotationPlan:
     """The rotations for a model (``keys``/``get``: its tensor names and a reader, for the final norm)."""
-    if config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts"):
-        raise DupqError(
-            f"rotation is not supported for mixture-of-experts models ({config.get('model_type')}); "
-            "remove [rotation] from the recipe"
-        )
     check_model_type(config)
+    moe = bool(config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts"))
+    if moe and spec.layers is not None:
+        raise DupqError(
+            f"partial rotation (rotation.layers) is not supported for mixture-of-experts models "
+            f"({config.get('model_type')}): experts cannot rotate their input at run time; rotate the whole model "
+            "(remove rotation.layers)"
+        )
     dims = model_dims(config)
     if spec.layers is None:
         layers = tuple(range(dims["layers"]))
@@ -121,7 +125,8 @@ def plan_rotation(spec: RotationSpec, config: dict, keys: list[str], get: Callab
         for i in layers:
             for lin in INPUT_READERS:
                 plan.online[f"model.layers.{i}.{lin}"] = residual.to_dict()
-    if down is not None:
+    if down is not None:  # dense MLPs only (an MoE block's experts have no single down_proj)
         for i in layers:
-            plan.online[down_proj_name(i)] = down.to_dict()
+            if has_dense_mlp(keys, i):
+                plan.online[down_proj_name(i)] = down.to_dict()
     return plan

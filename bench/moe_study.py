@@ -50,7 +50,7 @@ from mlx_dupq.moe import stats as S  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers", "contribution")  # priority order
 PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
-                "moe-w2-quarot", "moe-gptq2", "moe-gptq2-quarot")
+                "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot")
 
 
 def pack_recipe(name: str):
@@ -62,6 +62,9 @@ def pack_recipe(name: str):
     rec = load_recipe("moe-w2")
     if name == "moe-w2-quarot":  # the residual stream rotated as in moe-gptq2-quarot, RTN
         return dataclasses.replace(rec, name=name, rotation=load_recipe("moe-gptq2-quarot").rotation)
+    if name == "moe-awq2":  # moe-gptq2's calibration with the activation-weighted scale search instead
+        q = load_recipe("moe-gptq2").quantizer
+        return dataclasses.replace(rec, name=name, quantizer=dataclasses.replace(q, method="awq"))
     moe = {"experts-w4": dict(low_bits=4, high_bits=4, budget=16.0),  # every routed expert 4-bit
            "experts-w2": dict(high_bits=2),  # every routed expert 2-bit (the plan's floor)
            "moe-w2-sensitivity": dict(score="sensitivity"),

@@ -213,15 +213,50 @@ def test_expert_quantizer_uses_each_experts_hessian_and_falls_back_to_mse():
         assert mx.array_equal(qt.scales[e], want[e].scales).item(), e
 
 
-def test_moe_refuses_awq_in_one_line():
+def test_moe_accepts_every_quantizer_and_refuses_duplication_in_one_line():
     from mlx_dupq.moe.precision import check_moe_recipe
 
     model, _ = build_model("deepseek")
     rec = load_recipe("moe-gptq2")
-    check_moe_recipe(rec, model)
-    with pytest.raises(DupqError, match="rtn, mse or gptq, not awq") as e:
-        check_moe_recipe(dataclasses.replace(rec, quantizer=QuantizerSpec(method="awq")), model)
+    for method in ("rtn", "mse", "awq", "gptq"):
+        check_moe_recipe(dataclasses.replace(rec, quantizer=QuantizerSpec(method=method)), model)
+    with pytest.raises(DupqError, match="cannot combine with \\[duplication\\]") as e:
+        check_moe_recipe(dataclasses.replace(rec, duplication=load_recipe("dup-residual2").duplication), model)
     assert "\n" not in str(e.value)
+
+
+def test_expert_awq_uses_each_experts_activations():
+    """awq: each expert's scale search is weighted by E[x^2] of the rows routed to it."""
+    from mlx_dupq.calib import LinearStats
+    from mlx_dupq.pipeline import _expert_quantizer
+    from mlx_dupq.quant.packing import unpack
+    from mlx_dupq.quant.search import activation_weighted_search, mse_scale_search
+
+    w = mx.random.normal((3, 16, 64), key=mx.random.key(0)) * 0.05
+    x = mx.random.normal((200, 64), key=mx.random.key(1)) * mx.linspace(0.1, 3.0, 64)
+    H = x.T @ x / 200
+    H2 = mx.diag(mx.linspace(3.0, 0.1, 64))  # another expert sees other channels as important
+    stats = SwitchStats({0: LinearStats(H, mx.abs(x).mean(0), 200), 2: LinearStats(H2, mx.ones((64,)), 5)},
+                        [200, 0, 5])
+    spec = QuantSpec(2, 32)
+    fallback: list[int] = []
+    arrays, entry = _expert_quantizer(stats, QuantizerSpec(method="awq"), mx.float16, None, fallback)(w, spec, [0, 1, 2])
+    qt = unpack(arrays, dict(entry, shape=[3, 16, 64]))
+    assert fallback == [1]
+    want = [activation_weighted_search(w[0], mx.diagonal(H), spec, dtype=mx.float16),
+            mse_scale_search(w[1], spec, dtype=mx.float16),
+            activation_weighted_search(w[2], mx.diagonal(H2), spec, dtype=mx.float16)]
+    for e in range(3):
+        assert mx.array_equal(qt.scales[e], want[e].scales).item(), e
+
+
+def test_moe_awq_convert_beats_rtn(tmp_path, random_text):
+    from mlx_dupq.pipeline import convert
+
+    src = make_hf_dir(tmp_path / "ds", "deepseek")
+    convert(src, tmp_path / "awq", _recipe(random_text, method="awq"))
+    convert(src, tmp_path / "rtn", _recipe(random_text, method="rtn"))
+    assert _logit_err(tmp_path / "awq", src) < _logit_err(tmp_path / "rtn", src)
 
 
 def test_calibration_advances_through_the_quantized_experts(tmp_path, random_text, monkeypatch):

@@ -39,9 +39,9 @@ from .routing import find_blocks
 from .spec import SHARED_PATTERN, MoESpec
 
 SWITCH_PROJS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
-# quantizers a [moe] recipe takes; gptq quantizes each routed expert against the Hessian of the
-# calibration rows routed to it (mlx_dupq.pipeline._quantize_switch)
-MOE_METHODS = ("rtn", "mse", "gptq")
+# quantizers a [moe] recipe takes; gptq / awq quantize each routed expert against the statistics of
+# the calibration rows routed to it (mlx_dupq.pipeline._quantize_switch)
+MOE_METHODS = ("rtn", "mse", "awq", "gptq")
 
 
 def stored_bits(shape: tuple[int, ...], spec: QuantSpec | None, dtype_bits: int = 16) -> int:
@@ -259,7 +259,7 @@ def check_moe_recipe(rec: Recipe, skeleton: nn.Module) -> None:
         return
     if rec.quantizer.method not in MOE_METHODS:
         raise DupqError(
-            f"a [moe] recipe quantizes experts with rtn, mse or gptq, not {rec.quantizer.method}; set quantizer.method"
+            f"a [moe] recipe quantizes experts with {', '.join(MOE_METHODS)}, not {rec.quantizer.method}; set quantizer.method"
         )
     if rec.duplication is not None:
         raise DupqError("a [moe] recipe cannot combine with [duplication] yet; for the experts use "

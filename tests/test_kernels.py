@@ -217,6 +217,35 @@ def test_self_check_fallback(behaviour):
     assert list(checked.verdicts.values()) == [behaviour == "good"]
 
 
+class WrongForTernary(FakeGpu):
+    """Right for every expert but ternary ones (a bug confined to one format)."""
+
+    def gqmv(self, x, kp, idx, coef, summed, signs=None, had=0):
+        self.calls += 1
+        y = R.gqmv_reference(x, kp, idx, coef, summed, signs, had)
+        bad = any(kp.specs[int(e)].ternary for e in idx.reshape(-1).tolist())
+        return (y + 1.0 if bad else y).astype(x.dtype)
+
+
+def test_self_check_reaches_every_format_with_the_calls_shape():
+    """A one-token, one-slot gather over four 2-bit experts and a ternary one: the check runs launches
+    of that same shape (1 row, 1 slot) until every format was used, so the ternary bug is caught."""
+    fake = WrongForTernary("good")
+    checked = dispatch.CheckedBackend(fake)
+    dispatch.set_backend(checked)
+    experts = [layer(QuantSpec(2, 64))] * 4 + [layer(QuantSpec(TERNARY, 128))]
+    kp = kernel_pack(experts)
+    x = mx.random.normal((1, 512))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = ops.gather_qmv(x, kp, mx.array([[0]], dtype=mx.int32))
+    assert any("self-check" in str(w.message) for w in caught)
+    assert fake.calls == 2  # expert 0, then the ternary expert 4: same 1 x 1 launch shape
+    close(y[:, 0], R.qmv_ref(x, *experts[0]))
+    (key,) = checked.verdicts
+    assert key[1:5] == (11, 512, 1, 1)  # the real pack's shape and the call's rows / slots
+
+
 def test_self_check_per_configuration():
     fake = FakeGpu("good")
     checked = dispatch.CheckedBackend(fake)

@@ -7,14 +7,14 @@ error); ``harness`` (never chosen by itself) runs the GPU kernel bodies on the C
 C++ harness -- slow, for checking the kernels inside real models.
 
 A GPU backend is wrapped in :class:`CheckedBackend`: the first use of each kernel
-configuration (formats, summed or gathered, Hadamard or not, dtype) runs the kernel on a small
-random input of that configuration and compares it with the reference; on an error or a
-mismatch it warns and that configuration runs on the reference from then on.
+configuration -- the pack (its formats and shape), the rows and slots of the call, summed or
+gathered, Hadamard block, dtype: exactly what selects the compiled kernels -- runs those kernels
+on the real pack with a random input of the call's shape and compares them with the reference;
+on an error or a mismatch it warns and that configuration runs on the reference from then on.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from functools import cache
@@ -22,12 +22,11 @@ from functools import cache
 import mlx.core as mx
 
 from ..errors import DupqError
-from .layout import KernelPack, kernel_pack
+from .layout import KernelPack
 from .reference import gqmv_reference
 
 ENV = "MLX_DUPQ_KERNELS"
 CHOICES = ("reference", "metal", "cuda", "harness")
-CHECK_OUT, CHECK_IN, CHECK_ROWS = 8, 512, 2
 
 
 class ReferenceBackend:
@@ -74,19 +73,25 @@ def _tol(dtype: mx.Dtype) -> float:
     return 1e-3 if dtype == mx.float32 else 3e-2
 
 
-def check_case(kp: KernelPack, summed: bool, had: int, dtype: mx.Dtype, j: int):
-    """A small random input of the same configuration: (x, kp, idx, coef, signs)."""
-    from ..layers.quant_linear import quantize_tensor
+def check_cases(kp: KernelPack, rows: int, j: int, dtype: mx.Dtype, had: int):
+    """Random inputs for the real pack, shaped like the call being checked: [(x, idx, coef, signs)].
 
-    n = CHECK_IN * had // math.gcd(CHECK_IN, had) if had else CHECK_IN  # a width the Hadamard block tiles
-    layers = [quantize_tensor(mx.random.normal((CHECK_OUT, n)), spec.fit(n)) for spec in kp.specs]
-    small = kernel_pack(layers, dtype=dtype)
-    e = kp.num
-    idx = mx.array([[(m * j + k) % e for k in range(j)] for m in range(CHECK_ROWS)], dtype=mx.int32)
-    coef = mx.random.uniform(0.5, 1.5, (CHECK_ROWS, j))
-    signs = mx.where(mx.random.uniform(shape=(n,)) < 0.5, -1.0, 1.0)
-    x = mx.random.normal((CHECK_ROWS, n)).astype(dtype)
-    return x, small, idx, coef, signs
+    The slots take one expert / copy of each distinct format first, so the cases reach every bit
+    width the pack holds (as many launches of the call's shape as that needs), then the others.
+    """
+    firsts: dict[str, int] = {}
+    for e, spec in enumerate(kp.specs):
+        firsts.setdefault(spec.label(), e)
+    order = list(firsts.values()) + [e for e in range(kp.num) if e not in firsts.values()]
+    slots = rows * j
+    cases = []
+    for start in range(0, max(len(firsts), 1), slots):
+        idx = mx.array([[order[(start + r * j + k) % len(order)] for k in range(j)] for r in range(rows)],
+                       dtype=mx.int32)
+        coef = mx.random.uniform(0.5, 1.5, (rows, j))
+        signs = mx.where(mx.random.uniform(shape=(kp.n_in,)) < 0.5, -1.0, 1.0) if had else None
+        cases.append((mx.random.normal((rows, kp.n_in)).astype(dtype), idx, coef, signs))
+    return cases
 
 
 class CheckedBackend:
@@ -100,17 +105,23 @@ class CheckedBackend:
         self.verdicts: dict[tuple, bool] = {}
 
     def _key(self, x, kp, idx, summed, had):
-        return (tuple(s.label() for s in kp.specs), bool(summed), int(had), str(x.dtype), idx.shape[1] > 1)
+        """What selects the compiled kernels: the pack (formats, shape), rows, slots, mode, Hadamard, dtype."""
+        rows = x.size // x.shape[-1] if x.ndim else 1
+        return (tuple(s.label() for s in kp.specs), kp.n_out, kp.n_in, rows, idx.shape[1], bool(summed), int(had),
+                str(x.dtype))
 
     def _check(self, key, x, kp, idx, summed, had) -> bool:
-        case = check_case(kp, summed, had, x.dtype, idx.shape[1])
+        rows, j = key[3], key[4]
         try:
-            got = self.inner.gqmv(*case[:4], summed, case[4], had)
-            want = gqmv_reference(*case[:4], summed, case[4], had)
-            err = float(mx.max(mx.abs(got.astype(mx.float32) - want)))
-            scale = max(1.0, float(mx.max(mx.abs(want))))
-            ok = bool(got.shape == want.shape and err <= _tol(x.dtype) * scale)
-            why = f"max error {err:.3g} (scale {scale:.3g})"
+            ok, why = True, ""
+            for cx, cidx, coef, signs in check_cases(kp, rows, j, x.dtype, had):
+                got = self.inner.gqmv(cx, kp, cidx, coef, summed, signs, had)
+                want = gqmv_reference(cx, kp, cidx, coef, summed, signs, had)
+                err = float(mx.max(mx.abs(got.astype(mx.float32) - want)))
+                scale = max(1.0, float(mx.max(mx.abs(want))))
+                if not (got.shape == want.shape and err <= _tol(x.dtype) * scale):
+                    ok, why = False, f"max error {err:.3g} (scale {scale:.3g}) with experts {cidx.tolist()}"
+                    break
         except Exception as e:  # noqa: BLE001 -- any failure means "do not use this kernel"
             ok, why = False, f"{type(e).__name__}: {e}"
         if not ok:

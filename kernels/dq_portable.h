@@ -29,7 +29,7 @@ typedef int dq_i32;
 #define DQ_SHARED threadgroup
 #define DQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define DQ_RSQRT(v) metal::rsqrt(v)
-#define DQ_UNROLL _Pragma("unroll")
+#define DQ_UNROLL _Pragma("clang loop unroll(full)")  // as mlx's own Metal kernels (utils.h)
 #elif defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define DQ_BACKEND_CUDA 1
 typedef unsigned int dq_u32;

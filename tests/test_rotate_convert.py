@@ -113,9 +113,21 @@ def test_resume_with_rotation(tiny_dirs, tmp_path, monkeypatch):
     assert mx.array_equal(logits(mlx_dupq.load(out)[0]), logits(mlx_dupq.load(fresh)[0])).item()
 
 
-def test_moe_and_unsupported_models_are_rejected(tiny_dirs, tmp_path):
-    with pytest.raises(DupqError, match="mixture-of-experts"):
-        mlx_dupq.convert(tiny_dirs["deepseek"], tmp_path / "pack", recipe(RotationSpec()))
+def test_moe_model_rotated_whole_keeps_logits(tiny_dirs, tmp_path):
+    """The streaming converter folds the residual rotation into a DeepSeek-MoE checkpoint with one
+    tensor per expert (router, routed and shared experts; online Hadamard on the dense layer's
+    down_proj only): the rotated float pack computes the same logits."""
+    ref = logits(mlx_dupq.load(tiny_dirs["deepseek"])[0])
+    out = tmp_path / "pack"
+    mlx_dupq.convert(tiny_dirs["deepseek"], out, float_recipe(RotationSpec(kind="randomized_hadamard", seed=2,
+                                                                           head=True, online_down=True)))
+    assert rel_err(logits(mlx_dupq.load(out)[0]), ref) < 1e-4
+    assert list(config(out)["mlx_dupq"]["online_rotations"]) == ["model.layers.0.mlp.down_proj"]
+
+
+def test_moe_partial_and_unsupported_models_are_rejected(tiny_dirs, tmp_path):
+    with pytest.raises(DupqError, match="partial rotation.*mixture-of-experts"):
+        mlx_dupq.convert(tiny_dirs["deepseek"], tmp_path / "pack", recipe(RotationSpec(layers=[1])))
     with pytest.raises(DupqError, match="layers \\[7\\] do not exist"):
         mlx_dupq.convert(tiny_dirs["llama"], tmp_path / "pack2", recipe(RotationSpec(layers=[7])))
 

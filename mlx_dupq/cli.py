@@ -123,22 +123,28 @@ def allocate(
     data: str = typer.Option("brown:calib", "--data", "-d", help="Calibration text (a named set or a file)."),
     samples: int = typer.Option(4, "--samples", "-n", min=1, help="Calibration sequences."),
     seq_len: int = typer.Option(128, "--seq-len", min=2, help="Tokens per calibration sequence."),
-    bits: str = typer.Option("2,3,4,8", "--bits", "-b", help="Candidate bit widths, comma separated."),
+    bits: str = typer.Option("2,3,4,8", "--bits", "-b", help="Candidate bit widths, comma separated; "
+                             "BITS:GROUP sets the group size too (2:64,3:128)."),
     measure: str = typer.Option("kl", "--measure", help="kl (end-to-end logit KL) or proxy (module output error)."),
     embed_min_bits: Optional[float] = typer.Option(None, "--embed-min-bits", help="Minimum bits for embedding and lm_head."),
     solver: str = typer.Option("dp", "--solver", help="dp (exact) or greedy."),
+    only: Optional[str] = typer.Option(None, "--only", help="Allocate only the modules whose path matches this "
+                                       "regex; the others keep the base recipe's spec."),
     seed: int = typer.Option(0, "--seed"),
+    table_json: Optional[Path] = typer.Option(None, "--table", help="Also write the sensitivity table (JSON) here."),
 ):
     """Measure per-module sensitivity and write a mixed-precision recipe that fits --budget."""
-    from .config import parse_bits
     from .search.allocate import allocate_model, write_recipe
+    from .search.sensitivity import parse_candidates
 
-    cands = tuple(parse_bits(b) for b in bits.split(",") if b.strip())
+    cands = parse_candidates(bits)
     with progress_bar() as cb:
         rec, table = allocate_model(model, budget, recipe, data=data, samples=samples, seq_len=seq_len, seed=seed,
                                     bits=cands, measure=measure, embed_min_bits=embed_min_bits, solver=solver,
-                                    progress=cb)
+                                    only=only, progress=cb)
     path = write_recipe(rec, output)
+    if table_json is not None:
+        _write_json(table_json, {"command": _command_line(), **table.to_dict()})
     out.print(f"[green]wrote[/green] {path}  {escape(rec.description)}  "
               f"(sensitivity of {len(table.bits)} modules in {table.seconds:.1f}s)")
 

@@ -125,3 +125,74 @@ def test_cli_writes_recipe(tiny_dirs, tmp_path, monkeypatch, capsys):
                   Rule("c", QuantSpec(bits=1.58, group_size=0, symmetric=True))), rotation=RotationSpec(layers=(0, 2)))
     again.write_text(recipe_toml(full))
     assert load_recipe(again) == full
+
+
+def test_candidates_with_group_sizes():
+    from mlx_dupq.search.sensitivity import candidate_specs, parse_candidates
+
+    assert parse_candidates("2,3") == (2, 3)
+    assert parse_candidates("2:64, 3:128,ternary") == ((2, 64), (3, 128), 1.58)
+    base = QuantSpec(bits=3, group_size=128, symmetric=True)
+    labels = [s.label() for s in candidate_specs(base, parse_candidates("2:64,3:128,4"))]
+    assert labels == ["w2g64s", "w3g128s", "w4g128s"]
+    with pytest.raises(DupqError, match="group size"):
+        parse_candidates("2:48")
+    with pytest.raises(DupqError, match="no candidate"):
+        parse_candidates(" , ")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_rotated_only_decoder_planned_equals_stored(tiny_dirs, tmp_path, model_type):
+    """w2-t3a's setting: rotation, 3-bit g128 or 2-bit g64 per decoder linear, ternary embedding and
+    head fixed. The rotated model computes the same logits, wrapped down_projs are named as the recipe
+    names them, and the converted pack stores exactly the planned bits."""
+    import json
+
+    from mlx_dupq.config import RotationSpec
+    from mlx_dupq.io.loader import load_model
+    from mlx_dupq.search.sensitivity import rotate_float_model
+
+    src = tiny_dirs[model_type]
+    model, config, _ = load_model(src)
+    x = mx.array(np.random.default_rng(0).integers(0, VOCAB, (2, 16)).astype(np.int32))
+    base = Recipe(name="t", default=QuantSpec(bits=3, group_size=128),
+                  embed=QuantSpec(bits="ternary", group_size=128, symmetric=True),
+                  lm_head=QuantSpec(bits="ternary", group_size=128, symmetric=True),
+                  rotation=RotationSpec(kind="block_hadamard", online_down=True))
+    rot = rotate_float_model(model, config, base.rotation)
+    assert float(mx.max(mx.abs(rot(x) - model(x))).item()) < 1e-3 * float(mx.max(mx.abs(model(x))).item())
+    t = measure_sensitivity(rot, x, base, bits=((2, 64), (3, 128)), only=r"\.layers\.")
+    assert all(".layers." in p and not p.endswith(".linear") for p in t.bits)
+    assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"} <= set(t.bits)
+    assert all(set(t.bits[p]) == {"w2g64", "w3g128"} for p in t.bits)
+    assert not any("embed" in p or "lm_head" in p for p in t.bits) and t.extra["kept"]
+    budget = (t.bpw({p: "w2g64" for p in t.bits}) + t.bpw({p: "w3g128" for p in t.bits})) / 2
+    rec = allocate(t, budget, base)
+    choice = recipe_choice(t, rec)
+    assert set(choice.values()) == {"w2g64", "w3g128"}
+    assert rec.spec_for("model.embed_tokens").ternary
+    res = mlx_dupq.convert(src, tmp_path / "pack", rec)
+    assert res.bits_per_weight == pytest.approx(t.bpw(choice), abs=1e-12)  # planned == stored
+    modules = json.loads((tmp_path / "pack" / "config.json").read_text())["mlx_dupq"]["modules"]
+    requested = {p: modules[p].get("requested_group_size", modules[p]["group_size"]) for p in t.bits}
+    assert requested == {p: rec.spec_for(p).group_size for p in t.bits}
+
+
+def test_cli_only_groups_and_table(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.test_cli import run
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. hello world, this is a tiny test corpus. " * 40)
+    out, table = tmp_path / "mix.toml", tmp_path / "table.json"
+    code, o, e = run(monkeypatch, capsys, "allocate", tiny_dirs["llama"], "--budget", "5.0", "--data", text,
+                     "-n", "2", "--seq-len", "16", "--bits", "2:32,3:64", "--only", r"\.mlp\.", "--measure", "proxy",
+                     "-o", out, "--table", table)
+    assert code == 0, e
+    rec = load_recipe(out)
+    assert rec.rules and all(r"\.mlp\." in r.pattern for r in rec.rules)
+    assert {(r.spec.bits, r.spec.group_size) for r in rec.rules} == {(2, 32), (3, 64)}  # (8-bit embeddings fixed)
+    t = json.loads(table.read_text())
+    assert t["command"].startswith("mlx-dupq allocate") and set(t["proxy"]) == {r.pattern[1:-1].replace("\\", "")
+                                                                                  for r in rec.rules}

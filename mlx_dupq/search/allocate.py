@@ -17,7 +17,12 @@ Solvers:
   largest sensitivity decrease per extra bit that still fits.
 
 The output recipe is ``base_recipe`` with one rule per module pinning its spec (an escaped exact
-path regex), placed before the base recipe's own rules.
+path regex), placed before the base recipe's own rules. Modules left out of the table (``only``
+in :func:`~mlx_dupq.search.sensitivity.measure_sensitivity`) keep the base recipe's spec.
+
+:func:`allocate_model` measures the base recipe's model: with a ``[rotation]``, the rotated one
+(:func:`~mlx_dupq.search.sensitivity.rotate_float_model`); always with round to nearest (a GPTQ
+base recipe is ranked by its RTN error).
 """
 
 from __future__ import annotations
@@ -257,17 +262,27 @@ def allocate_model(
     measure: str = "kl",
     embed_min_bits: float | None = None,
     solver: str = "dp",
+    only: str | None = None,
     progress=None,
 ) -> tuple[Recipe, Sensitivity]:
-    """Load MODEL, measure its sensitivity on ``samples x seq_len`` tokens of ``data``, allocate."""
+    """Load MODEL, measure its sensitivity on ``samples x seq_len`` tokens of ``data``, allocate.
+
+    bits: candidate bit widths or (bits, group_size) pairs; only: allocate just the modules whose
+    path matches this regex (the others keep the base recipe's spec). A base recipe with a
+    ``[rotation]`` is measured on the rotated float model.
+    """
     from ..config import load_recipe
     from ..eval.data import calibration_batches, load_text
-    from ..io.loader import load
-    from .sensitivity import measure_sensitivity
+    from ..io.loader import _tokenizer, load_model
+    from .sensitivity import measure_sensitivity, rotate_float_model
 
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    m, tok = load(model)
+    m, config, tok_dir = load_model(model)
+    tok = _tokenizer(tok_dir, config)
     tokens = calibration_batches(tok, load_text(data), samples, seq_len, seed)
-    table = measure_sensitivity(m, tokens, base, bits=bits, measures=(measure,), progress=progress)
+    if base.rotation is not None:
+        m = rotate_float_model(m, config, base.rotation)
+    table = measure_sensitivity(m, tokens, base, bits=bits, measures=(measure,), progress=progress, only=only)
+    table.extra["rotated"] = base.rotation is not None
     rec = allocate(table, budget_bpw, base, measure=measure, embed_min_bits=embed_min_bits, solver=solver)
     return rec, table

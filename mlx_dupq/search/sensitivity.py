@@ -2,7 +2,9 @@
 
 For a float model and calibration tokens ``(n, L)``, every module the base recipe quantizes
 (linears, embedding, lm_head, switch linears) is measured at each candidate spec (the recipe's
-spec for that module with only ``bits`` changed):
+spec for that module with ``bits`` changed, and ``group_size`` too where the candidate names one,
+e.g. ``(2, 64)``); ``only`` (a path regex) restricts the measurement to some modules and counts
+the others at the recipe's own spec in ``fixed_bits``:
 
 - ``kl`` (cheap, end to end): mean per-token KL(p_float || p_q) of the final logits when ONLY that
   module's weight is replaced by ``dequantize(rtn_quantize(w, spec))`` (and put back afterwards).
@@ -20,6 +22,12 @@ Stored bits per spec come from the real packing (:func:`~mlx_dupq.quant.packing.
 symmetric bias mlx's format must store) all count; tensors that are not quantized (norms,
 linear biases, modules the recipe keeps in float) count at the recipe's storage dtype in
 ``fixed_bits``. ``n_params`` is the float model's parameter count, as in a pack's bits/weight.
+
+Rotation: a recipe with a ``[rotation]`` quantizes rotated weights, so measure a rotated copy
+(:func:`rotate_float_model`, same logits): a module wrapped for its run-time rotation
+(``<path>.linear`` inside a ``RotatedInput``) is reported under ``<path>``, as the recipe names it.
+The measurement always rounds to nearest; a GPTQ recipe's real error is smaller, so the table ranks
+modules rather than predicting the converted model's loss.
 
 Cost (``kl``): one full float pass plus, per module and spec, the tail of the network from that
 module's layer. SmolLM2-135M, 4 x 128 tokens, 2 CPU cores (timed pieces, extrapolated, not a full
@@ -111,8 +119,31 @@ class Sensitivity:
 
 
 def candidate_specs(base: QuantSpec, bits=DEFAULT_BITS) -> list[QuantSpec]:
-    """``base`` with each of ``bits`` (group size and symmetry kept)."""
-    return [dataclasses.replace(base, bits=b) for b in bits]
+    """``base`` with each of ``bits``: a bit width (group size and symmetry kept) or a pair
+    ``(bits, group_size)`` (symmetry kept), e.g. ``(3, 128), (2, 64)``."""
+    out = []
+    for b in bits:
+        if isinstance(b, (tuple, list)):
+            out.append(dataclasses.replace(base, bits=b[0], group_size=b[1]))
+        else:
+            out.append(dataclasses.replace(base, bits=b))
+    return out
+
+
+def parse_candidates(text: str) -> tuple:
+    """``"2,3,4,8"`` or ``"2:64,3:128"`` (bits[:group size]) -> candidates for :func:`candidate_specs`."""
+    from ..config import parse_bits, parse_group_size
+
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        b, _, g = item.partition(":")
+        out.append((parse_bits(b), parse_group_size(g)) if g else parse_bits(b))
+    if not out:
+        raise DupqError(f"no candidate bit widths in {text!r}; write e.g. 2,3,4,8 or 2:64,3:128 (bits:group size)")
+    return tuple(out)
 
 
 def fake_quantize(w: mx.array, spec: QuantSpec, dtype: mx.Dtype = mx.float16) -> tuple[mx.array, int]:
@@ -153,16 +184,62 @@ def mean_kl(ref_logp: mx.array, logits: mx.array) -> float:
     return float(mx.mean(kl).item())
 
 
+def recipe_paths(model: nn.Module) -> dict[str, str]:
+    """{module path: the path a recipe names it by}: ``<p>.linear`` inside a RotatedInput is ``<p>``."""
+    from ..layers.online_rotation import RotatedInput
+
+    mods = dict(model.named_modules())
+    out = {}
+    for p in mods:
+        outer = p[: -len(".linear")]
+        out[p] = outer if p.endswith(".linear") and isinstance(mods.get(outer), RotatedInput) else p
+    return out
+
+
 def quantizable_modules(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.Module, str, QuantSpec]]:
-    """{path: (module, kind, the recipe's spec)} of every module ``recipe`` quantizes."""
+    """{path (as the recipe names it): (module, kind, the recipe's spec)} of every module ``recipe`` quantizes."""
     from ..pipeline import module_kind
 
+    names = recipe_paths(model)
     out = {}
     for path, m in model.named_modules():
         kind = module_kind(m)
-        spec = recipe.spec_for(path) if kind else None
+        spec = recipe.spec_for(names[path]) if kind else None
         if spec is not None and "weight" in m and not isinstance(m, nn.QuantizedLinear):
-            out[path] = (m, kind, spec)
+            out[names[path]] = (m, kind, spec)
+    return out
+
+
+def rotate_float_model(model: nn.Module, config: dict, spec) -> nn.Module:
+    """A new float model: ``model`` (an mlx-lm llama/qwen model, ``config`` its config.json dict) with
+    rotation ``spec`` folded in as the converter folds it and the run-time rotations installed.
+
+    Computes the same logits; its weights are the rotated ones a recipe with ``spec`` quantizes. A
+    tied head that the rotation unties is stored (its bits count) but is not a parameter of the
+    source model: ``source_n_params`` (set on the returned model) keeps the source's count, the
+    bits/weight denominator a pack uses.
+    """
+    from ..io.source import layer_index
+    from ..layers.online_rotation import apply_online_rotations
+    from ..pipeline import build_skeleton
+    from ..rotation.plan import EMBED_GROUP, plan_rotation
+
+    weights = dict(tree_flatten(model.parameters()))
+    plan = plan_rotation(spec, config, list(weights), lambda k: weights[k].astype(mx.float32))
+    groups: dict[str, dict[str, mx.array]] = {}
+    for k, v in weights.items():
+        i = layer_index(k)
+        groups.setdefault(EMBED_GROUP if i is None else f"layer.{i}", {})[k] = v
+    folded: dict[str, mx.array] = {}
+    for name, g in groups.items():
+        folded.update(g if name == EMBED_GROUP and plan.partial else plan.fold_group(name, g))
+    dtype = next(iter(weights.values())).dtype
+    out = build_skeleton({**config, **plan.config_update})
+    out.eval()
+    out.load_weights([(k, v.astype(dtype)) for k, v in folded.items()], strict=True)
+    apply_online_rotations(out, plan.online)
+    mx.eval(out.parameters())
+    out.source_n_params = sum(int(v.size) for v in weights.values())
     return out
 
 
@@ -257,19 +334,21 @@ class _Capture(nn.Module):
 
 
 def _forward_capturing(model: nn.Module, tokens: mx.array, paths: list[str]) -> tuple[mx.array, dict[str, mx.array]]:
-    """Float logits (n, L, V) and {path: inputs (n*L, in)} of the nn.Linear modules at ``paths``."""
+    """Float logits (n, L, V) and {path: inputs (n*L, in)} of the nn.Linear modules at ``paths``
+    (recipe paths, see :func:`recipe_paths`)."""
     store = _Inputs()
     mods = dict(model.named_modules())
-    caps = {p: _Capture(mods[p], store) for p in paths if isinstance(mods[p], nn.Linear)}
+    real = {name: p for p, name in recipe_paths(model).items()}
+    caps = {real[p]: (p, _Capture(mods[real[p]], store)) for p in paths if isinstance(mods[real[p]], nn.Linear)}
     if caps:
-        model.update_modules(tree_unflatten(list(caps.items())))
+        model.update_modules(tree_unflatten([(r, c) for r, (_, c) in caps.items()]))
     try:
         logits = model(tokens)
         mx.eval(logits)
     finally:
         if caps:
-            model.update_modules(tree_unflatten([(p, c.inner) for p, c in caps.items()]))
-    inputs = {p: store.arrays[c._key][1] for p, c in caps.items() if c._key is not None}
+            model.update_modules(tree_unflatten([(r, c.inner) for r, (_, c) in caps.items()]))
+    inputs = {p: store.arrays[c._key][1] for p, c in caps.values() if c._key is not None}
     mx.eval(list(inputs.values()))
     return logits, inputs
 
@@ -284,6 +363,8 @@ def measure_sensitivity(
     bits=DEFAULT_BITS,
     measures=MEASURES,
     progress: Progress | None = None,
+    *,
+    only: str | None = None,
 ) -> Sensitivity:
     """Measure every quantizable module of the float ``model`` at each candidate bit width.
 
@@ -291,8 +372,11 @@ def measure_sensitivity(
              module at a time and always restored.
     tokens:  (n, L) int calibration tokens (e.g. ``calibration_batches(tok, text, 4, 128, 0)``).
     recipe:  base recipe: which modules are quantized, their group size / symmetry, storage dtype.
-    bits:    candidate bit widths; each module is measured at its recipe spec with these bits.
+    bits:    candidate bit widths (or (bits, group_size) pairs); each module is measured at its
+             recipe spec with these bits (and group size).
     measures: any of ``kl`` (end-to-end, one tail forward per module and spec) and ``proxy``.
+    only:    path regex: measure only these modules; the others stay at the recipe's spec, their
+             packed size counted in ``fixed_bits`` (e.g. keep a ternary embedding and head fixed).
     """
     t0 = time.perf_counter()
     recipe = recipe or Recipe()
@@ -310,13 +394,21 @@ def measure_sensitivity(
     mods = quantizable_modules(model, recipe)
     if not mods:
         raise DupqError("the model has no module the recipe quantizes; check the recipe's rules")
+    kept = {p: v for p, v in mods.items() if only is not None and not re.search(only, p)}
+    mods = {p: v for p, v in mods.items() if p not in kept}
+    if not mods:
+        raise DupqError(f"no quantized module matches --only {only!r}; check the pattern against the module paths")
     params = dict(tree_flatten(model.parameters()))
-    n_params = sum(int(v.size) for v in params.values())
-    weight_keys = {f"{p}.weight" for p in mods}
+    # the source model's count (a rotated model's untied head is stored, not a source parameter)
+    n_params = getattr(model, "source_n_params", None) or sum(int(v.size) for v in params.values())
+    real = {name: p for p, name in recipe_paths(model).items()}
+    weight_keys = {f"{real[p]}.weight" for p in list(mods) + list(kept)}
     fixed_bits = sum(
         (dtype_bits * int(v.size) if mx.issubdtype(v.dtype, mx.floating) else 8 * int(v.nbytes))
         for k, v in params.items() if k not in weight_keys
     )
+    for path, (mod, _, spec) in kept.items():  # the modules not allocated, at the recipe's spec
+        fixed_bits += fake_quantize(mod.weight, spec, storage)[1]
 
     say("float pass", 0, len(mods))
     ref_logits, inputs = _forward_capturing(model, tokens, list(mods) if "proxy" in measures else [])
@@ -369,6 +461,7 @@ def measure_sensitivity(
         proxy=proxy if "proxy" in measures else {},
         bits=bits_table, specs=specs, params=sizes, fixed_bits=int(fixed_bits), n_params=int(n_params),
         tokens=int(tokens.size), seconds=time.perf_counter() - t0, dtype=recipe.dtype,
-        extra={"bits": [float(b) for b in bits], "measures": list(measures),
+        extra={"bits": [[float(b[0]), int(b[1])] if isinstance(b, (tuple, list)) else float(b) for b in bits],
+               "measures": list(measures), "only": only, "kept": sorted(kept),
                "tail_cached": bool(tail is not None and tail.hidden is not None)},
     )

@@ -385,10 +385,14 @@ def convert(
         if gname in state.done:
             continue
         weights = {k: src.get(k) for k in keys}
+        added = 0  # parameters the fold creates (an untied lm_head): stored, not the model's own
         if plan is not None:
-            weights = plan.fold_group(gname, {k: v.astype(mx.float32) for k, v in weights.items()})
+            folded = plan.fold_group(gname, {k: v.astype(mx.float32) for k, v in weights.items()})
+            added = sum(int(v.size) for k, v in folded.items() if k not in weights)
+            weights = folded
         weights = sanitize_group(skeleton, weights)
-        n_params = sum(int(v.size) for v in weights.values()) if weights else 0
+        # the bpw denominator is the source model's parameter count (a tied embedding once)
+        n_params = (sum(int(v.size) for v in weights.values()) - added) if weights else 0
         arrays, entries = {}, {}
         try:
             # one pass per serial copy of this layer (each calibrated at its own input), else one

@@ -153,3 +153,14 @@ def test_rotation_spec_round_trip_and_errors():
     ):
         with pytest.raises(DupqError, match=msg):
             RotationSpec.from_dict(bad)
+
+
+def test_untied_head_is_stored_but_not_counted_as_a_parameter(tiny_dirs, tmp_path):
+    """Rotating a tied model unties its head (lm_head = E diag(g) R): the pack stores those bytes,
+    but the bpw denominator stays the source model's parameter count (the tied matrix once)."""
+    plain = mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "plain", recipe(None))
+    rot = mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "rot", recipe(RotationSpec()))
+    assert config(tmp_path / "rot")["tie_word_embeddings"] is False
+    assert rot.n_params == plain.n_params
+    assert rot.stored_bytes > plain.stored_bytes  # the head's codes and scales
+    assert rot.bits_per_weight == pytest.approx(8 * rot.stored_bytes / rot.n_params, rel=0.02)

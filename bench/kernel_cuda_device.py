@@ -57,13 +57,6 @@ TIMES = [("32b gate/up 2-bit g64", 27648, 5120, 2, 64, 1, 1), ("32b gate/up 3-bi
          ("32b gate/up 2-bit x3 copies", 27648, 5120, 2, 64, 3, 1)]
 
 
-def spec_of(t):
-    """(bits, group, symmetric) -> QuantSpec; group 0 is per-channel."""
-    from mlx_dupq.config import QuantSpec
-
-    return QuantSpec(*t)
-
-
 def launch_info(template, n_out):
     from mlx_dupq.kernels import gpu, nvrtc
 
@@ -77,6 +70,7 @@ def prepare(out: Path) -> None:
     import mlx.core as mx
     import numpy as np
 
+    from mlx_dupq.config import QuantSpec
     from mlx_dupq.kernels import gpu
     from mlx_dupq.kernels.layout import kernel_pack
     from mlx_dupq.kernels.reference import gqmv_reference
@@ -86,15 +80,14 @@ def prepare(out: Path) -> None:
     mx.random.seed(0)
     cases = []
     for i, (name, o, n, specs, m, j, summed, had) in enumerate(CHECKS):
-        layers = [quantize_tensor(mx.random.normal((o, n)) * 0.05, spec_of(s).fit(n)) for s in specs]
+        layers = [quantize_tensor(mx.random.normal((o, n)) * 0.05, QuantSpec(*s).fit(n)) for s in specs]
         kp = kernel_pack(layers, mx.float16)
         x = mx.random.normal((m, n)).astype(mx.float16)
         if summed:
             idx = mx.array([list(range(j))] * m, dtype=mx.int32)
-            coef = mx.ones((m, j))
         else:
             idx = mx.array([[(r + 2 * s) % len(specs) for s in range(j)] for r in range(m)], dtype=mx.int32)
-            coef = mx.ones((m, j))
+        coef = mx.ones((m, j))
         signs = mx.where(mx.random.uniform(shape=(n,)) < 0.5, -1.0, 1.0) if had else mx.ones((n,))
         p = gpu.plan(m, n, j, summed, had)
         if p.rows < m or p.had != had:

@@ -83,7 +83,7 @@ class _Shared:
         link.calls += 1
         if first:
             link.owner = None if owner is self else owner
-        elif (owner is self) != (link.owner is None) or (link.owner is not None and owner is not link.owner):
+        elif owner is not (self if link.owner is None else link.owner):
             raise DupqError("calibration capture: linears shared an input on one batch but not on another; "
                             "this model's forward pass is not deterministic in its inputs (please report it)")
         return link.owner is None

@@ -6,6 +6,10 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from .eval.speed import bench_speed, dir_size_bytes
+from .io import pack as packio
+from .io.loader import load
+from .io.source import open_source
 
 
 def storage_of(model_arg: str, model) -> tuple[int | None, float | None]:
@@ -15,10 +19,6 @@ def storage_of(model_arg: str, model) -> tuple[int | None, float | None]:
     model's parameter count (for a GGUF: the GGUF's own bits per weight).
     """
     from mlx_lm.utils import get_total_parameters
-
-    from .eval.speed import dir_size_bytes
-    from .io import pack as packio
-    from .io.source import open_source
 
     p = Path(str(model_arg)).expanduser()
     if p.is_dir() and packio.is_pack(p):
@@ -37,9 +37,6 @@ def storage_of(model_arg: str, model) -> tuple[int | None, float | None]:
 def bench_models(names: list[str], prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 1,
                  speed: bool = True, compute_dtype: str = "float32") -> list[dict]:
     """One result dict per model, measured one after the other in this process."""
-    from .eval.speed import bench_speed
-    from .io.loader import load
-
     results = []
     for name in names:
         t0 = time.time()

@@ -13,12 +13,15 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+from mlx_lm.utils import load_tokenizer
 
+from .adapter import EMBED_KEY_RE, layer_prefix  # noqa: F401  (re-exported)
 from .calib import LinearStats, advance, layer_input_hessians
-from .config import QuantizerSpec
+from .specs import QuantizerSpec
 from .errors import DupqError
+from .eval.data import calibration_batches, load_text
+from .layers.online_rotation import apply_online_rotations
 
-EMBED_KEY_RE = re.compile(r"(^|\.)embed_tokens\.weight$")
 HIDDEN_RE = re.compile(r"^calib-hidden-(\d{5})\.safetensors$")
 
 
@@ -26,10 +29,6 @@ class Calibration:
     """Calibration tokens and the running hidden states ``h`` (n, seq_len, hidden), float32."""
 
     def __init__(self, spec: QuantizerSpec, tokenizer_dir: Path, root: Path):
-        from mlx_lm.utils import load_tokenizer
-
-        from .eval.data import calibration_batches, load_text
-
         tok = load_tokenizer(tokenizer_dir)
         text = load_text(spec.calib_data)
         self.tokens = calibration_batches(tok, text, spec.calib_samples, spec.calib_seq_len, spec.seed)
@@ -62,8 +61,6 @@ class Calibration:
         :class:`~mlx_dupq.calib.SwitchStats` under the switch layer's path."""
         if self.h is None:
             raise DupqError("calibration needs the embedding before the first layer; this model's layout is not supported")
-        from .layers.online_rotation import apply_online_rotations
-
         rel_online = {p[len(prefix) + 1 :]: r for p, r in online.items() if p.startswith(prefix + ".")}
         wrapped = set(rel_online)
         _set_weights(layer, prefix, weights, set())
@@ -108,12 +105,3 @@ def _set_weights(layer: nn.Module, prefix: str, weights: dict[str, mx.array], wr
             rel = f"{mod}.linear.{param}"
         items.append((rel, v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v))
     layer.load_weights(items, strict=False)
-
-
-def layer_prefix(keys: list[str]) -> str | None:
-    """``model.layers.3`` for the keys of decoder layer 3."""
-    for k in keys:
-        m = re.match(r"^(.*?layers\.\d+)\.", k)
-        if m:
-            return m.group(1)
-    return None

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._env import reexec_with_fast_blas
 from .errors import DupqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="2-bit MLX quantization with layer duplication.")
@@ -59,8 +60,16 @@ def progress_bar(enabled: bool = True):
         yield cb
 
 
+def _lib(*names: str):
+    """The library functions a command calls (from :mod:`mlx_dupq.api`), one name -> one object."""
+    from . import api  # deferred: mlx-lm's import costs ~5 s (python -X importtime); --help and bad flags answer at once
+
+    objs = [getattr(api, n) for n in names]
+    return objs[0] if len(objs) == 1 else objs
+
+
 def _write_json(path: Path, data: dict) -> None:
-    from .io.pack import write_json_atomic
+    write_json_atomic = _lib("write_json_atomic")
 
     try:
         write_json_atomic(path, data)
@@ -70,7 +79,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _pack_bits(model: str) -> Optional[float]:
     """All-in bits per weight of a pack (None for anything else: a full-precision reference)."""
-    from .io import pack as packio
+    packio = _lib("packio")
 
     p = Path(str(model)).expanduser()
     return packio.pack_summary(p)["bits_per_weight"] if p.is_dir() and packio.is_pack(p) else None
@@ -96,8 +105,7 @@ def convert(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion."),
 ):
     """Quantize MODEL into a self-describing MLX pack, streaming layer by layer."""
-    from .config import parse_bits, parse_group_size
-    from .pipeline import convert as run
+    parse_bits, parse_group_size, run = _lib("parse_bits", "parse_group_size", "convert")
 
     b = parse_bits(bits) if bits is not None else None
     g = parse_group_size(group_size) if group_size is not None else None
@@ -134,8 +142,7 @@ def allocate(
     table_json: Optional[Path] = typer.Option(None, "--table", help="Also write the sensitivity table (JSON) here."),
 ):
     """Measure per-module sensitivity and write a mixed-precision recipe that fits --budget."""
-    from .search.allocate import allocate_model, write_recipe
-    from .search.sensitivity import parse_candidates
+    allocate_model, write_recipe, parse_candidates = _lib("allocate_model", "write_recipe", "parse_candidates")
 
     cands = parse_candidates(bits)
     with progress_bar() as cb:
@@ -169,7 +176,7 @@ def search_dup(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every evaluated trial here."),
 ):
     """Search copy counts, modes and copy parameters on calibration text; write the best plan as a recipe."""
-    from .search.dup_search import Objective, search_dup as run, write_dup_recipe
+    Objective, run, write_dup_recipe = _lib("Objective", "search_dup", "write_dup_recipe")
 
     rec, trials_out = run(model, method, trials, base_bits=base_bits, layer_group=layer_group, last=last,
                           objective=Objective(alpha, beta, gamma, max_bpw), calib_data=data, samples=samples,
@@ -196,7 +203,7 @@ def generate(
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
     """Stream a completion from MODEL (chat template applied when the tokenizer has one)."""
-    from .generate import stream
+    stream = _lib("stream")
 
     for piece in stream(model, prompt, max_tokens=max_tokens, temp=temp, seed=seed, chat=chat,
                         compute_dtype=compute_dtype):
@@ -218,9 +225,7 @@ def eval_ppl(
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
     """Perplexity with the standard protocol (joined text, non-overlapping windows); long --ctx runs chunked."""
-    from .eval.data import load_text
-    from .eval.ppl import perplexity
-    from .io.loader import load
+    load_text, perplexity, load = _lib("load_text", "perplexity", "load")
 
     text = load_text(data)
     m, tok = load(model, compute_dtype=compute_dtype)
@@ -246,7 +251,7 @@ def eval_agree(
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
     """Agreement of MODEL with REFERENCE: greedy generations (divergence, BLEU-4, ROUGE-L), top-1 and KL."""
-    from .eval.agree import DEFAULT_PROMPTS, agree_models, read_prompts
+    DEFAULT_PROMPTS, agree_models, read_prompts = _lib("DEFAULT_PROMPTS", "agree_models", "read_prompts")
 
     ps = read_prompts(prompts) if prompts else list(DEFAULT_PROMPTS)
     with progress_bar() as cb:
@@ -281,10 +286,7 @@ def eval_tasks(
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
     """Accuracy on tasks built from held-out real text (cloze, mc) and on lm-eval's MMLU, HellaSwag, ARC-Challenge."""
-    from .eval.data import documents
-    from .eval.lmeval import run_harness, split_tasks
-    from .eval.tasks import run_tasks
-    from .io.loader import load
+    documents, run_harness, split_tasks, run_tasks, load = _lib("documents", "run_harness", "split_tasks", "run_tasks", "load")
 
     names, harness = split_tasks(tasks)
     if names and not data.strip().lower().endswith(":eval"):
@@ -329,8 +331,7 @@ def bench(
                                            "models) to report duplication overhead against."),
 ):
     """Speed, memory, size and bits per weight, side by side with --against."""
-    from .bench_run import bench_models
-    from .eval.speed import decode_comparison
+    bench_models, decode_comparison = _lib("bench_models", "decode_comparison")
 
     names = [model] + list(against or [])
     if dup_base is not None and dup_base not in names:
@@ -367,7 +368,7 @@ def report(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for REPORT.md and the PNG plots."),
 ):
     """Turn result files into a markdown report with tables and plots (PPL and accuracy vs bits, per layer)."""
-    from .report.render import write_report
+    write_report = _lib("write_report")
 
     res = write_report(results, out_dir)
     out.print(f"[green]wrote[/green] {res['report']} and {len(res['plots'])} plots")
@@ -384,7 +385,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ):
     """Per-layer weight statistics, and for a pack its per-layer choices and all-in bits per weight."""
-    from .inspect_model import inspect_model
+    inspect_model = _lib("inspect_model")
 
     report = inspect_model(model)
     if as_json:
@@ -409,7 +410,7 @@ def inspect(
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json")):
     """The named models and whether they are cached."""
-    from .io.models import list_models
+    list_models = _lib("list_models")
 
     rows = list_models()
     if as_json:
@@ -427,7 +428,7 @@ def models_list(as_json: bool = typer.Option(False, "--json")):
 @models_app.command("fetch")
 def models_fetch(name: str = typer.Argument(..., help="A named model (see `models list`).")):
     """Download (without installing) and verify a named model into the cache."""
-    from .io.models import fetch
+    fetch = _lib("fetch")
 
     with progress_bar() as cb:
         path = fetch(name, progress=lambda done, total, msg: cb(msg, done, total))
@@ -439,8 +440,6 @@ def models_fetch(name: str = typer.Argument(..., help="A named model (see `model
 
 def main() -> None:
     """Console entry point: fast BLAS, then the Typer app with one-line errors."""
-    from ._env import reexec_with_fast_blas
-
     reexec_with_fast_blas()
     try:
         app(standalone_mode=False)

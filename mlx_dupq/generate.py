@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import mlx.core as mx
+from .io.loader import load
 
 
 def build_prompt(tokenizer, prompt: str, chat: bool = True) -> str | list[int]:
@@ -31,7 +32,5 @@ def stream_model(model, tokenizer, prompt: str, max_tokens: int = 100, temp: flo
 def stream(model: str, prompt: str, max_tokens: int = 100, temp: float = 0.0, seed: int = 0, chat: bool = True,
            compute_dtype: str = "float32") -> Iterator[str]:
     """Load MODEL (pack, directory, .gguf, name) and yield text pieces of a completion."""
-    from .io.loader import load
-
     m, tok = load(model, compute_dtype=compute_dtype)
     yield from stream_model(m, tok, prompt, max_tokens=max_tokens, temp=temp, seed=seed, chat=chat)

@@ -16,6 +16,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import DupqError
+from .io import pack as packio
+from .io.source import open_source
+from .layers.moe_linear import MixedSwitchLinear
+from .quant.packing import unpack
+from .quant.qtensor import dequantize
+from .stats import weight_stats
 
 
 MOE_GROUP_RE = re.compile(r"^(.*)\.groups\.\d+(?:\.copies\.\d+)?$")
@@ -44,8 +50,6 @@ def moe_label(s: dict) -> str:
 
 def _moe_weight(base: str, entry: dict, arrays: dict, files: list[Path]) -> mx.array:
     """The effective float32 (E, out, in) weight of a moe_mixed layer, built by its own module."""
-    from .layers.moe_linear import MixedSwitchLinear
-
     pre = base + ".groups."
     found = {k[len(base) + 1:]: v for k, v in arrays.items() if k.startswith(pre)}
     E, out, n = entry["shape"]
@@ -65,9 +69,6 @@ def _moe_weight(base: str, entry: dict, arrays: dict, files: list[Path]) -> mx.a
 def _pack_tensors(path: Path, meta: dict, moe_rows: list[dict] | None = None):
     """(name, float weight, quant label) for every weight tensor of a pack, one at a time;
     ``moe_rows`` collects :func:`moe_layer_summary` of each moe_mixed layer."""
-    from .quant.packing import unpack
-    from .quant.qtensor import dequantize
-
     entries = meta["modules"]
     files = sorted(path.glob("model*.safetensors"))
     done: set[str] = set()
@@ -113,10 +114,6 @@ def _pack_tensors(path: Path, meta: dict, moe_rows: list[dict] | None = None):
 
 def inspect_model(model: str) -> dict:
     """A JSON-able report: ``tensors`` (stats per weight) and, for a pack, ``pack`` + ``bits_per_weight``."""
-    from .io import pack as packio
-    from .io.source import open_source
-    from .stats import weight_stats
-
     p = Path(str(model)).expanduser()
     report: dict = {"model": str(model)}
     if p.is_dir() and packio.is_pack(p):

@@ -1,7 +1,9 @@
 """Streaming conversion: a float model in, an mlx-dupq pack out, one layer at a time.
 
-The recipe decides every module's :class:`~mlx_dupq.config.QuantSpec`; this module only
-walks the source, quantizes and writes. Peak memory is about one decoder layer (plus the
+The recipe decides every module's :class:`~mlx_dupq.specs.QuantSpec`; this module only
+walks the source, quantizes and writes. It is the small core of docs/architecture.md ("Convert
+flow"): features (duplication, MoE precision, static activation ranges, refinement) plug in
+through :mod:`mlx_dupq.features.protocol` and are never named here. Peak memory is about one decoder layer (plus the
 largest single non-layer tensor, e.g. the embedding), never the whole model.
 
 Crash safety: everything is written into ``OUT.partial/`` and renamed to ``OUT`` at the end.
@@ -17,8 +19,6 @@ run-time rotations are planned up front and recorded in the pack's config.json.
 
 from __future__ import annotations
 
-import re
-
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,14 +28,18 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .adapter import EMBED_KEY_RE, build_skeleton, layer_prefix, module_kind, sanitize_group  # noqa: F401
+from .calib import LinearStats
+from .calib_state import Calibration
 from .config import Recipe, load_recipe
 from .errors import DupqError
+from .features.protocol import ConvertContext, Feature, LayerStep
+from .features.table import plan_features
 from .io import pack as packio
 from .io.source import Source, open_source
-from .quant.bpw import tensor_bits
-from .calib_state import EMBED_KEY_RE, Calibration, layer_prefix
-from .dup.convert import check_dup_recipe, group_passes, planned_copies, quantize_dup_linear
 from .layers.quant_linear import quantize_tensor
+from .quant.bpw import tensor_bits
+from .quant.gptq import HessianAccumulator
 from .quant.methods import quantize_weight
 from .quant.packing import pack
 from .quant.qtensor import dequantize
@@ -55,19 +59,6 @@ class ConvertResult:
     seconds: float
     groups_total: int
     groups_resumed: int
-
-
-def module_kind(module: nn.Module) -> str | None:
-    """'linear' | 'embedding' | 'switch_linear' for quantizable modules, else None."""
-    from mlx_lm.models.switch_layers import SwitchLinear
-
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, SwitchLinear):
-        return "switch_linear"
-    return None
 
 
 def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dict]:
@@ -91,16 +82,17 @@ def quantize_chunked(w: mx.array, spec, dtype) -> tuple[dict[str, mx.array], dic
     return merged, entry
 
 
-def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module], rec: Recipe, storage,
-                    stats: dict, keep: bool = False,
-                    dup=None, moe=None) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
+def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module], ctx: ConvertContext,
+                    features: list[Feature], stats: dict, keep: bool = False
+                    ) -> tuple[dict[str, mx.array], dict[str, dict], dict[str, mx.array]]:
     """Quantize one group's weights as the recipe says.
 
     Returns (arrays to store, module entries, and when ``keep`` the dequantized weights under their
-    weight keys, for advancing the calibration state through the quantized layer). ``dup``: the
-    recipe's duplication plan resolved for this model; linears of its layers are stored as copies
-    (:func:`mlx_dupq.dup.convert.quantize_dup_linear`).
+    weight keys, for advancing the calibration state through the quantized layer). A module a feature
+    claims is quantized by that feature (:meth:`~mlx_dupq.features.protocol.Feature.quantize`);
+    the others by the recipe's quantizer.
     """
+    rec, storage = ctx.recipe, ctx.storage
     arrays: dict[str, mx.array] = {}
     entries: dict[str, dict] = {}
     dequantized: dict[str, mx.array] = {}
@@ -113,29 +105,18 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
         if spec is None:
             arrays[key] = w.astype(storage) if mx.issubdtype(w.dtype, mx.floating) else w
             continue
-        if moe is not None:  # expert-wise precision (SPEC F6.4): shared experts' spec, per-expert widths
-            spec = moe.linear_specs.get(path, spec)
-        expert_specs = moe.expert_specs(path, spec) if moe is not None and kind == "switch_linear" else None
-        fitted = spec.fit(w.shape[-1])
-        copy_specs = planned_copies(dup, path) if kind == "linear" else None
-        dplan = dup
-        if moe is not None and path in moe.linear_copies:  # shared expert as residual copies (SPEC F6.5)
-            from .moe.duplication import shared_dup_plan
-
-            dplan, copy_specs = shared_dup_plan(moe.linear_copies[path])
-        if expert_specs is not None:
-            q_arrays, entry, wq = _quantize_switch(w, path, expert_specs, moe, rec, storage, stats.get(path), keep)
-            fitted = spec  # the entry records its own groups
-            if keep:
-                dequantized[key] = wq
-        elif copy_specs is not None:
-            q_arrays, entry, wq = quantize_dup_linear(w, fitted, copy_specs, dplan, storage, stats.get(path), keep,
-                                                      rec.quantizer)
+        for f in features:
+            spec = f.spec_for(path, spec)
+        owner = next((f for f in features if f.claims(path, kind)), None)
+        if owner is not None:
+            q_arrays, entry, wq, fitted = owner.quantize(ctx, path, kind, w, spec, stats.get(path), keep)
             if keep:
                 dequantized[key] = wq
         elif rec.quantizer.method == "rtn" and not keep:
+            fitted = spec.fit(w.shape[-1])
             q_arrays, entry = quantize_chunked(w, fitted, storage)
         else:
+            fitted = spec.fit(w.shape[-1])
             qt = quantize_weight(w.astype(mx.float32), fitted, storage, rec.quantizer, stats.get(path))
             q_arrays, entry = pack(qt)
             if keep:
@@ -149,92 +130,17 @@ def _quantize_group(weights: dict[str, mx.array], modules: dict[str, nn.Module],
     return arrays, entries, dequantized
 
 
-def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, storage, stats=None,
-                     keep: bool = False) -> tuple[dict, dict, mx.array | None]:
-    """A switch layer (E, out, in) with the expert plan's widths, copies and rotation
-    -> (arrays, moe_mixed entry, when ``keep`` the dequantized (E, out, in) float32 weight).
-
-    A calibrated quantizer (gptq, awq) with the layer's :class:`~mlx_dupq.calib.SwitchStats` quantizes
-    each expert's first copy on its own against that expert's statistics (:func:`_expert_quantizer`);
-    without statistics (or for residual copies >= 2) it falls back to ``mse`` like any stacked weight.
-    """
-    from .layers.moe_linear import quantize_experts
-
-    rotation = moe.rotation_for(w.shape[-1])
-    quantize = (None if rec.quantizer.method == "rtn"
-                else lambda wg, s: pack(quantize_weight(wg.astype(mx.float32), s, storage, rec.quantizer, None)))
-    first, fallback = None, []
-    if rec.quantizer.calibrated and stats is not None:
-        first = _expert_quantizer(stats, rec.quantizer, storage, rotation, fallback)
-    arrays, entry = quantize_experts(w, [s.fit(w.shape[-1]) for s in expert_specs], storage, quantize=quantize,
-                                     copies=moe.copies_for(path), rotation=rotation, first_copy=first)
-    if first is not None:  # experts no calibration row reached (quantized with mse)
-        entry["calib_fallback_experts"] = sorted(fallback)
-    wq = None
-    if keep:
-        from .layers.quant_linear import build_module
-
-        m = build_module("switch_linear", tuple(w.shape), entry)
-        m.load_weights(list(arrays.items()))
-        wq = m.dequantized()  # in the input's basis: Q(W R) R^T
-    return arrays, entry, wq
-
-
-def _expert_quantizer(stats, quantizer, storage, rotation, fallback: list[int]):
-    """``first_copy(w_group (n_g, out, in), spec, ids) -> (arrays, entry)`` for
-    :func:`~mlx_dupq.layers.moe_linear.quantize_experts`: expert ``ids[i]`` is quantized alone,
-    (out, in), with ``quantize_weight`` and its own :class:`~mlx_dupq.calib.LinearStats`
-    (``stats.expert(e)``; in the rotated basis ``R^T H R`` when the experts are rotated), and the
-    QTensors are stacked and packed. An expert without statistics gets ``mse`` and its id is
-    appended to ``fallback``. Per-tensor specs (one scale for the whole stack) stay stacked ``mse``.
-    """
-    import dataclasses
-
-    from .quant.qtensor import QTensor
-
-    R = None if rotation is None else rotation.matrix()
-
-    def first_copy(wg: mx.array, spec, ids: list[int]):
-        if spec.group_size == -1:
-            fallback.extend(ids)
-            return pack(quantize_weight(wg.astype(mx.float32), spec, storage, quantizer, None))
-        qts = []
-        for i, e in enumerate(ids):
-            st = stats.expert(e)
-            if st is None:
-                fallback.append(e)
-            elif R is not None:  # x R is what the stored W R sees; E|x R| is not kept, its RMS stands in
-                h = R.T @ st.hessian @ R
-                st = dataclasses.replace(st, hessian=h, mean_abs=mx.sqrt(mx.maximum(mx.diagonal(h), 0.0)))
-            qt = quantize_weight(wg[i].astype(mx.float32), spec, storage, quantizer, st)
-            mx.eval(qt.codes, qt.scales, *([] if qt.biases is None else [qt.biases]))
-            qts.append(qt)
-        return pack(QTensor(codes=mx.stack([q.codes for q in qts]), scales=mx.stack([q.scales for q in qts]),
-                            biases=None if qts[0].biases is None else mx.stack([q.biases for q in qts]),
-                            spec=qts[0].spec))
-
-    return first_copy
-
-
-def sanitize_group(skeleton: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """``skeleton.sanitize`` for the weights of one streamed group (one decoder layer, or the rest).
-
-    Stacks per-expert checkpoint tensors (``mlp.experts.E.up_proj``) into ``switch_mlp``. mlx-lm's
-    qwen2_moe / mixtral / olmoe ``sanitize`` only stacks when *layer 0's* first expert is among the
-    weights (it is written for a whole checkpoint), so a layer's weights are renamed to layer 0,
-    sanitized, and renamed back.
-    """
-    if not hasattr(skeleton, "sanitize"):
-        return weights
-    from .calib_state import layer_prefix
-
-    prefix = layer_prefix(list(weights))
-    if prefix is None:
-        return skeleton.sanitize(weights)
-    zero = re.sub(r"\d+$", "0", prefix)
-    renamed = {zero + k[len(prefix):] if k.startswith(prefix + ".") else k: v for k, v in weights.items()}
-    out = skeleton.sanitize(renamed)
-    return {prefix + k[len(zero):] if k.startswith(zero + ".") else k: v for k, v in out.items()}
+def _passes(features: list[Feature], keys: list[str]) -> list[tuple[list[Feature], Callable[[str], str]]]:
+    """The quantization passes of one group: ``[(features of the pass, rename of its keys)]``; one pass
+    unless a feature splits the group (serial copies)."""
+    split = [(i, f.passes(keys)) for i, f in enumerate(features)]
+    split = [(i, p) for i, p in split if len(p) != 1 or p[0][0] is not features[i]]
+    if not split:
+        return [(features, lambda key: key)]
+    if len(split) > 1:
+        raise DupqError("two features of this recipe both split decoder layers into passes; use one of them")
+    i, passes = split[0]
+    return [([*features[:i], *([f] if f is not None else []), *features[i + 1:]], rename) for f, rename in passes]
 
 
 def _fail_write(path: Path, e: OSError) -> DupqError:
@@ -276,9 +182,6 @@ def _head_group(groups: list[tuple[str, list[str]]], modules: dict[str, nn.Modul
 
 def _head_stats(calib: Calibration, modules: dict[str, nn.Module], weights: dict[str, mx.array], src: Source):
     """LinearStats of the head's input: the final norm applied to the calibration hidden states."""
-    from .calib import LinearStats
-    from .quant.gptq import HessianAccumulator
-
     norm_key = FINAL_NORM if FINAL_NORM in weights or FINAL_NORM in src.keys() else None
     x = calib.h
     if norm_key is not None:
@@ -290,23 +193,6 @@ def _head_stats(calib: Calibration, modules: dict[str, nn.Module], weights: dict
     acc = HessianAccumulator(flat.shape[-1])
     acc.add(flat)
     return LinearStats(acc.finalize(), mx.abs(flat).mean(axis=0), int(flat.shape[0]))
-
-
-def build_skeleton(config: dict) -> nn.Module:
-    """The mlx-lm model for ``config`` with lazy (never evaluated) random weights."""
-    from mlx_lm.utils import _get_classes
-
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError:
-        raise DupqError(
-            f"model type {config.get('model_type')!r} is not supported by mlx-lm; "
-            "use a Qwen2/Qwen3/Llama/DeepSeek-MoE style model"
-        ) from None
-    try:
-        return model_class(args_class.from_dict(config))
-    except (TypeError, KeyError, ValueError) as e:
-        raise DupqError(f"config.json does not describe a valid {config.get('model_type')} model ({e})") from None
 
 
 def convert(
@@ -353,21 +239,15 @@ def convert(
     skeleton = build_skeleton({**src.config, **config_update})
     modules = dict(skeleton.named_modules())
     groups = _stream_groups(src, rotated=plan is not None and not plan.partial)
-    storage = getattr(mx, rec.dtype)
-    dup = check_dup_recipe(rec, skeleton, plan.online if plan else None)
     head = _head_group(groups, modules, rec)
     if head is not None:  # the calibrated head goes last: it needs the final hidden states
         groups = groups[: head[0]] + groups[head[0] + 1 :] + [groups[head[0]]]
-    moe = None
-    if rec.moe is not None:  # expert-wise precision: score the experts on calibration text (SPEC F6.4)
-        from .moe.precision import plan_for_convert, scoring_message
-
-        (progress or (lambda *a: None))(scoring_message(rec), 0, len(groups))
-        moe = plan_for_convert(rec, model, skeleton)
+    say = progress or (lambda *a: None)
+    ctx = ConvertContext(rec, src, skeleton, plan, getattr(mx, rec.dtype), len(groups), say)
+    features = plan_features(ctx)
 
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
     resumed = len(state.done)
-    say = progress or (lambda *a: None)
     calib = None
     if rec.quantizer.calibrated:
         say(f"calibration: {rec.quantizer.calib_samples} x {rec.quantizer.calib_seq_len} tokens of "
@@ -380,6 +260,7 @@ def convert(
                 if any(EMBED_KEY_RE.search(k) for k in keys):
                     w = {k: src.get(k).astype(mx.float32) for k in keys}
                     calib.start(plan.fold_group(gname, w) if plan is not None else w)
+    switch_stats = any(f.switch_stats for f in features)
     for gi, (gname, keys) in enumerate(groups):
         say(f"quantizing {gname}", gi, len(groups))
         if gname in state.done:
@@ -396,18 +277,21 @@ def convert(
         arrays, entries = {}, {}
         try:
             # one pass per serial copy of this layer (each calibrated at its own input), else one
-            for sub, rename in group_passes(dup, list(weights)):
-                stats, layer, prefix, wrapped = {}, None, None, set()
+            for pass_features, rename in _passes(features, list(weights)):
+                stats, layer, wrapped = {}, None, set()
+                prefix = layer_prefix(list(weights)) if gname.startswith("layer.") else None
                 if calib is not None:
-                    prefix = layer_prefix(list(weights)) if gname.startswith("layer.") else None
                     if prefix is not None:
                         layer = modules[prefix]
-                        stats, wrapped = calib.capture(layer, prefix, weights, plan.online if plan else {},
-                                                       switch=moe is not None)
+                        stats, wrapped = calib.capture(layer, prefix, weights, ctx.online, switch=switch_stats)
                     elif head is not None and gi == len(groups) - 1:
                         stats = {head[1]: _head_stats(calib, modules, weights, src)}
-                a, e, dequantized = _quantize_group(weights, modules, rec, storage, stats, keep=layer is not None,
-                                                    dup=sub, moe=moe)
+                a, e, dequantized = _quantize_group(weights, modules, ctx, pass_features, stats, keep=layer is not None)
+                if prefix is not None:
+                    step = LayerStep(gi, prefix, weights, a, e, dequantized, layer, calib)
+                    for f in pass_features:
+                        f.on_layer(ctx, step)
+                    a, e, dequantized = step.arrays, step.entries, step.dequantized
                 if plan is not None and plan.online:
                     a = {packio.online_key(k, plan.online): v for k, v in a.items()}
                 mx.eval(a)
@@ -429,13 +313,13 @@ def convert(
     say("writing config and tokenizer", len(groups), len(groups))
 
     try:
+        extra: dict = {}
+        for f in features:
+            extra.update(f.config_entries())
         info = state.finish(src, rec, config_update=config_update, online_rotations=plan.online if plan else None,
-                            duplication=None if dup is None else dup.to_dict())
-        if rec.activations is not None and rec.activations.mode == "static" and not rec.activations.passthrough:
-            from .layers.act_quant import calibrate_pack_ranges
-
-            say("calibrating static activation ranges", len(groups), len(groups))
-            calibrate_pack_ranges(partial, rec)  # the finished pack's inputs -> config.json act_ranges
+                            extra=extra)
+        for f in features:
+            f.finish(ctx, partial)
     except OSError as e:
         raise _fail_write(partial, e) from None
     try:

@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from .adapter import layer_index
+
 CHUNK = 1 << 22  # elements per float64 chunk (32 MB)
 
 
@@ -75,8 +77,6 @@ def model_weight_stats(named_weights: Iterable[tuple[str, mx.array]]) -> list[di
     ``named_weights`` yields ``(name, array)``, e.g. ``((k, src.get(k)) for k in src.keys())``.
     Each row: ``{"name", "layer" (decoder layer index or None), "shape", "dtype", **weight_stats}``.
     Integer tensors (packed codes) and empty tensors are skipped."""
-    from .io.source import layer_index
-
     rows = []
     for name, w in named_weights:
         if w.size == 0 or not mx.issubdtype(w.dtype, mx.floating):

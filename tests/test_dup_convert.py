@@ -240,7 +240,7 @@ def test_serial_gptq_calibrates_each_copy_at_its_input(tiny_dirs, tmp_path, cali
 
 def test_gptq_copies_lower_the_output_error():
     """Copy 1 GPTQ'd against H, residual copy 2 against what it left, a rotated copy against R^T H R."""
-    from mlx_dupq.dup.convert import aggregate_weight
+    from mlx_dupq.dup.feature import aggregate_weight
     from mlx_dupq.dup.copies import copy_rotation, effective_weight, make_copies
 
     rng = np.random.default_rng(0)

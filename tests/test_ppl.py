@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from mlx_dupq.errors import DupqError
+from mlx_dupq import metrics
 from mlx_dupq.eval import ppl as P
 from mlx_dupq.eval.data import tokenize
 
@@ -112,7 +113,7 @@ def test_token_nll_sum_chunked_and_low_precision(monkeypatch):
         for t in range(9):
             row = logits[b, t].astype(np.float64)
             ref += math.log(np.exp(row - row.max()).sum()) + row.max() - row[tgt[b, t]]
-    monkeypatch.setattr(P, "CHUNK_BYTES", 4 * 11 * 2)  # 2 rows per chunk
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", 4 * 11 * 2)  # 2 rows per chunk
     got = P.token_nll_sum(mx.array(logits), mx.array(tgt))
     assert got == pytest.approx(ref, rel=1e-6)
     # bfloat16 logits are upcast per chunk: the result matches float64 on the same values

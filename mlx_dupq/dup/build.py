@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
+from ..calib import advance, layer_input_hessians
 from ..errors import DupqError
 from .runtime import duplicate_layers, duplicate_linears, layer_owner, quantized_layer_copies
 from .specs import CopySpec, DupPlan
@@ -69,8 +70,6 @@ def float_hessians(model: nn.Module, tokens: mx.array, layers: list[int]) -> dic
     """{layer: {linear path in the layer: X^T X}} of the float ``model``'s own inputs to each linear of
     ``layers`` on calibration ``tokens`` (n, L): the statistics :func:`quantize_with_plan` fits
     aggregation weights on. Float inputs throughout (no quantized predecessors, unlike the converter)."""
-    from ..calib import advance, layer_input_hessians
-
     owner = layer_owner(model)
     h = owner.embed_tokens(tokens).astype(mx.float32)
     want, out = set(layers), {}

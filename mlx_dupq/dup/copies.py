@@ -37,12 +37,13 @@ from collections.abc import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import ActSpec, QuantSpec
+from ..specs import ActSpec, QuantSpec
 from ..errors import DupqError
 from ..layers.act_quant import ActQuantInput
 from ..layers.online_rotation import RotatedInput
 from ..layers.quant_linear import build_module
 from ..quant.bpw import tensor_bits
+from ..quant.gptq import gptq_quantize
 from ..quant.packing import pack
 from ..quant.qtensor import QTensor, codes_for, dequantize, grouped, symmetric_offsets
 from ..quant.rtn import rtn_quantize
@@ -180,8 +181,6 @@ def make_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec
             qt = quantize_copy(w if rot is None else rot.apply(w), spec, copy, dtype, codes=out[0].codes)
         elif (hessian is not None and gptq is not None and gptq_applies(copy)
               and (not residual or i == len(copy_specs) - 1)):
-            from ..quant.gptq import gptq_quantize
-
             h = hessian if rot is None else rot.matrix().T @ hessian.astype(mx.float32) @ rot.matrix()
             qt = gptq_quantize(target if rot is None else rot.apply(target), h, spec, dtype, damp=gptq.damp,
                                act_order=gptq.act_order, block_size=gptq.block_size)

@@ -12,35 +12,9 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import DupqError
 from .scores import LayerScore
-from .specs import CopySpec, DupPlan
+from .specs import DIVERSITY, GRID_OFFSETS, CopySpec, DupPlan, diversify  # noqa: F401  (re-exported)
 
 SCALE_MULTS = (1.0, 1.05, 0.95)
-GRID_OFFSETS = (0.0, 0.25, 0.5)
-DIVERSITY = ("scale", "offset", "rotation", "stochastic", "same")
-
-
-def diversify(n: int, by: str = "scale", eps: float = 0.05, seed: int = 0) -> list[CopySpec]:
-    """n differentiated copies: ``scale`` (multipliers 1.0/1.05/0.95/1.10/0.90...), ``offset``
-    (grid offsets 0/0.25/0.5, cycled), ``rotation`` (perturbed H.P, a new seed per copy),
-    ``stochastic`` (copy 0 nearest, the rest stochastic with seeds), ``same`` (identical copies)."""
-    if n < 1:
-        raise DupqError(f"a layer needs at least one copy, got {n}")
-    if by == "scale":
-        mults = [1.0]
-        i = 1
-        while len(mults) < n:
-            mults += [1.0 + 0.05 * i, 1.0 - 0.05 * i]
-            i += 1
-        return [CopySpec(scale_mult=round(m, 4)) for m in mults[:n]]
-    if by == "offset":
-        return [CopySpec(grid_offset=GRID_OFFSETS[i % 3]) for i in range(n)]
-    if by == "rotation":
-        return [CopySpec(rotation={"kind": "perturbed", "seed": seed, "eps": eps if i else 0.0}) for i in range(n)]
-    if by == "stochastic":
-        return [CopySpec(stochastic_seed=None if i == 0 else seed + i) for i in range(n)]
-    if by == "same":
-        return [CopySpec()] * n
-    raise DupqError(f"unknown copy diversity {by!r}; use one of {', '.join(DIVERSITY)}")
 
 
 def _plan(counts: Mapping[int, int | Sequence[CopySpec]], by: str, **kw) -> DupPlan:

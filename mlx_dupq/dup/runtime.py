@@ -19,29 +19,24 @@ becomes a :class:`~mlx_dupq.layers.dup_linear.DupLinear` built by the converter-
 from __future__ import annotations
 
 import copy as _copy
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import QuantSpec
+from ..adapter import layer_owner
 from ..errors import DupqError
+from ..specs import QuantSpec
 from ..layers.dup_linear import DupLinear
 from .aggregate import fit_mix
 from .copies import copy_rotation, effective_weight, load_copies, make_copies, pack_copies
 from .specs import CopySpec, DupPlan
 
 BuildCopies = Callable[[int, nn.Module, Sequence[CopySpec]], list[nn.Module]]
-
-
-def layer_owner(model: nn.Module) -> nn.Module:
-    """The module that holds the decoder-layer list as its ``layers`` child (``model.model`` in mlx-lm)."""
-    for owner in (getattr(model, "model", None), model):
-        if isinstance(owner, nn.Module) and isinstance(owner.get("layers") if isinstance(owner, dict) else None, list):
-            return owner
-    raise DupqError(f"{type(model).__name__} has no decoder-layer list (model.model.layers or model.layers); "
-                    "duplication supports mlx-lm's text models")
+FORMAT_DUP = "dup"  # the pack entry format of a duplicated linear (docs/architecture.md, "Pack formats")
+_COPY_KEY_RE = re.compile(r"^(.*)\.copies\.(\d+)\.([^.]+)$")
 
 
 def layout(model: nn.Module) -> list[tuple[int, int]]:
@@ -145,3 +140,44 @@ def quantized_layer_copies(base_spec: QuantSpec, dtype: mx.Dtype = mx.float16) -
         return layers
 
     return build
+
+
+def serial_index(plan: DupPlan, k: int, copy: int = 0) -> int:
+    """Entry of copy ``copy`` of decoder layer ``k`` in a serial plan's expanded layer list."""
+    return k + sum(plan.count(j) - 1 for j in plan.copies if j < k) + copy
+
+
+def expand_serial(model: nn.Module, plan: DupPlan) -> nn.Module:
+    """A (skeleton) model's layer list expanded for a serial plan: copy i of layer k is a fresh
+    deep copy at :func:`serial_index` (weights to be loaded); each entry gets its own KV-cache slot."""
+    return duplicate_layers(model, plan, lambda k, layer, specs: [layer] + [_copy.deepcopy(layer) for _ in specs[1:]])
+
+
+def load_dup_linear(path: str, entry: dict, weights: dict[str, mx.array]) -> DupLinear:
+    """Rebuild the DupLinear at ``path`` from its entry and the pack's tensors.
+
+    ``weights`` is updated in place: the stored copy tensors are replaced by the DupLinear's own
+    parameter names, so the model's strict ``load_weights`` afterwards checks everything.
+    """
+    copies: dict[int, dict[str, mx.array]] = {}
+    pre = path + ".copies."
+    for key in [k for k in weights if k.startswith(pre)]:
+        m = _COPY_KEY_RE.match(key)
+        if m and m.group(1) == path:
+            copies.setdefault(int(m.group(2)), {})[m.group(3)] = weights.pop(key)
+    n = len(entry["copies"])
+    if sorted(copies) != list(range(n)):
+        raise DupqError(f"{path}: the pack stores copies {sorted(copies)} but config.json lists {n}; convert it again")
+    packed = [(copies.get(k, {}), e) for k, e in enumerate(entry["copies"])]
+    try:
+        mods = load_copies(entry["shape"], packed)
+    except (ValueError, KeyError) as e:
+        raise DupqError(f"{path}: its copies do not match config.json ({e}); the pack is damaged, convert it again") from None
+    mix = weights.pop(f"{path}.mix", None) if entry.get("mix") else None
+    if entry.get("mix") and mix is None:
+        raise DupqError(f"{path}: config.json says it has aggregation weights but {path}.mix is missing; convert it again")
+    layer = DupLinear(mods, entry["mode"], mix=mix, bias=weights.get(f"{path}.bias"),
+                      early_stop=entry.get("early_stop"), max_copies=entry.get("max_copies"))
+    weights.update({f"{path}.{k}": v for k, v in tree_flatten(layer.parameters())})
+    return layer
+

@@ -12,8 +12,7 @@ For decoder layer ``k``, from calibration tokens:
 The truth (:func:`measured_truth`) quantizes ONLY layer k (its weights replaced by their RTN
 dequantization, restored afterwards) and measures the end-to-end damage on the same tokens: mean
 KL(p_float || p_q) of the next-token distributions and the perplexity increase. Layer inputs are
-cached from one float pass, so layer k re-runs only layers k.. (the machinery of
-:mod:`mlx_dupq.search.sensitivity`). :func:`spearman` gives the rank correlation score vs truth.
+cached from one float pass, so layer k re-runs only layers k.. (:class:`mlx_dupq.adapter.LayerTail`). :func:`spearman` gives the rank correlation score vs truth.
 """
 
 from __future__ import annotations
@@ -25,10 +24,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import ROUTER_PATTERN, QuantSpec
+from ..adapter import LayerTail, layer_owner
 from ..errors import DupqError
-from ..search.sensitivity import _Tail, fake_quantize, mean_kl
-from .runtime import layer_owner
+from ..metrics import mean_kl, spearman  # noqa: F401  (spearman re-exported)
+from ..metrics import mean_nll as _nll
+from ..quant.methods import fake_quantize
+from ..specs import ROUTER_PATTERN, QuantSpec
 
 MASSIVE_FACTOR = 100.0
 
@@ -106,14 +107,6 @@ def layer_scores(model: nn.Module, tokens: mx.array, spec: QuantSpec, dtype: mx.
     return out
 
 
-def _nll(logits: mx.array, tokens: mx.array) -> float:
-    """Mean next-token negative log-likelihood of logits (n, L, V) for tokens (n, L)."""
-    lg = logits[:, :-1].astype(mx.float32)
-    logp = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
-    tgt = tokens[:, 1:]
-    return float(-mx.mean(mx.take_along_axis(logp, tgt[..., None], axis=-1)).item())
-
-
 def measured_truth(model: nn.Module, tokens: mx.array, spec: QuantSpec, dtype: mx.Dtype = mx.float16) -> list[dict]:
     """Per layer k: ``{"layer", "kl", "ppl", "ppl_increase"}`` when only layer k is RTN-quantized at ``spec``."""
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -123,7 +116,7 @@ def measured_truth(model: nn.Module, tokens: mx.array, spec: QuantSpec, dtype: m
     mx.eval(ref)
     ref_logp = ref.astype(mx.float32) - mx.logsumexp(ref.astype(mx.float32), axis=-1, keepdims=True)
     base_ppl = float(np.exp(_nll(ref, tokens)))
-    tail = _Tail(model, tokens, ref)
+    tail = LayerTail(model, tokens, ref)
     owner = layer_owner(model)
     out = []
     for k, layer in enumerate(owner.layers):
@@ -141,26 +134,3 @@ def measured_truth(model: nn.Module, tokens: mx.array, spec: QuantSpec, dtype: m
                 m.weight = saved[p]
         out.append({"layer": k, "kl": kl, "ppl": ppl, "ppl_increase": ppl - base_ppl})
     return out
-
-
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank), 0-based."""
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(len(a), dtype=np.float64)
-    for v in np.unique(a):
-        idx = a == v
-        if idx.sum() > 1:
-            ranks[idx] = ranks[idx].mean()
-    return ranks
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two equal-length sequences (nan when either is constant)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
-        raise DupqError(f"spearman needs two 1-D sequences of equal length >= 2, got {a.shape} and {b.shape}")
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])

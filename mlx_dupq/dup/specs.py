@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ACT_BITS, QuantSpec
+from ..specs import ACT_BITS, QuantSpec
 from ..errors import DupqError
 
 MODES = ("serial", "parallel", "residual")
@@ -256,8 +256,6 @@ class DupPlan:
         if n > n_layers:
             raise DupqError(f"last_n = {n} but the model has {n_layers} decoder layers; use at most {n_layers}")
         if self.mode == "parallel":  # identical parallel copies would be one layer: differ by scale
-            from .plans import diversify
-
             default = diversify(self.n_copies, "scale")
         else:  # residual copies differ by construction; serial copies repeat the layer
             default = [CopySpec()] * self.n_copies
@@ -304,3 +302,31 @@ class DupPlan:
                             "re-convert with this mlx-dupq")
         _check_fields(cls, d, "duplication plan")
         return cls(**d)
+
+
+GRID_OFFSETS = (0.0, 0.25, 0.5)
+DIVERSITY = ("scale", "offset", "rotation", "stochastic", "same")
+
+
+def diversify(n: int, by: str = "scale", eps: float = 0.05, seed: int = 0) -> list[CopySpec]:
+    """n differentiated copies: ``scale`` (multipliers 1.0/1.05/0.95/1.10/0.90...), ``offset``
+    (grid offsets 0/0.25/0.5, cycled), ``rotation`` (perturbed H.P, a new seed per copy),
+    ``stochastic`` (copy 0 nearest, the rest stochastic with seeds), ``same`` (identical copies)."""
+    if n < 1:
+        raise DupqError(f"a layer needs at least one copy, got {n}")
+    if by == "scale":
+        mults = [1.0]
+        i = 1
+        while len(mults) < n:
+            mults += [1.0 + 0.05 * i, 1.0 - 0.05 * i]
+            i += 1
+        return [CopySpec(scale_mult=round(m, 4)) for m in mults[:n]]
+    if by == "offset":
+        return [CopySpec(grid_offset=GRID_OFFSETS[i % 3]) for i in range(n)]
+    if by == "rotation":
+        return [CopySpec(rotation={"kind": "perturbed", "seed": seed, "eps": eps if i else 0.0}) for i in range(n)]
+    if by == "stochastic":
+        return [CopySpec(stochastic_seed=None if i == 0 else seed + i) for i in range(n)]
+    if by == "same":
+        return [CopySpec()] * n
+    raise DupqError(f"unknown copy diversity {by!r}; use one of {', '.join(DIVERSITY)}")

@@ -29,8 +29,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError
-from .data import tokenize
 from .ppl import windows_of
+from ..io.loader import load
+from .data import load_text, tokenize
 
 DEFAULT_PROMPTS = (
     "The history of the printing press begins",
@@ -247,9 +248,6 @@ def agree_models(reference: str, model: str, prompts: Sequence[str] = DEFAULT_PR
                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Load REFERENCE and MODEL (any form :func:`mlx_dupq.io.loader.load` takes), check that they
     share a tokenizer, and run :func:`agreement` on them (``data``: a text set or file, or None)."""
-    from .data import load_text
-    from ..io.loader import load
-
     texts = load_text(data) if data else None
     ref_m, ref_tok = load(reference, compute_dtype=compute_dtype)
     m, tok = load(model, compute_dtype=compute_dtype)

@@ -59,7 +59,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError
-from ..io.models import cache_dir, sha256_file
+from ..cache import cache_dir, sha256_file
 
 Document = tuple[str, str, str]  # (doc_id, genre, text)
 

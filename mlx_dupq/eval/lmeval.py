@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DupqError
+from .tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,6 @@ def run_harness(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, li
 
 def split_tasks(spec: str) -> tuple[list[str], list[str]]:
     """``"cloze,mmlu,mc"`` -> (built-in Brown tasks, lm-eval tasks), each in the given order."""
-    from .tasks import TASKS
-
     names = list(dict.fromkeys(t.strip().lower() for t in spec.split(",") if t.strip()))
     bad = [t for t in names if t not in TASKS and not is_harness_task(t)]
     if bad or not names:

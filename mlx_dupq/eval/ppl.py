@@ -34,9 +34,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError
+from ..metrics import CHUNK_BYTES, token_nll_sum  # noqa: F401  (re-exported)
 from .data import tokenize
 
-CHUNK_BYTES = 256 << 20  # float32 logits per loss chunk
 ONE_PASS_MAX = 2048  # windows up to this many tokens run in one forward pass by default
 PREFILL_CHUNK = 1024  # longer windows: tokens per chunked-prefill step
 
@@ -86,25 +86,6 @@ def windows_of(ids: np.ndarray, ctx: int, windows: int | None = None) -> np.ndar
         )
     n = total if windows is None else min(windows, total)
     return ids[: n * ctx].reshape(n, ctx)
-
-
-def token_nll_sum(logits: mx.array, targets: mx.array) -> float:
-    """Sum over positions of ``-log softmax(logits)[target]``, computed in float32.
-
-    logits: (B, L, V), any float dtype (may be a strided slice); targets: (B, L) int -> python
-    float. Rows are processed in chunks of ~CHUNK_BYTES, one float32 chunk at a time; nothing
-    else of size (L, V) is copied."""
-    B, L, V = logits.shape
-    rows = max(1, CHUNK_BYTES // (4 * V))
-    total = 0.0
-    for b in range(B):
-        for s in range(0, L, rows):
-            chunk = logits[b, s : s + rows].astype(mx.float32)  # (r, V)
-            t = targets[b, s : s + rows]
-            picked = mx.take_along_axis(chunk, t[:, None], axis=-1)[:, 0]
-            nll = mx.logsumexp(chunk, axis=-1) - picked  # stable log-softmax
-            total += float(nll.sum().item())
-    return total
 
 
 def perplexity(

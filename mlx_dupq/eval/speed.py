@@ -35,7 +35,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import DupqError
+from ..io.loader import load
 from .data import tokenize
+from ..layers.dup_linear import DupLinear
+from ..layers.quant_linear import DupqEmbedding, DupqLinear
 
 PROMPT_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable metal type "
@@ -165,9 +168,6 @@ def linear_macs(model) -> dict:
     second being what copies beyond the first of every DupLinear add."""
     import mlx.nn as nn
 
-    from ..layers.dup_linear import DupLinear
-    from ..layers.quant_linear import DupqEmbedding, DupqLinear
-
     def macs(m) -> int:
         if isinstance(m, DupqLinear):
             out, n = m.entry["shape"]
@@ -226,7 +226,7 @@ def decode_comparison(results: list[dict], base: str | None = None, load_fn=None
     if base not in by_name:
         raise DupqError(f"--dup-base {base} is not one of the measured models; pass it as MODEL or --against too")
     if load_fn is None:
-        from ..io.loader import load as load_fn
+        load_fn = load
     rows = []
     for r in results:
         if r["model"] == base:

@@ -28,7 +28,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError
-from .source import Source
+from ..adapter import layer_index
+from .base import Source
 
 #: GGUF ``general.architecture`` -> (Hugging Face ``model_type``, ``architectures`` entry)
 ARCHITECTURES = {
@@ -381,9 +382,9 @@ class GGUFSource(Source):
         def order(k: str):
             if k == "model.embed_tokens.weight":
                 return (0, 0)
-            m = re.match(r"model\.layers\.(\d+)\.", k)
-            if m:
-                return (1, int(m.group(1)))
+            i = layer_index(k)
+            if i is not None:
+                return (1, i)
             return (2, 0 if k == "model.norm.weight" else 1)
 
         return sorted(self._tensors, key=order)  # stable: file order inside a layer

@@ -18,7 +18,9 @@ import mlx.nn as nn
 
 from ..errors import DupqError
 from . import pack as packio
-from .source import open_source
+from .source import Source, open_source
+from ..layers.cpu import use_dense_prefill
+from ..adapter import build_skeleton
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -54,8 +56,11 @@ def load_model(model: str | Path, compute_dtype: str = "float32", lazy: bool = F
         return m, config, p
 
     src = open_source(model)
-    from ..pipeline import build_skeleton
+    return float_model(src, compute_dtype, lazy), src.config, src.tokenizer_dir()
 
+
+def float_model(src: Source, compute_dtype: str = "float32", lazy: bool = False) -> nn.Module:
+    """The float mlx-lm model of an opened source, every weight in ``compute_dtype``."""
     m = build_skeleton(src.config)
     weights = {k: src.get(k) for k in src.keys()}
     if hasattr(m, "sanitize"):
@@ -69,7 +74,7 @@ def load_model(model: str | Path, compute_dtype: str = "float32", lazy: bool = F
         raise DupqError(f"the weights of {src.name} do not match its config ({e})") from None
     if not lazy:
         mx.eval(m.parameters())
-    return m, src.config, src.tokenizer_dir()
+    return m
 
 
 def load(model: str | Path, compute_dtype: str = "float32", lazy: bool = False):
@@ -80,7 +85,5 @@ def load(model: str | Path, compute_dtype: str = "float32", lazy: bool = False):
     """
     m, config, tok_dir = load_model(model, compute_dtype=compute_dtype, lazy=lazy)
     if mx.default_device() == mx.cpu:
-        from ..layers.cpu import use_dense_prefill
-
         use_dense_prefill(m)
     return m, _tokenizer(tok_dir, config)

@@ -29,10 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache import Progress, cache_dir, sha256_file  # noqa: F401  (re-exported)
 from ..errors import DupqError
+from .base import HFDirSource
+from .gguf import GGUFSource
 
-#: progress(done_bytes, total_bytes, message)
-Progress = Callable[[int, int, str], None]
 
 _CHUNK = 1 << 20
 
@@ -197,12 +198,6 @@ BUILT: tuple[BuiltModel, ...] = (
 )
 
 
-def cache_dir() -> Path:
-    """Where named models and derived files are cached: ``$MLX_DUPQ_CACHE`` or ``~/.cache/mlx_dupq``."""
-    env = os.environ.get("MLX_DUPQ_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mlx_dupq"
-
-
 def names() -> list[str]:
     """Canonical names of the named models."""
     return [m.name for m in (*MODELS, *BUILT)]
@@ -244,20 +239,6 @@ def _marker(path: Path) -> Path:
 def _stamp(path: Path, sha: str) -> str:
     st = path.stat()
     return f"{sha} {st.st_size} {st.st_mtime_ns}\n"
-
-
-def sha256_file(path: Path, progress: Progress | None = None, message: str = "") -> str:
-    """sha256 hex digest of a file, read in chunks (``progress(done, total, message)`` if given)."""
-    h = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total, message)
-    return h.hexdigest()
 
 
 def cached_path(name: str) -> Path | None:
@@ -450,12 +431,8 @@ def _build(m: BuiltModel, progress: Progress | None) -> Path:
 def open_named(name: str, progress: Progress | None = None):
     """A source on the named model (fetched or built first if needed): a
     :class:`~mlx_dupq.io.gguf.GGUFSource`, or an :class:`~mlx_dupq.io.source.HFDirSource` for a built model."""
-    from .gguf import GGUFSource
-
     m = get_model(name)
     if isinstance(m, BuiltModel):
-        from .source import HFDirSource
-
         return HFDirSource(fetch(m.name, progress), name=m.name)
     return GGUFSource(fetch(m.name, progress), name=m.name)
 

@@ -20,7 +20,7 @@ Layout (a superset of an mlx-lm model directory)::
 A module whose entry has ``format: "mlx"`` is an ``nn.QuantizedLinear`` / ``QuantizedEmbedding``
 / ``QuantizedSwitchLinear``; ``format: "dupq"`` is one of our layers (ternary, groups of
 256/512, per-channel, per-tensor); ``format: "dup"`` is a duplicated linear
-(:mod:`mlx_dupq.dup.convert`: copies stored as ``<path>.copies.<k>.*``, rebuilt as a
+(:mod:`mlx_dupq.dup.feature`: copies stored as ``<path>.copies.<k>.*``, rebuilt as a
 ``DupLinear``; ``mlx_lm.load`` refuses such a pack, it has no tensor ``<path>.weight``).
 ``load_pack`` rebuilds exactly what the entries say.
 """
@@ -37,6 +37,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import DupqError
+from ..dup.runtime import FORMAT_DUP, expand_serial, load_dup_linear
+from ..dup.specs import DupPlan
+from ..layers.act_quant import apply_act_quant
+from ..layers.online_rotation import apply_online_rotations
+from ..layers.quant_linear import build_module
+from ..adapter import build_skeleton
+from ..specs import ActSpec
 
 PACK_FORMAT_VERSION = 1
 PROGRESS_FILE = "progress.json"
@@ -140,12 +147,13 @@ class PartialState:
         write_json_atomic(self.root / PROGRESS_FILE, self.data)
 
     def finish(self, src, recipe, config_update: dict | None = None, online_rotations: dict | None = None,
-               duplication: dict | None = None) -> dict:
+               duplication: dict | None = None, extra: dict | None = None) -> dict:
         """Write config.json, the index and the tokenizer; return the pack summary.
 
         config_update:    changes to the source config (e.g. ``tie_word_embeddings`` after rotation)
         online_rotations: ``{module_path: rotation_dict}`` applied at run time (``load_pack``)
         duplication:      the recipe's duplication plan resolved for this model (explicit layers)
+        extra:            more keys of the ``mlx_dupq`` section (the convert features' config entries)
         """
         entries: dict[str, dict] = {}
         weight_map: dict[str, str] = {}
@@ -175,6 +183,7 @@ class PartialState:
             config["mlx_dupq"]["online_rotations"] = dict(sorted(online_rotations.items()))
         if duplication:
             config["mlx_dupq"]["duplication"] = duplication
+        config["mlx_dupq"].update(extra or {})
         write_json_atomic(self.root / "config.json", config)
         index = {"metadata": {"total_size": stored_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json_atomic(self.root / "model.safetensors.index.json", index)
@@ -235,10 +244,6 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     (:mod:`mlx_dupq.layers.act_quant`); static mode uses ``mlx_dupq.act_ranges`` from config.json.
     ``activations=False`` loads the weights only (e.g. to calibrate those ranges).
     """
-    from ..pipeline import build_skeleton
-    from ..dup.convert import FORMAT_DUP, load_dup_linear
-    from ..layers.quant_linear import build_module
-
     path = Path(path)
     config = read_config(path)
     meta = config.get("mlx_dupq")
@@ -248,8 +253,6 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
         raise DupqError(f"{path} was written by a newer mlx-dupq (pack format {meta['format_version']}); upgrade")
     model = build_skeleton(config)
     if (meta.get("duplication") or {}).get("mode") == "serial":  # copies are extra layer entries
-        from ..dup.convert import expand_serial
-        from ..dup.specs import DupPlan
 
         expand_serial(model, DupPlan.from_dict(meta["duplication"]))
     weights = _load_weights(path)
@@ -288,7 +291,6 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     if rotations:
         # the pack stores a rotated module's tensors as <path>.linear.* (see online_key), which is
         # where the wrapper puts them; mlx-lm, which cannot apply the rotation, refuses such a pack
-        from ..layers.online_rotation import apply_online_rotations
 
         apply_online_rotations(model, rotations)
     model.eval()
@@ -307,9 +309,6 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
 
 def install_act_quant(model: nn.Module, act: dict, ranges: dict | None, path: Path) -> None:
     """Install the recipe's activation fake-quant on a loaded pack model (after its weights)."""
-    from ..config import ActSpec
-    from ..layers.act_quant import apply_act_quant
-
     spec = ActSpec.from_dict(act)
     if spec.passthrough:
         return

@@ -20,10 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .gpu import TG, GpuBackend, rows_per_group
+from .gpu import KERNELS_DIR, TG, GpuBackend, rows_per_group
 from .layout import KernelPack
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = ("dq_portable.h", "gqmv.body.h", "cpu_harness.cpp", "build_cpu.sh")
 ERRORS = {-1: "divergent barrier (some threads returned while others wait)",
           -2: "a size exceeds the CPU capacity of a shared/local array", -3: "bad launch parameters"}

@@ -22,6 +22,8 @@ from functools import cache
 import mlx.core as mx
 
 from ..errors import DupqError
+from .cpu_harness import HarnessBackend
+from .gpu import GpuBackend
 from .layout import KernelPack
 from .reference import gqmv_reference
 
@@ -149,11 +151,7 @@ def make_backend(name: str):
     if name == "reference":
         return ReferenceBackend()
     if name == "harness":
-        from .cpu_harness import HarnessBackend
-
         return CheckedBackend(HarnessBackend())
-    from .gpu import GpuBackend
-
     return CheckedBackend(GpuBackend(name))
 
 

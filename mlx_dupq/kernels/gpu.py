@@ -9,6 +9,7 @@ threadgroup, threads, row chunking to fit shared memory) lives here, the choice 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -26,6 +27,7 @@ PROLOGUE = {
     ),
     "cuda": "",
 }
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"  # the kernel sources (a source checkout)
 TG = 128  # threads per threadgroup (power of two)
 LANES_MAX = 32  # threads sharing one output row (a warp / simdgroup's width)
 XS_MAX = 6144  # floats of x staged in shared memory (24 KiB)
@@ -34,8 +36,6 @@ SLOTS_MAX = 16  # partial sums per thread
 
 def kernel_source(kind: str) -> tuple[str, str]:
     """(header, body) text handed to mx.fast.<kind>_kernel."""
-    from .cpu_harness import KERNELS_DIR
-
     header = (KERNELS_DIR / "dq_portable.h").read_text()
     body = (KERNELS_DIR / "gqmv.body.h").read_text()
     return header, PROLOGUE[kind] + body

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 from ..errors import DupqError
-from ..quant.packing import FORMAT_DUPQ, spec_of
 from ..quant.qtensor import symmetric_offsets
+from ..quant.packing import FORMAT_DUPQ, spec_of, unpack_bits, unpack_trits
 
 TERNARY_CODE = 0
 
@@ -140,8 +140,6 @@ def split_stacked(arrays: dict, entry: dict) -> list[tuple[dict, dict]]:
 
 def expert_dense(kp: KernelPack, e: int) -> mx.array:
     """Float32 (out, in) weight of expert ``e`` decoded from the flat layout with plain mx ops."""
-    from ..quant.packing import unpack_bits, unpack_trits
-
     bits, g, woff, soff = (int(v) for v in kp.meta[e].tolist())
     out, n = kp.n_out, kp.n_in
     if bits == TERNARY_CODE:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from . import dispatch, ops
 from .layout import KernelPack, kernel_pack, split_stacked
@@ -40,10 +41,9 @@ def wants_kernel(x: mx.array) -> bool:
 
 def packed(module: nn.Module) -> tuple[dict, dict] | None:
     """(arrays, entry) of a packed linear's weight (DupqLinear, or mlx's affine QuantizedLinear;
-    any bias is left out), else None."""
-    from ..layers.quant_linear import DupqLinear
-
-    if isinstance(module, DupqLinear):
+    any bias is left out), else None. Our layers say what they are by ``packed_kind`` (this layer
+    sits below :mod:`mlx_dupq.layers`, so it does not import their classes)."""
+    if getattr(module, "packed_kind", None) == "linear":
         return module._stored(), module.entry
     if isinstance(module, nn.QuantizedLinear) and getattr(module, "mode", "affine") == "affine":
         out, words = module.weight.shape
@@ -177,11 +177,7 @@ def switch(owner: nn.Module, groups: list[tuple[list[int], dict, dict]], x: mx.a
 
 def stacked(module: nn.Module) -> dict | None:
     """Stored arrays of a packed switch module (DupqSwitchLinear, mlx-lm's QuantizedSwitchLinear), else None."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    from ..layers.quant_linear import DupqSwitchLinear
-
-    if isinstance(module, DupqSwitchLinear):
+    if getattr(module, "packed_kind", None) == "switch_linear":
         return module._stored()
     if isinstance(module, QuantizedSwitchLinear) and getattr(module, "mode", "affine") == "affine":
         return {k: module[k] for k in ("weight", "scales", "biases")}

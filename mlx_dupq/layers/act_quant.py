@@ -25,10 +25,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from ..config import LM_HEAD_PATTERN, ROUTER_PATTERN, ActSpec
+from ..specs import LM_HEAD_PATTERN, ROUTER_PATTERN, ActSpec
 from ..errors import DupqError
 from ..quant.act import fake_quant, massive_mask, static_range
 from .online_rotation import RotatedInput
+from .quant_linear import DupqLinear, DupqSwitchLinear
 
 DEFAULT_SKIP = f"{LM_HEAD_PATTERN}|{ROUTER_PATTERN}"
 MAX_SAMPLES = 1 << 18  # calibration values kept per linear (a uniform subsample beyond that)
@@ -114,8 +115,6 @@ class ActQuantInput(nn.Module):
 
 def _is_linear(m: nn.Module) -> bool:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-
-    from .quant_linear import DupqLinear, DupqSwitchLinear
 
     return isinstance(m, (nn.Linear, nn.QuantizedLinear, DupqLinear, SwitchLinear, QuantizedSwitchLinear,
                           DupqSwitchLinear))
@@ -225,23 +224,3 @@ def calibrate_static_ranges(model: nn.Module, tokens: mx.array, spec: ActSpec,
 def massive_share(model: nn.Module) -> dict[str, float]:
     """Mean share of entries kept in float per wrapper, over the calls made while ``track`` was on."""
     return {p: float(np.mean(q.kept)) for p, q in act_quant_modules(model).items() if q.kept}
-
-
-def calibrate_pack_ranges(root, recipe) -> dict[str, float]:
-    """Static ranges of a written pack at ``root`` from ``recipe.quantizer``'s calibration text.
-
-    The pack is loaded without activation quantizers (its quantized weights, float inputs), the
-    calibration windows run through it, and the ranges go into config.json (``act_ranges``).
-    """
-    from mlx_lm.utils import load_tokenizer
-
-    from ..eval.data import calibration_batches, load_text
-    from ..io.pack import load_pack, record_act_ranges
-
-    q = recipe.quantizer
-    model, _ = load_pack(root, activations=False)
-    tokens = calibration_batches(load_tokenizer(root), load_text(q.calib_data), q.calib_samples, q.calib_seq_len,
-                                 q.seed)
-    ranges = calibrate_static_ranges(model, tokens, recipe.activations, seed=q.seed)
-    record_act_ranges(root, ranges)
-    return ranges

@@ -34,9 +34,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import QuantSpec
 from ..errors import DupqError
-from .quant_linear import CPU_DENSE_MIN_ROWS, SwitchShape
+from ..kernels import route
+from ..quant.packing import unpack
+from ..quant.qtensor import dequantize
+from ..rotation.rotations import make_rotation
+from ..specs import QuantSpec
+from .quant_linear import CPU_DENSE_MIN_ROWS, FORMAT_BUILDERS, SwitchShape, build_module, quantize_tensor
 
 FORMAT_MOE_MIXED = "moe_mixed"
 
@@ -59,9 +63,6 @@ def residual_copies(w: mx.array, spec: QuantSpec, n: int, quantize,
     recipe's per-stack quantizer ``quantize(w, spec) -> (arrays, entry)``; ``first`` (same signature),
     when given, packs copy 0 instead.
     """
-    from ..quant.packing import unpack
-    from ..quant.qtensor import dequantize
-
     target = w.astype(mx.float32)
     out = []
     for c in range(n):
@@ -95,8 +96,6 @@ def quantize_experts(w: mx.array, specs: list[QuantSpec], dtype: mx.Dtype = mx.f
     :class:`~mlx_dupq.rotation.Rotation` of width ``in`` (the stacks store ``W R``).
     Array names are ``groups.<g>.<param>`` (one copy) or ``groups.<g>.copies.<c>.<param>``.
     """
-    from .quant_linear import quantize_tensor
-
     _check_inputs(w, specs, copies, rotation)
     quantize = quantize or (lambda wg, s: quantize_tensor(wg.astype(mx.float32), s, dtype))
     if rotation is not None:
@@ -171,8 +170,6 @@ class ResidualSwitch(nn.Module):
 
 def _group_module(grp: dict, out: int, n: int) -> nn.Module:
     """The module of one moe_mixed group (see module doc), bias-free."""
-    from .quant_linear import build_module
-
     shape = (len(grp["experts"]), out, n)
     if "copies" in grp:
         if not grp["copies"]:
@@ -198,8 +195,6 @@ class MixedSwitchLinear(SwitchShape, nn.Module):
             self.bias = mx.zeros((num_experts, output_dims))
         rot = None
         if entry.get("rotation"):
-            from ..rotation import make_rotation
-
             rot = make_rotation(entry["rotation"], input_dims)
         object.__setattr__(self, "rotation", rot)
         object.__setattr__(self, "_owner", mx.array(owner))
@@ -215,8 +210,6 @@ class MixedSwitchLinear(SwitchShape, nn.Module):
         return list(self.entry.get("expert_copies") or [1] * self.num_experts)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)
-
         groups = route.mixed_groups(self)
         y = route.switch(self, groups, x, indices) if groups else None
         if y is None:
@@ -269,3 +262,13 @@ def dequantize_switch(mod: nn.Module) -> mx.array:
         return mx.dequantize(mod["weight"], f32(mod["scales"]), f32(mod.get("biases")), group_size=mod.group_size,
                              bits=mod.bits)
     return mod["weight"].astype(mx.float32)
+
+
+def _build_mixed(kind: str, shape: tuple[int, ...], entry: dict, bias: bool) -> nn.Module:
+    """:func:`~mlx_dupq.layers.quant_linear.build_module` for ``format: "moe_mixed"`` (per-expert widths)."""
+    if kind != "switch_linear":
+        raise DupqError(f"a moe_mixed entry describes a switch layer, not a {kind}; the pack is damaged")
+    return MixedSwitchLinear(shape[2], shape[1], shape[0], entry, bias=bias)
+
+
+FORMAT_BUILDERS["moe_mixed"] = _build_mixed

@@ -39,12 +39,15 @@ all experts costs more than it saves until thousands of token-expert pairs.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from ..config import QuantSpec
 from ..errors import DupqError
+from ..kernels import route
+from ..specs import QuantSpec
 from ..quant.packing import (
     FORMAT_DUPQ,
     FORMAT_MLX,
@@ -63,6 +66,9 @@ from ..quant.rtn import rtn_quantize
 KERNEL_GROUPS = (128, 64, 32)
 CPU_DENSE_MIN_ROWS = 16
 KINDS = ("linear", "embedding", "switch_linear")
+#: module formats other modules run: ``format -> build(kind, shape, entry, bias) -> nn.Module``;
+#: :mod:`mlx_dupq.layers.moe_linear` adds ``"moe_mixed"`` (the package ``__init__`` imports it)
+FORMAT_BUILDERS: dict[str, Callable[[str, tuple, dict, bool], nn.Module]] = {}
 
 
 def kernel_group(group: int, in_features: int) -> int | None:
@@ -159,8 +165,6 @@ class _DupqBase(nn.Module):
         return dequantize(unpack(self._stored(), self.entry))
 
     def _matmul(self, x: mx.array) -> mx.array:
-        from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)
-
         y = route.linear(self, x)
         if y is not None:
             return y
@@ -182,6 +186,8 @@ class _DupqBase(nn.Module):
 
 class DupqLinear(_DupqBase):
     """``y = x @ W.T (+ bias)`` with W stored in the dupq format. W: (output_dims, input_dims)."""
+
+    packed_kind = "linear"  # what :mod:`mlx_dupq.kernels.route` runs it as
 
     def __init__(self, input_dims: int, output_dims: int, entry: dict, bias: bool = False):
         super().__init__((output_dims, input_dims), entry)
@@ -235,6 +241,8 @@ class SwitchShape:
 class DupqSwitchLinear(SwitchShape, _DupqBase):
     """Stacked experts (num_experts, output_dims, input_dims); call like mlx-lm's SwitchLinear."""
 
+    packed_kind = "switch_linear"  # what :mod:`mlx_dupq.kernels.route` runs it as
+
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, entry: dict, bias: bool = False):
         super().__init__((num_experts, output_dims, input_dims), entry)
         if bias:
@@ -242,8 +250,6 @@ class DupqSwitchLinear(SwitchShape, _DupqBase):
 
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        from ..kernels import route  # decode on a custom-kernel backend (docs/kernels.md)
-
         y = route.switch(self, [(list(range(self.num_experts)), self._stored(), self.entry)], x, indices)
         if y is not None:
             return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
@@ -281,10 +287,8 @@ def build_module(kind: str, shape: tuple[int, ...], entry: dict, bias: bool = Fa
         raise DupqError(f"a {kind} weight must have {want_ndim} dims, got shape {shape}")
     if "shape" in entry and tuple(entry["shape"]) != shape:
         raise DupqError(f"quantization entry is for shape {tuple(entry['shape'])}, not {shape}; the pack is damaged")
-    if entry.get("format") == "moe_mixed" and kind == "switch_linear":  # per-expert bit widths (SPEC F6.4)
-        from .moe_linear import MixedSwitchLinear
-
-        return MixedSwitchLinear(shape[2], shape[1], shape[0], entry, bias=bias)
+    if entry.get("format") in FORMAT_BUILDERS:  # a format another module runs (moe_mixed: moe_linear)
+        return FORMAT_BUILDERS[entry["format"]](kind, shape, entry, bias)
     spec = spec_of(entry)
     entry = dict(entry, shape=list(shape))
     if entry["format"] == FORMAT_MLX:

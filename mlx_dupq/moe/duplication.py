@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .stats import RARE_SHARE, frequency_class
+from ..dup.specs import CopySpec, DupPlan
 
 ALWAYS_SHARE = 0.5  # routed for >= half of the tokens
 POLICY = {"always": 3, "hot": 2, "domain": 2, "general": 1, "rare": 1}
@@ -92,7 +93,5 @@ def expert_copies(freqs: dict[int, np.ndarray], ks: dict[int, int], budget: floa
 
 def shared_dup_plan(n: int):
     """(DupPlan, copy specs) that store a shared-expert linear as ``n`` residual copies: the dense
-    duplication engine's ``DupLinear`` (:func:`mlx_dupq.dup.convert.quantize_dup_linear`)."""
-    from ..dup.specs import CopySpec, DupPlan
-
+    duplication engine's ``DupLinear`` (:func:`mlx_dupq.dup.feature.quantize_dup_linear`)."""
     return DupPlan(mode="residual"), tuple(CopySpec() for _ in range(n))

@@ -23,11 +23,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 from ..quant.qtensor import dequantize
 from ..quant.rtn import rtn_quantize
 from ..rotation import Rotation, make_rotation
 from .routing import MoEBlock
+from ..dup.copies import effective_weight, make_copies
+from ..dup.specs import CopySpec
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -54,9 +56,6 @@ def rotated_fake_quant(w: mx.array, spec: QuantSpec, rot: Rotation) -> mx.array:
 def copies_fake_quant(w: mx.array, spec: QuantSpec, n: int, rot: Rotation | None = None) -> mx.array:
     """(out, in) -> sum of ``n`` residual copies' effective weights (the dup engine's residual mode),
     all in the basis rotated by ``rot`` (``(sum_k Q_k) R^T``)."""
-    from ..dup.copies import effective_weight, make_copies
-    from ..dup.specs import CopySpec
-
     w = w.astype(mx.float32)
     target = w if rot is None else rot.apply(w)
     qts = make_copies(target, spec.fit(w.shape[-1]), [CopySpec() for _ in range(n)], mx.float16, residual=True)

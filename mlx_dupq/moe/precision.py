@@ -27,6 +27,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -35,8 +37,17 @@ from mlx.utils import tree_flatten
 from ..config import QuantSpec, Recipe
 from ..errors import DupqError
 from ..quant.packing import FORMAT_DUPQ, FORMAT_MLX, packed_shapes
-from .routing import find_blocks
 from .spec import SHARED_PATTERN, MoESpec
+from ..adapter import EMBED_KEY_RE, layer_prefix, module_kind, sanitize_group
+from ..calib import run_layer
+from ..eval.data import calibration_batches, load_text
+from ..io import loader
+from ..io.source import Source, open_source
+from .duplication import expert_copies
+from .experts import expert_rotation
+from .routing import find_blocks, install, layers_of, Routing, uninstall
+from .sensitivity import expert_sensitivity
+from .stats import frequency, record_routing
 
 SWITCH_PROJS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
 # quantizers a [moe] recipe takes; gptq / awq quantize each routed expert against the statistics of
@@ -90,7 +101,6 @@ class ExpertPlan:
         """The experts' input :class:`~mlx_dupq.rotation.Rotation` of width ``n``, or None."""
         if self.rotation == "none":
             return None
-        from .experts import expert_rotation
 
         return expert_rotation(self.rotation, n, self.seed)
 
@@ -167,8 +177,6 @@ def plan_from_scores(rec: Recipe, skeleton: nn.Module, scores: dict[int, np.ndar
     plan.scores = {l: [float(x) for x in s] for l, s in scores.items()}
     copies = None
     if moe.dup_budget > 0:
-        from .duplication import expert_copies
-
         copies = expert_copies(freqs, {b.layer: b.k for b in blocks}, moe.dup_budget)
     copies = copies or {b.layer: np.ones(b.num_experts, dtype=np.int64) for b in blocks}
     raised = allocate(scores, costs, fixed, n_params, moe.budget, moe.max_high_fraction, copies)
@@ -195,7 +203,6 @@ def _price(rec: Recipe, skeleton: nn.Module, blocks: list, plan: ExpertPlan) -> 
     switch = {p: b.layer for b in blocks for p in switch_paths(b.path, b.switch)}
     fixed = n_params = 0
     expert_cost: dict[int, list[int]] = {b.layer: [0, 0] for b in blocks}
-    from ..pipeline import module_kind
 
     for key, v in tree_flatten(skeleton.parameters()):
         shape = tuple(v.shape)
@@ -222,8 +229,6 @@ def _price(rec: Recipe, skeleton: nn.Module, blocks: list, plan: ExpertPlan) -> 
 
 
 def calibration_tokens(tokenizer, moe: MoESpec) -> mx.array:
-    from ..eval.data import calibration_batches, load_text
-
     return calibration_batches(tokenizer, load_text(moe.calib_data), moe.calib_samples, moe.calib_seq_len, moe.seed)
 
 
@@ -236,8 +241,6 @@ def expert_scores(model: nn.Module, tokenizer, moe: MoESpec, low: QuantSpec, wit
     batches = calibration_tokens(tokenizer, moe)
     freqs = expert_frequency(model, batches) if (moe.score == "frequency" or with_frequency) else None
     if moe.score == "sensitivity":
-        from .sensitivity import expert_sensitivity
-
         scores = {l: np.array(d["score"]) for l, d in expert_sensitivity(model, batches, low).items()}
     else:
         scores = freqs
@@ -246,8 +249,6 @@ def expert_scores(model: nn.Module, tokenizer, moe: MoESpec, low: QuantSpec, wit
 
 def expert_frequency(model: nn.Module, batches: mx.array) -> dict[int, np.ndarray]:
     """{layer: (E,) share of the token-expert assignments} on the calibration batches."""
-    from .stats import frequency, record_routing
-
     blocks = {b.layer: b for b in find_blocks(model)}
     routes = record_routing(model, batches)
     return {l: frequency(r["inds"], blocks[l].num_experts) for l, r in routes.items()}
@@ -273,8 +274,6 @@ def check_moe_recipe(rec: Recipe, skeleton: nn.Module) -> None:
 
 
 def _check_rotation(moe: MoESpec, path: str, n: int) -> None:
-    from .experts import expert_rotation
-
     try:
         expert_rotation(moe.rotation, n, moe.seed)
     except DupqError as e:
@@ -289,8 +288,10 @@ def scoring_message(rec: Recipe) -> str:
     return f"scoring experts ({moe.score}) on {moe.calib_data}, {how}"
 
 
-def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module, progress=None) -> ExpertPlan | None:
-    """The expert plan for ``convert``: scores the experts of the float source ``model_ref``.
+def plan_for_convert(rec: Recipe, model_ref: Source | str | Path, skeleton: nn.Module,
+                     progress=None) -> ExpertPlan | None:
+    """The expert plan for ``convert``: scores the experts of the float source ``model_ref`` (the
+    converter passes the :class:`~mlx_dupq.io.base.Source` it already opened; a path is opened here).
 
     ``score = "frequency"`` streams the source one decoder layer at a time (:func:`stream_frequency`);
     ``"sensitivity"`` loads the whole float model (it back-propagates through every layer).
@@ -301,18 +302,17 @@ def plan_for_convert(rec: Recipe, model_ref, skeleton: nn.Module, progress=None)
     check_moe_recipe(rec, skeleton)
     moe: MoESpec = rec.moe
     if moe.score == "frequency":
-        from ..io.loader import _tokenizer
-        from ..io.source import open_source
-
-        src = open_source(model_ref)
-        batches = calibration_tokens(_tokenizer(src.tokenizer_dir(), src.config), moe)
+        src = model_ref if isinstance(model_ref, Source) else open_source(model_ref)
+        batches = calibration_tokens(loader._tokenizer(src.tokenizer_dir(), src.config), moe)
         freqs = stream_frequency(src, skeleton, batches, progress=progress)
         return plan_from_scores(rec, skeleton, freqs, freqs)
-    from ..io.loader import _tokenizer, load_model
 
-    model, config, tok_dir = load_model(model_ref, compute_dtype="float32")
+    if isinstance(model_ref, Source):
+        model, config, tok_dir = loader.float_model(model_ref), model_ref.config, model_ref.tokenizer_dir()
+    else:
+        model, config, tok_dir = loader.load_model(model_ref, compute_dtype="float32")
     try:
-        return plan_experts(rec, skeleton, model, _tokenizer(tok_dir, config))
+        return plan_experts(rec, skeleton, model, loader._tokenizer(tok_dir, config))
     finally:
         del model
         mx.clear_cache()
@@ -330,12 +330,6 @@ def stream_frequency(src, skeleton: nn.Module, batches: mx.array, batch: int = 4
     (:mod:`mlx_dupq.moe.routing`), and the layer gets its original (lazy, never evaluated)
     parameters back. Peak memory: one layer + h + the embedding while h is built.
     """
-    from ..calib import run_layer
-    from ..calib_state import EMBED_KEY_RE, layer_prefix
-    from ..pipeline import sanitize_group
-    from .routing import Routing, install, layers_of, uninstall
-    from .stats import frequency
-
     blocks = {b.layer: b for b in find_blocks(skeleton)}
     layers = layers_of(skeleton)
     groups = dict(src.groups())

@@ -19,7 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import QuantSpec
+from ..metrics import spearman  # noqa: F401  (re-exported for the studies)
+from ..specs import QuantSpec
 from .experts import PROJS, fake_quant
 from .routing import MoEBlock, Routing, find_blocks, install
 from .stats import frequency, record_routing
@@ -128,24 +129,3 @@ def ablation_importance(model: nn.Module, batches: mx.array, layers: list[int] |
     finally:
         install(model, Routing())
     return out
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two equal-length sequences (average ranks for ties)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2:
-        return float("nan")
-
-    def ranks(v):
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for val in np.unique(v):  # average ties
-            m = v == val
-            r[m] = r[m].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import QuantSpec, _check_fields, parse_bits
+from ..specs import QuantSpec, _check_fields, parse_bits
 from ..errors import DupqError
 
 SCORES = ("frequency", "sensitivity")

@@ -40,7 +40,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import DupqError
-from ..io.models import sha256_file
+from ..cache import sha256_file
+from ..eval.data import load_text, tokenize
+from ..eval.ppl import token_nll_sum, windows_of
+from ..io.loader import _tokenizer
+from ..io.source import open_source, TOKENIZER_FILES
 
 #: progress(done_steps, total_steps, message)
 Progress = Callable[[int, int, str], None]
@@ -244,9 +248,6 @@ def balance_loss(probs: mx.array, inds: mx.array) -> mx.array:
 
 def load_tokenizer(model: str = TOKENIZER_MODEL):
     """(mlx-lm TokenizerWrapper, tokenizer directory, vocab size) of a model (default: the default model)."""
-    from ..io.loader import _tokenizer
-    from ..io.source import open_source
-
     src = open_source(model)
     tok_dir = src.tokenizer_dir()
     return _tokenizer(tok_dir, src.config), Path(tok_dir), int(src.config["vocab_size"])
@@ -254,8 +255,6 @@ def load_tokenizer(model: str = TOKENIZER_MODEL):
 
 def token_ids(tokenizer, data: str) -> np.ndarray:
     """A named text set or file -> (T,) int32 ids (see :mod:`mlx_dupq.eval.data`)."""
-    from ..eval.data import load_text, tokenize
-
     return tokenize(tokenizer, load_text(data))
 
 
@@ -402,8 +401,6 @@ def round_to(model: nn.Module, dtype: str) -> None:
 def eval_windows(ids: np.ndarray, ctx: int, windows: int | None = None) -> np.ndarray:
     """(T,) ids -> (W, ctx): the non-overlapping windows of :func:`mlx_dupq.eval.ppl.windows_of`,
     or ``windows`` of them evenly spaced over the whole text (every genre, not only the first)."""
-    from ..eval.ppl import windows_of
-
     wins = windows_of(ids, ctx)
     if windows is None or windows >= len(wins):
         return wins
@@ -416,8 +413,6 @@ def evaluate(model: nn.Module, ids: np.ndarray, ctx: int = 256, windows: int | N
 
     Returns ``{"ppl", "nll", "ctx", "windows", "tokens", "routing"}``; ``routing`` maps each MoE
     layer index to the share of the tokens' k assignments per expert (sums to 1)."""
-    from ..eval.ppl import token_nll_sum
-
     wins = eval_windows(ids, ctx, windows)
     records = attach_recorders(model)
     counts = {i: np.zeros(moe.gate.n_routed_experts, dtype=np.int64) for i, moe in moe_layers(model)}
@@ -466,8 +461,6 @@ weights_sha256 = sha256_file  # sha256 of the saved weights file (recorded in th
 def save(model: nn.Module, config: dict, tokenizer_dir: Path, out: str | Path, dtype: str = "float16") -> Path:
     """Write ``model`` as a Hugging Face style directory: config.json, model.safetensors (``dtype``,
     mlx-lm names, experts stacked as ``switch_mlp``), tokenizer files. Temp dir, then renamed."""
-    from ..io.source import TOKENIZER_FILES
-
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from ..config import ActSpec
+from ..specs import ActSpec
 from ..errors import DupqError
 
 _TINY = 1e-12

@@ -48,7 +48,7 @@ import dataclasses
 import mlx.core as mx
 import numpy as np
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 from ..errors import DupqError
 from .qtensor import QTensor, codes_for
 from .rtn import rtn_quantize

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..config import QuantizerSpec, QuantSpec
-from .qtensor import QTensor
+from ..specs import QuantizerSpec, QuantSpec
+from .bpw import tensor_bits
+from .gptq import gptq_quantize
+from .packing import pack
+from .qtensor import QTensor, dequantize
 from .rtn import rtn_quantize
 from .search import activation_weighted_search, mse_scale_search
 
@@ -26,7 +29,12 @@ def quantize_weight(w: mx.array, spec: QuantSpec, dtype: mx.Dtype, quantizer: Qu
         return mse_scale_search(w, spec, dtype=dtype)
     if method == "awq":
         return activation_weighted_search(w, mx.diagonal(stats.hessian), spec, dtype=dtype)
-    from .gptq import gptq_quantize
-
     return gptq_quantize(w, stats.hessian, spec, dtype, damp=quantizer.damp, act_order=quantizer.act_order,
                          block_size=quantizer.block_size)
+
+
+def fake_quantize(w: mx.array, spec: QuantSpec, dtype: mx.Dtype = mx.float16) -> tuple[mx.array, int]:
+    """(..., in) weight -> (dequantized weight in ``w``'s dtype, stored bits of its packed form)."""
+    qt = rtn_quantize(w.astype(mx.float32), spec, dtype)
+    arrays, _ = pack(qt)
+    return dequantize(qt).astype(w.dtype), tensor_bits(arrays)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 from ..errors import DupqError
 from .qtensor import QTensor, symmetric_offsets
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 
 
 @dataclass

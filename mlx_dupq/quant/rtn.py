@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 from ..errors import DupqError
 from .qtensor import QTensor, codes_for, grouped, symmetric_offsets
 

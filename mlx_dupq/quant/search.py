@@ -32,7 +32,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..config import QuantSpec
+from ..specs import QuantSpec
 from ..errors import DupqError
 from .qtensor import QTensor, codes_for, grouped, symmetric_offsets
 from .rtn import CHUNK_ELEMENTS, rtn_quantize

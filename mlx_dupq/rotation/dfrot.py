@@ -40,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError
-from .rotations import Rotation, from_learned, make_rotation
+from .rotations import LEARNERS, Rotation, from_learned, make_rotation
 
 Quantizer = Callable[[mx.array], mx.array]
 GAMMA_RANGE = (50.0, 200.0)
@@ -206,3 +206,6 @@ def dfrot_from_dict(d: dict, n: int, *, arrays: Mapping[str, mx.array] | None = 
         )
     kw = {k: d[k] for k in _LEARN_KEYS if k in d}
     return dfrot(calib, quantizer, **kw)
+
+
+LEARNERS["dfrot"] = dfrot_from_dict

@@ -29,7 +29,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..config import RotationSpec
+from ..specs import RotationSpec
 from ..errors import DupqError
 from .fold import (
     EMBED,

@@ -39,7 +39,7 @@ O(n^3) to build (about 1 s at n = 1536, 12 s (QR) / 45 s (SVD) at n = 4864 on tw
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,6 +246,12 @@ _ALLOWED = {  # "seed" is accepted (and ignored) by the deterministic kinds so r
 }
 
 
+#: learned rotation kinds -> ``build(d, n, *, arrays, calib, quantizer) -> Rotation``; filled by the
+#: modules that learn them (:mod:`mlx_dupq.rotation.dfrot`, imported by the package ``__init__``),
+#: so this module needs no import of theirs.
+LEARNERS: dict[str, Callable[..., "Rotation"]] = {}
+
+
 def make_rotation(spec: Any, n: int, *, arrays: Mapping[str, mx.array] | None = None,
                   calib: mx.array | None = None, quantizer=None) -> Rotation:
     """Build the rotation of width ``n`` that ``spec`` describes.
@@ -265,10 +271,8 @@ def make_rotation(spec: Any, n: int, *, arrays: Mapping[str, mx.array] | None = 
             f"{kind} rotation was recorded for width {size} but is applied to width {n}; "
             "the pack does not match this model"
         )
-    if kind == "dfrot":
-        from .dfrot import dfrot_from_dict
-
-        return dfrot_from_dict(d, n, arrays=arrays, calib=calib, quantizer=quantizer)
+    if kind in LEARNERS:  # a learned kind (dfrot): rebuilt from its stored matrix or learned from calib
+        return LEARNERS[kind](d, n, arrays=arrays, calib=calib, quantizer=quantizer)
     unknown = set(d) - _ALLOWED[kind]
     if unknown:
         raise DupqError(

@@ -35,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EMBED_PATTERN, LM_HEAD_PATTERN, QuantSpec, Recipe, Rule
 from ..errors import DupqError
-from .sensitivity import Sensitivity
+from ..config import EMBED_PATTERN, LM_HEAD_PATTERN, load_recipe, QuantSpec, Recipe, Rule
+from ..eval.data import calibration_batches, load_text
+from ..io.loader import _tokenizer, load_model
+from .sensitivity import measure_sensitivity, rotate_float_model, Sensitivity
 
 SOLVERS = ("dp", "greedy")
 DP_MAX_STATES = 200_000
@@ -271,11 +273,6 @@ def allocate_model(
     path matches this regex (the others keep the base recipe's spec). A base recipe with a
     ``[rotation]`` is measured on the rotated float model.
     """
-    from ..config import load_recipe
-    from ..eval.data import calibration_batches, load_text
-    from ..io.loader import _tokenizer, load_model
-    from .sensitivity import measure_sensitivity, rotate_float_model
-
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     m, config, tok_dir = load_model(model)
     tok = _tokenizer(tok_dir, config)

@@ -34,9 +34,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..config import QuantSpec, Recipe
+from ..adapter import build_skeleton, layer_owner
+from ..config import QuantSpec, Recipe, load_recipe
 from ..dup.specs import CopySpec, DupPlan
 from ..errors import DupqError
+from ..metrics import mean_nll
+from ..dup.build import quantize_with_plan
+from ..eval.data import calibration_batches, load_text
+from ..io.loader import _tokenizer, load_model
+from ..io.pack import cast_floats
+from .allocate import _toml_value, recipe_toml
 
 METHODS = ("grid", "tpe", "evolutionary", "two-stage")
 
@@ -126,9 +133,6 @@ class Evaluator:
     cache: dict = field(default_factory=dict)
 
     def __call__(self, params: dict) -> dict:
-        from ..dup.build import quantize_with_plan
-        from ..dup.scores import _nll
-
         plan = self.space.plan(params)
         key = repr(None if plan is None else plan.to_dict())
         if key in self.cache:
@@ -141,11 +145,9 @@ class Evaluator:
         if self.objective.max_bpw is not None and bpw > self.objective.max_bpw:
             ppl = math.nan
         else:
-            from ..io.pack import cast_floats
-
             cast_floats(model, mx.float32)
             model.eval()
-            ppl = float(np.exp(_nll(model(self.tokens), self.tokens)))
+            ppl = float(np.exp(mean_nll(model(self.tokens), self.tokens)))
         obj = self.objective.value(ppl, bpw, latency) if not math.isnan(ppl) else math.inf
         r = {"params": dict(params), "plan": None if plan is None else plan.to_dict(), "ppl": ppl,
              "bits_per_weight": bpw, "latency": latency, "objective": obj}
@@ -260,11 +262,6 @@ def search_dup(model: str | Path, method: str = "two-stage", trials: int = 20, b
         raise DupqError(f"unknown search method {method!r}; use one of {', '.join(METHODS)}")
     from mlx.utils import tree_flatten
 
-    from ..dup.runtime import layer_owner
-    from ..eval.data import calibration_batches, load_text
-    from ..io.loader import _tokenizer, load_model
-    from ..pipeline import build_skeleton
-
     float_model, config, tok_dir = load_model(model)
     tok = _tokenizer(tok_dir, config)
     weights = list(tree_flatten(float_model.parameters()))
@@ -289,8 +286,6 @@ def search_dup(model: str | Path, method: str = "two-stage", trials: int = 20, b
 
 
 def dup_recipe(plan: dict | None, base: QuantSpec, description: str) -> Recipe:
-    from ..config import load_recipe
-
     rec = load_recipe("rtn2")
     import dataclasses
 
@@ -299,8 +294,6 @@ def dup_recipe(plan: dict | None, base: QuantSpec, description: str) -> Recipe:
 
 
 def _inline(v) -> str:
-    from .allocate import _toml_value
-
     if isinstance(v, dict):
         return "{" + ", ".join(f"{_key(k)} = {_inline(x)}" for k, x in v.items() if x is not None) + "}"
     if isinstance(v, (list, tuple)):
@@ -315,8 +308,6 @@ def _key(k: str) -> str:
 def dup_recipe_toml(recipe: Recipe) -> str:
     """``recipe`` as TOML, its ``[duplication]`` included (copies as inline tables)."""
     import dataclasses
-
-    from .allocate import recipe_toml
 
     text = recipe_toml(dataclasses.replace(recipe, duplication=None)).replace("mlx-dupq allocate", "mlx-dupq search-dup")
     if recipe.duplication is None:

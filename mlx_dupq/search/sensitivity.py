@@ -49,16 +49,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import QuantSpec, Recipe
+from ..adapter import LAYER_RE, LayerTail, build_skeleton, layer_index, module_kind
+from ..config import Recipe
 from ..errors import DupqError
-from ..quant.bpw import tensor_bits
-from ..quant.packing import pack
-from ..quant.qtensor import dequantize
-from ..quant.rtn import rtn_quantize
+from ..layers.online_rotation import RotatedInput, apply_online_rotations
+from ..metrics import mean_kl
+from ..quant.methods import fake_quantize
+from ..rotation.plan import EMBED_GROUP, plan_rotation
+from ..specs import QuantSpec, parse_bits, parse_group_size
 
 DEFAULT_BITS = (2, 3, 4, 8)
 MEASURES = ("kl", "proxy")
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 Progress = Callable[[str, int, int], None]  # (message, done, total)
 
 
@@ -132,8 +133,6 @@ def candidate_specs(base: QuantSpec, bits=DEFAULT_BITS) -> list[QuantSpec]:
 
 def parse_candidates(text: str) -> tuple:
     """``"2,3,4,8"`` or ``"2:64,3:128"`` (bits[:group size]) -> candidates for :func:`candidate_specs`."""
-    from ..config import parse_bits, parse_group_size
-
     out = []
     for item in text.split(","):
         item = item.strip()
@@ -144,13 +143,6 @@ def parse_candidates(text: str) -> tuple:
     if not out:
         raise DupqError(f"no candidate bit widths in {text!r}; write e.g. 2,3,4,8 or 2:64,3:128 (bits:group size)")
     return tuple(out)
-
-
-def fake_quantize(w: mx.array, spec: QuantSpec, dtype: mx.Dtype = mx.float16) -> tuple[mx.array, int]:
-    """(..., in) weight -> (dequantized weight in ``w``'s dtype, stored bits of its packed form)."""
-    qt = rtn_quantize(w.astype(mx.float32), spec, dtype)
-    arrays, _ = pack(qt)
-    return dequantize(qt).astype(w.dtype), tensor_bits(arrays)
 
 
 def relative_output_error(w: mx.array, w_hat: mx.array, x: mx.array | None = None,
@@ -176,18 +168,8 @@ def relative_output_error(w: mx.array, w_hat: mx.array, x: mx.array | None = Non
     return float(num.item() / den) if den > 0 else 0.0
 
 
-def mean_kl(ref_logp: mx.array, logits: mx.array) -> float:
-    """Mean over positions of KL(p_ref || p): ref_logp (n, L, V) log-probabilities, logits (n, L, V)."""
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    kl = mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
-    return float(mx.mean(kl).item())
-
-
 def recipe_paths(model: nn.Module) -> dict[str, str]:
     """{module path: the path a recipe names it by}: ``<p>.linear`` inside a RotatedInput is ``<p>``."""
-    from ..layers.online_rotation import RotatedInput
-
     mods = dict(model.named_modules())
     out = {}
     for p in mods:
@@ -198,8 +180,6 @@ def recipe_paths(model: nn.Module) -> dict[str, str]:
 
 def quantizable_modules(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.Module, str, QuantSpec]]:
     """{path (as the recipe names it): (module, kind, the recipe's spec)} of every module ``recipe`` quantizes."""
-    from ..pipeline import module_kind
-
     names = recipe_paths(model)
     out = {}
     for path, m in model.named_modules():
@@ -219,11 +199,6 @@ def rotate_float_model(model: nn.Module, config: dict, spec) -> nn.Module:
     source model: ``source_n_params`` (set on the returned model) keeps the source's count, the
     bits/weight denominator a pack uses.
     """
-    from ..io.source import layer_index
-    from ..layers.online_rotation import apply_online_rotations
-    from ..pipeline import build_skeleton
-    from ..rotation.plan import EMBED_GROUP, plan_rotation
-
     weights = dict(tree_flatten(model.parameters()))
     plan = plan_rotation(spec, config, list(weights), lambda k: weights[k].astype(mx.float32))
     groups: dict[str, dict[str, mx.array]] = {}
@@ -244,59 +219,6 @@ def rotate_float_model(model: nn.Module, config: dict, spec) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ forward passes
-
-
-class _Tail:
-    """The float model's logits from any decoder layer on, with the layer inputs cached.
-
-    Works for mlx-lm models laid out as ``model.model.{embed_tokens, layers, norm}`` plus
-    ``lm_head`` or a tied embedding; anything else (or a layout whose re-run does not reproduce
-    the full forward) falls back to the full forward pass.
-    """
-
-    def __init__(self, model: nn.Module, tokens: mx.array, ref_logits: mx.array):
-        self.model, self.tokens = model, tokens
-        self.hidden: list[mx.array] | None = None
-        inner = getattr(model, "model", None)
-        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
-            return
-        if any(getattr(layer, "use_sliding", False) for layer in inner.layers):
-            return
-        self.inner = inner
-        try:
-            from mlx_lm.models.base import create_attention_mask
-
-            h = inner.embed_tokens(tokens)
-            self.mask = create_attention_mask(h, None)
-            hidden = []
-            for layer in inner.layers:
-                hidden.append(h)
-                h = layer(h, self.mask, None)
-                mx.eval(h)
-            hidden.append(h)
-            self.hidden = hidden
-            again = self.logits_from(0)
-        except Exception:  # an unusual layer signature: use the full forward
-            self.hidden = None
-            return
-        scale = float(mx.max(mx.abs(ref_logits)).item()) or 1.0
-        if float(mx.max(mx.abs(again - ref_logits)).item()) > 1e-3 * scale:
-            self.hidden = None
-
-    def head(self, h: mx.array) -> mx.array:
-        out = self.inner.norm(h)
-        if "lm_head" in self.model:
-            return self.model.lm_head(out)
-        return self.inner.embed_tokens.as_linear(out)
-
-    def logits_from(self, start: int | None) -> mx.array:
-        """Logits re-running layers ``start..`` (None: everything, from the tokens)."""
-        if self.hidden is None or start is None:
-            return self.model(self.tokens)
-        h = self.hidden[start]
-        for layer in self.inner.layers[start:]:
-            h = layer(h, self.mask, None)
-        return self.head(h)
 
 
 def _start_layer(path: str, kind: str) -> int | None:
@@ -415,7 +337,7 @@ def measure_sensitivity(
     ref_logp = ref_logits.astype(mx.float32)
     ref_logp = ref_logp - mx.logsumexp(ref_logp, axis=-1, keepdims=True)
     mx.eval(ref_logp)
-    tail = _Tail(model, tokens, ref_logits) if "kl" in measures else None
+    tail = LayerTail(model, tokens, ref_logits) if "kl" in measures else None
     del ref_logits
     counts = None
     if any(kind == "embedding" for _, kind, _ in mods.values()):

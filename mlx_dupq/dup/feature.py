@@ -1,4 +1,5 @@
-"""Parallel / residual / serial copies inside the converter and the pack (SPEC F5.6).
+"""Duplication as a convert feature (:class:`DupFeature`): parallel / residual / serial copies inside
+the converter and the pack (docs/duplication.md; the protocol: :mod:`mlx_dupq.features.protocol`).
 
 Serial plans (:func:`group_passes`, :func:`expand_serial`): decoder layer ``k``'s group is
 quantized once per copy and stored as consecutive entries ``layers.<serial_index(plan, k, i)>``
@@ -19,7 +20,7 @@ planned layer is then quantized by :func:`quantize_dup_linear` and stored as::
 with the module entry ``{"kind": "linear", "format": "dup", "shape", "mode", "aggregation",
 "copies": [copy k's packer entry + CopySpec dict], "mix": bool, "early_stop", "max_copies"}``.
 Every copy's bytes are in the pack's files, so they count in its all-in bpw. :func:`load_dup_linear`
-rebuilds the :class:`~mlx_dupq.layers.dup_linear.DupLinear`. No tensor is called ``<path>.weight``,
+rebuilds the :class:`~mlx_dupq.layers.dup_linear.DupLinear` (in :mod:`mlx_dupq.dup.runtime`, below the loader). No tensor is called ``<path>.weight``,
 so ``mlx_lm.load`` (strict) refuses a duplicated pack instead of running a wrong model.
 
 Copies are made by the copy engine (:func:`~mlx_dupq.dup.copies.make_copies`: RTN with the copy's
@@ -40,16 +41,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..adapter import layer_index, layer_owner
 from ..config import QuantSpec, Recipe
 from ..errors import DupqError
 from ..layers.dup_linear import DupLinear
 from .aggregate import fit_mix
-from .copies import copy_rotation, effective_weight, load_copies, make_copies, pack_qtensors
+from .copies import copy_rotation, effective_weight, make_copies, pack_qtensors
+from ..features.protocol import ConvertContext, Feature
+from .runtime import FORMAT_DUP, expand_serial, load_dup_linear, serial_index  # noqa: F401  (re-exported)
 from .specs import CopySpec, DupPlan
 
-FORMAT_DUP = "dup"
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_COPY_KEY_RE = re.compile(r"^(.*)\.copies\.(\d+)\.([^.]+)$")
 
 
 def check_dup_recipe(rec: Recipe, skeleton: nn.Module, online: dict | None = None) -> DupPlan | None:
@@ -57,8 +58,6 @@ def check_dup_recipe(rec: Recipe, skeleton: nn.Module, online: dict | None = Non
     plan = rec.duplication
     if plan is None:
         return None
-    from .runtime import layer_owner
-
     plan = plan.resolve(len(layer_owner(skeleton).layers))
     if plan.mode == "parallel" and plan.aggregation != "mean" and not rec.quantizer.calibrated:
         raise DupqError(f"aggregation {plan.aggregation!r} is fitted on calibration data, but quantizer "
@@ -74,33 +73,12 @@ def check_dup_recipe(rec: Recipe, skeleton: nn.Module, online: dict | None = Non
     return plan
 
 
-def layer_index(path: str) -> int | None:
-    """Decoder layer of a module path (``model.layers.3.mlp.up_proj`` -> 3), or None."""
-    m = _LAYER_RE.search(path + ".")
-    return int(m.group(1)) if m else None
-
-
 def planned_copies(plan: DupPlan | None, path: str) -> tuple[CopySpec, ...] | None:
     """The copies the plan gives the linear at ``path`` (None: not duplicated)."""
     if plan is None:
         return None
     k = layer_index(path)
     return None if k is None else plan.copies.get(k)
-
-
-def serial_index(plan: DupPlan, k: int, copy: int = 0) -> int:
-    """Entry of copy ``copy`` of decoder layer ``k`` in a serial plan's expanded layer list."""
-    return k + sum(plan.count(j) - 1 for j in plan.copies if j < k) + copy
-
-
-def expand_serial(model: nn.Module, plan: DupPlan) -> nn.Module:
-    """A (skeleton) model's layer list expanded for a serial plan: copy i of layer k is a fresh
-    deep copy at :func:`serial_index` (weights to be loaded); each entry gets its own KV-cache slot."""
-    import copy as _copy
-
-    from .runtime import duplicate_layers
-
-    return duplicate_layers(model, plan, lambda k, layer, specs: [layer] + [_copy.deepcopy(layer) for _ in specs[1:]])
 
 
 def group_passes(plan: DupPlan | None, keys: Sequence[str]) -> list[tuple[DupPlan | None, Callable[[str], str]]]:
@@ -183,30 +161,31 @@ def quantize_dup_linear(w: mx.array, base: QuantSpec, copy_specs: Sequence[CopyS
     return arrays, entry, wq
 
 
-def load_dup_linear(path: str, entry: dict, weights: dict[str, mx.array]) -> DupLinear:
-    """Rebuild the DupLinear at ``path`` from its entry and the pack's tensors.
+class DupFeature(Feature):
+    """The recipe's ``[duplication]``: every linear of a planned decoder layer is stored as copies
+    (``format: "dup"``); serial plans quantize a layer's group once per copy (:func:`group_passes`)."""
 
-    ``weights`` is updated in place: the stored copy tensors are replaced by the DupLinear's own
-    parameter names, so the model's strict ``load_weights`` afterwards checks everything.
-    """
-    copies: dict[int, dict[str, mx.array]] = {}
-    pre = path + ".copies."
-    for key in [k for k in weights if k.startswith(pre)]:
-        m = _COPY_KEY_RE.match(key)
-        if m and m.group(1) == path:
-            copies.setdefault(int(m.group(2)), {})[m.group(3)] = weights.pop(key)
-    n = len(entry["copies"])
-    if sorted(copies) != list(range(n)):
-        raise DupqError(f"{path}: the pack stores copies {sorted(copies)} but config.json lists {n}; convert it again")
-    packed = [(copies.get(k, {}), e) for k, e in enumerate(entry["copies"])]
-    try:
-        mods = load_copies(entry["shape"], packed)
-    except (ValueError, KeyError) as e:
-        raise DupqError(f"{path}: its copies do not match config.json ({e}); the pack is damaged, convert it again") from None
-    mix = weights.pop(f"{path}.mix", None) if entry.get("mix") else None
-    if entry.get("mix") and mix is None:
-        raise DupqError(f"{path}: config.json says it has aggregation weights but {path}.mix is missing; convert it again")
-    layer = DupLinear(mods, entry["mode"], mix=mix, bias=weights.get(f"{path}.bias"),
-                      early_stop=entry.get("early_stop"), max_copies=entry.get("max_copies"))
-    weights.update({f"{path}.{k}": v for k, v in tree_flatten(layer.parameters())})
-    return layer
+    section = "duplication"
+
+    def __init__(self, dup: DupPlan):
+        self.dup = dup
+
+    @classmethod
+    def plan(cls, ctx: ConvertContext) -> "DupFeature | None":
+        dup = check_dup_recipe(ctx.recipe, ctx.skeleton, ctx.online if ctx.rotation is not None else None)
+        return None if dup is None else cls(dup)
+
+    def passes(self, keys):
+        return [(None if sub is None else DupFeature(sub), rename) for sub, rename in group_passes(self.dup, keys)]
+
+    def claims(self, path: str, kind: str) -> bool:
+        return kind == "linear" and planned_copies(self.dup, path) is not None
+
+    def quantize(self, ctx, path, kind, w, spec, stats, keep):
+        fitted = spec.fit(w.shape[-1])
+        arrays, entry, wq = quantize_dup_linear(w, fitted, planned_copies(self.dup, path), self.dup, ctx.storage,
+                                                stats, keep, ctx.recipe.quantizer)
+        return arrays, entry, wq, fitted
+
+    def config_entries(self) -> dict:
+        return {"duplication": self.dup.to_dict()}

@@ -1,0 +1,29 @@
+"""Everything the command line calls, in one module (docs/architecture.md, layer "cli").
+
+:mod:`mlx_dupq.cli` imports this module on first use, so that ``mlx-dupq --help`` does not pay for
+importing mlx-lm; the library itself is used through its own modules.
+"""
+
+from __future__ import annotations
+
+from .bench_run import bench_models
+from .eval.agree import agree_models, DEFAULT_PROMPTS, read_prompts
+from .eval.data import documents, load_text
+from .eval.lmeval import run_harness, split_tasks
+from .eval.ppl import perplexity
+from .eval.speed import decode_comparison
+from .eval.tasks import run_tasks
+from .generate import stream
+from .inspect_model import inspect_model
+from .io import pack as packio
+from .io.loader import load
+from .io.models import fetch, list_models
+from .io.pack import write_json_atomic
+from .pipeline import convert
+from .report.render import write_report
+from .search.allocate import allocate_model, write_recipe
+from .search.dup_search import Objective, search_dup, write_dup_recipe
+from .search.sensitivity import parse_candidates
+from .specs import parse_bits, parse_group_size
+
+__all__ = ["DEFAULT_PROMPTS", "Objective", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "documents", "fetch", "inspect_model", "list_models", "load", "load_text", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "read_prompts", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "write_dup_recipe", "write_json_atomic", "write_recipe", "write_report"]

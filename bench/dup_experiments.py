@@ -33,140 +33,25 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_dupq.config import QuantSpec  # noqa: E402
-from mlx_dupq.dup.build import float_hessians, quantize_with_plan  # noqa: E402
-from mlx_dupq.dup.runtime import layer_owner  # noqa: E402
 from mlx_dupq.dup.scores import layer_scores, measured_truth, spearman  # noqa: E402
 from mlx_dupq.dup.specs import CopySpec, DupPlan  # noqa: E402
-from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
-from mlx_dupq.eval.ppl import perplexity  # noqa: E402
-from mlx_dupq.io.loader import _tokenizer, load_model  # noqa: E402
-from mlx_dupq.io.pack import cast_floats  # noqa: E402
 from mlx_dupq.layers.cpu import use_dense_prefill  # noqa: E402
-from mlx_dupq.pipeline import build_skeleton  # noqa: E402
-
-BASE = QuantSpec(bits=2, group_size=64, symmetric=False)
-EMBED = QuantSpec(bits=8, group_size=64, symmetric=False)
-CONTROL_BITS = (3, 4, 5, 6, 8)
-CONTROL_GROUPS = (128, 64, 32)
-
-
-# ------------------------------------------------------------------------------ bits and controls
-
-
-def spec_cost(spec: QuantSpec, shared_codes: bool = False) -> float:
-    """Stored bits per weight of one RTN copy: codes (unless shared) + fp16 scales (+ biases)."""
-    return (0.0 if shared_codes else spec.bits) + (16 if spec.symmetric else 32) / spec.group_size
-
-
-def layer_cost(copies, base: QuantSpec = BASE) -> float:
-    return sum(spec_cost(c.spec(base), c.shared_codes) for c in copies)
-
-
-def control_spec(copies, base: QuantSpec = BASE) -> QuantSpec:
-    """The most precise single RTN spec whose bits per weight fit the copies' together."""
-    budget = layer_cost(copies, base) + 1e-9
-    best = base
-    for b in CONTROL_BITS:
-        for g in CONTROL_GROUPS:
-            s = QuantSpec(bits=b, group_size=g, symmetric=False)
-            if spec_cost(s) <= budget and (s.bits, -s.group_size) > (best.bits, -best.group_size):
-                best = s
-    return best
-
-
-def control_plan(plan: DupPlan, base: QuantSpec = BASE) -> DupPlan:
-    return DupPlan(mode="parallel", copies={k: [CopySpec(quant=control_spec(cs, base))]
-                                           for k, cs in plan.copies.items() if len(cs) > 1})
-
-
-# ------------------------------------------------------------------------------------ the model
-
-
-class Bench:
-    def __init__(self, name: str, data: str, ctx: int, windows: int, calib: str = "brown:calib"):
-        model, self.config, tok_dir = load_model(name)
-        self.tok = _tokenizer(tok_dir, self.config)
-        self.weights = dict(tree_flatten(model.parameters()))
-        self.n_params = sum(int(v.size) for v in self.weights.values())
-        self.n_layers = len(layer_owner(model).layers)
-        del model
-        self.text = load_text(data)
-        self.calib = calibration_batches(self.tok, load_text(calib), 8, 256, 0)
-        self.ctx, self.windows = ctx, windows
-
-    def fresh(self) -> nn.Module:
-        m = build_skeleton(self.config)
-        m.load_weights(list(self.weights.items()))
-        m.eval()
-        return m
-
-    def build(self, plan: DupPlan | None, base: QuantSpec = BASE) -> tuple[nn.Module, float]:
-        """Quantized model for ``plan`` (None: no duplication) -> (model in float32, all-in bpw)."""
-        model = self.fresh()
-        hessians = None
-        if plan is not None and plan.mode == "parallel" and plan.aggregation != "mean":
-            hessians = float_hessians(model, self.calib, sorted(plan.resolve(self.n_layers).copies))
-        bits = quantize_with_plan(model, plan, base, EMBED, hessians=hessians)
-        cast_floats(model, mx.float32)
-        use_dense_prefill(model)
-        mx.eval(model.parameters())
-        return model, bits / self.n_params
-
-    def measure(self, model, speed: bool = True) -> dict:
-        r = perplexity(model, self.tok, self.text, ctx=self.ctx, windows=self.windows)
-        out = {"ppl": r["ppl"], "eval_seconds": r["seconds"]}
-        if speed:
-            out["decode_s_per_token"] = decode_latency(model)
-            out["decode_tps"] = 1.0 / out["decode_s_per_token"]
-        return out
-
-
-def decode_latency(model, prompt: int = 16, steps: int = 6) -> float:
-    """Median seconds of one cached decode step (batch 1) after a ``prompt``-token prefill."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    y = model(mx.arange(1, prompt + 1)[None], cache=cache)
-    mx.eval(y)
-    times = []
-    tok = mx.argmax(y[:, -1:], axis=-1)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        y = model(tok, cache=cache)
-        mx.eval(y)
-        times.append(time.perf_counter() - t0)
-        tok = mx.argmax(y[:, -1:], axis=-1)
-    return float(sorted(times)[len(times) // 2])
-
-
-# ---------------------------------------------------------------------------------- the plans
-
-
-def scaled(n_layers: int, seed_layers: int) -> int:
-    """The seed's count of a 64-layer model scaled to ``n_layers`` (at least 1)."""
-    return max(1, round(seed_layers * n_layers / 64))
-
-
-def copies_of(n: int, by: str = "scale") -> list[CopySpec]:
-    from mlx_dupq.dup.plans import diversify
-
-    return diversify(n, by)
-
-
-def last(n_layers: int, n: int, copies: list[CopySpec], mode: str = "parallel") -> DupPlan:
-    return DupPlan(mode=mode, copies={k: copies for k in range(n_layers - n, n_layers)})
-
+from mlx_dupq.dup.study import (  # noqa: E402
+    BASE,
+    EMBED,
+    Bench,
+    control_plan,
+    copies_of,
+    last,
+    scaled,
+)
 
 def table_rows(table: str, n: int, ranked: list[int] | None, base: QuantSpec = BASE, counts=(2, 3, 4, 5, 6),
                ladder=("8-bit", "4-bit", "2-bit", "rot"), modes=("parallel", "residual", "serial", "serial-all"),

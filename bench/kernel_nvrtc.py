@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import mlx.core as mx  # noqa: E402
 
 from mlx_dupq.io.pack import write_json_atomic  # noqa: E402

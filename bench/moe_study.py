@@ -36,8 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import mlx.core as mx  # noqa: E402
 
 from mlx_dupq.config import QuantSpec, load_recipe  # noqa: E402

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_dupq.testing import make_tokenizer
+
 QWEN2_32B = dict(
     model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=5120, intermediate_size=27648,
     num_attention_heads=40, num_key_value_heads=8, rms_norm_eps=1e-6, vocab_size=152064,
@@ -46,9 +48,6 @@ def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
 
 def write_model(path: Path, n_layers: int, seed: int = 0) -> None:
     """Random bf16 Qwen2-32B-shaped model with ``n_layers`` layers, HF-style shards + a tokenizer."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.tiny import make_tokenizer
-
     c = dict(QWEN2_32B, num_hidden_layers=n_layers)
     path.mkdir(parents=True, exist_ok=True)
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"])}

@@ -45,7 +45,7 @@ from .specs import (  # noqa: F401  (re-exported: the option types were defined 
     SUPPORTED_BITS,
     SUPPORTED_GROUPS,
     TERNARY,
-    _check_fields,
+    check_fields,
     parse_bits,
     parse_group_size,
 )
@@ -152,7 +152,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         d = dict(d)
-        _check_fields(cls, d, "recipe field(s)")
+        check_fields(cls, d, "recipe field(s)")
 
         def spec(v):
             if v is None or v is False or (isinstance(v, dict) and v.get("keep")):

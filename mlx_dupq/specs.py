@@ -74,7 +74,7 @@ def parse_group_size(value: Any) -> int:
     return value
 
 
-def _check_fields(cls, d: dict, what: str) -> None:
+def check_fields(cls, d: dict, what: str) -> None:
     """Refuse keys that are not fields of dataclass ``cls`` (one line naming the known ones)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
@@ -246,7 +246,7 @@ class RotationSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RotationSpec":
-        _check_fields(cls, d, "rotation option(s)")
+        check_fields(cls, d, "rotation option(s)")
         return cls(**d)
 
 
@@ -301,7 +301,7 @@ class QuantizerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizerSpec":
-        _check_fields(cls, d, "quantizer option(s)")
+        check_fields(cls, d, "quantizer option(s)")
         return cls(**d)
 
 
@@ -374,7 +374,7 @@ class ActSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActSpec":
-        _check_fields(cls, d, "activation option(s)")
+        check_fields(cls, d, "activation option(s)")
         return cls(**d)
 
 

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("convert", ("mlx_dupq.pipeline",)),
     ("runtime", ("mlx_dupq.distributed",)),
     ("application", ("mlx_dupq.eval", "mlx_dupq.search", "mlx_dupq.report", "mlx_dupq.studies",
-                     "mlx_dupq.moe.train", "mlx_dupq.moe.router", "mlx_dupq.moe.topk",
+                     "mlx_dupq.dup.study", "mlx_dupq.moe.train", "mlx_dupq.moe.router", "mlx_dupq.moe.topk",
                      "mlx_dupq.inspect_model", "mlx_dupq.bench_run", "mlx_dupq.generate",
                      "mlx_dupq.serve", "mlx_dupq.export")),
     ("cli", ("mlx_dupq.api", "mlx_dupq.cli")),

@@ -221,10 +221,10 @@ def test_moe_recipe_convert_load_round_trip(family, tmp_path, calib_text):
     assert all(sum(b == 4.0 for b in e["expert_bits"]) <= len(e["expert_bits"]) // 2 for e in mixed.values())
     assert res.bits_per_weight <= 4.0 + 1e-6
     # the plan's prediction is the packer's all-in count
-    from mlx_dupq.io.loader import _tokenizer, load_model
+    from mlx_dupq.io.loader import tokenizer_of, load_model
 
     fmodel, config, tok_dir = load_model(src)
-    plan = plan_experts(rec, build_skeleton(config), fmodel, _tokenizer(tok_dir, config))
+    plan = plan_experts(rec, build_skeleton(config), fmodel, tokenizer_of(tok_dir, config))
     assert plan.predicted_bpw == pytest.approx(res.bits_per_weight, rel=1e-9)
     model, tok = load(tmp_path / "q")
     assert any(isinstance(m, MixedSwitchLinear) for _, m in model.named_modules())

@@ -133,7 +133,7 @@ def test_frequency_groups_and_expert_copies():
 def test_moe_recipe_with_copies_and_rotation_round_trip(family, budget, tmp_path, calib_text):
     from mlx_dupq import load
     from mlx_dupq.io import pack as packio
-    from mlx_dupq.io.loader import _tokenizer, load_model
+    from mlx_dupq.io.loader import tokenizer_of, load_model
     from mlx_dupq.layers.dup_linear import DupLinear
     from mlx_dupq.moe.precision import plan_experts
     from mlx_dupq.pipeline import build_skeleton, convert
@@ -152,7 +152,7 @@ def test_moe_recipe_with_copies_and_rotation_round_trip(family, budget, tmp_path
     assert shared and all(e["format"] == "dup" and len(e["copies"]) == 2 for e in shared.values())
     # the plan's prediction is the packer's all-in count, copies included
     fmodel, config, tok_dir = load_model(src)
-    plan = plan_experts(rec, build_skeleton(config), fmodel, _tokenizer(tok_dir, config))
+    plan = plan_experts(rec, build_skeleton(config), fmodel, tokenizer_of(tok_dir, config))
     assert plan.predicted_bpw == pytest.approx(res.bits_per_weight, rel=1e-9)
     assert res.bits_per_weight <= budget + 1e-6
     model, _ = load(tmp_path / "q")

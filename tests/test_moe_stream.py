@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dupq.config import load_recipe
 from mlx_dupq.errors import DupqError
-from mlx_dupq.io.loader import _tokenizer, load_model
+from mlx_dupq.io.loader import tokenizer_of, load_model
 from mlx_dupq.io.source import layer_index, open_source
 from mlx_dupq.moe import precision as P
 from mlx_dupq.pipeline import build_skeleton
@@ -31,7 +31,7 @@ def _recipe(calib_text, **kw):
 def _full(src_path, rec):
     """(frequencies, plan) of the full-model path: the whole float model loaded."""
     model, config, tok_dir = load_model(src_path, compute_dtype="float32")
-    tok = _tokenizer(tok_dir, config)
+    tok = tokenizer_of(tok_dir, config)
     freqs = P.expert_frequency(model, P.calibration_tokens(tok, rec.moe))
     plan = P.plan_experts(rec, build_skeleton(config), model, tok)
     return freqs, plan
@@ -39,7 +39,7 @@ def _full(src_path, rec):
 
 def _streamed(src_path, rec):
     src = open_source(src_path)
-    tok = _tokenizer(src.tokenizer_dir(), src.config)
+    tok = tokenizer_of(src.tokenizer_dir(), src.config)
     freqs = P.stream_frequency(open_source(src_path), build_skeleton(src.config), P.calibration_tokens(tok, rec.moe))
     plan = P.plan_for_convert(rec, src_path, build_skeleton(src.config))
     return freqs, plan
@@ -124,7 +124,7 @@ def test_streaming_holds_one_layer_at_a_time_and_restores_the_skeleton(tmp_path,
     src = open_source(src_path)
     skeleton = build_skeleton(src.config)
     counting = _Counting(src, skeleton)
-    batches = P.calibration_tokens(_tokenizer(src.tokenizer_dir(), src.config), _recipe(calib_text).moe)
+    batches = P.calibration_tokens(tokenizer_of(src.tokenizer_dir(), src.config), _recipe(calib_text).moe)
     seen = []
     freqs = P.stream_frequency(counting, skeleton, batches, progress=lambda m, d, t: seen.append((d, t)))
     assert sorted(freqs) == [1, 2, 3]  # layer 0 is dense

@@ -39,7 +39,7 @@ AGGREGATIONS = ("mean", "variance_weighted", "learned", "selective")
 DUP_PLAN_VERSION = 1
 
 
-def _check_fields(cls, d: dict, what: str) -> None:
+def check_fields(cls, d: dict, what: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -160,7 +160,7 @@ class CopySpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CopySpec":
-        _check_fields(cls, d, "copy")
+        check_fields(cls, d, "copy")
         d = dict(d)
         if d.get("quant") is not None:
             d["quant"] = QuantSpec.from_dict(d["quant"])
@@ -300,7 +300,7 @@ class DupPlan:
         if version != DUP_PLAN_VERSION:
             raise DupqError(f"duplication plan version {version} is not supported (expected {DUP_PLAN_VERSION}); "
                             "re-convert with this mlx-dupq")
-        _check_fields(cls, d, "duplication plan")
+        check_fields(cls, d, "duplication plan")
         return cls(**d)
 
 

@@ -238,7 +238,7 @@ def read_prompts(path) -> list[str]:
 
 def vocab_size(model, tokenizer) -> tuple[int, int]:
     """(tokenizer vocabulary incl. added tokens, model logits width)."""
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    inner = getattr(tokenizer, "tokenizer_of", tokenizer)
     logits = model(mx.array([[0]]))
     return len(inner), int(logits.shape[-1])
 

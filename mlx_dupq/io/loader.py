@@ -25,7 +25,8 @@ from ..adapter import build_skeleton
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _tokenizer(path: Path, config: dict):
+def tokenizer_of(path: Path, config: dict):
+    """mlx-lm's ``TokenizerWrapper`` for the tokenizer files in ``path`` (eos from ``config``)."""
     from mlx_lm.utils import load_tokenizer
 
     eos = config.get("eos_token_id")
@@ -86,4 +87,7 @@ def load(model: str | Path, compute_dtype: str = "float32", lazy: bool = False):
     m, config, tok_dir = load_model(model, compute_dtype=compute_dtype, lazy=lazy)
     if mx.default_device() == mx.cpu:
         use_dense_prefill(m)
-    return m, _tokenizer(tok_dir, config)
+    return m, tokenizer_of(tok_dir, config)
+
+
+_tokenizer = tokenizer_of  # the name before it was public (kept for code written against it)

@@ -30,19 +30,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import DupqError
+from ..adapter import build_skeleton
 from ..dup.runtime import FORMAT_DUP, expand_serial, load_dup_linear
 from ..dup.specs import DupPlan
+from ..errors import DupqError
 from ..layers.act_quant import apply_act_quant
 from ..layers.online_rotation import apply_online_rotations
 from ..layers.quant_linear import build_module
-from ..adapter import build_skeleton
+from ..quant.packing import FORMAT_DUPQ, FORMAT_MLX
 from ..specs import ActSpec
 
 PACK_FORMAT_VERSION = 1
@@ -236,6 +238,23 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     )
 
 
+def _packed_module(path: str, entry: dict, weights: dict[str, mx.array]) -> nn.Module:
+    """A ``dupq`` / ``moe_mixed`` module (:func:`~mlx_dupq.layers.quant_linear.build_module`), empty."""
+    # (a moe_mixed switch layer keeps its (E, out) bias as its own parameter <path>.bias)
+    has_bias = f"{path}.bias" in weights or f"{path}.linear.bias" in weights
+    return build_module(entry["kind"], tuple(entry["shape"]), entry, has_bias)
+
+
+#: the module formats :func:`load_pack` rebuilds: ``format -> load(path, entry, weights) -> nn.Module``
+#: (``weights`` may be rewritten in place: a ``dup`` entry renames its copies' tensors). ``mlx``
+#: entries are mlx's own quantized layers, built by ``nn.quantize`` exactly as ``mlx_lm.load`` does.
+MODULE_LOADERS: dict[str, Callable[[str, dict, dict[str, mx.array]], nn.Module]] = {
+    FORMAT_DUPQ: _packed_module,
+    "moe_mixed": _packed_module,
+    FORMAT_DUP: load_dup_linear,
+}
+
+
 def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = False,
               activations: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild a pack's model exactly as its config.json records it.
@@ -261,7 +280,7 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     entries: dict[str, dict] = meta["modules"]
     mods = dict(model.named_modules())
 
-    native = {p: e for p, e in entries.items() if e["format"] == "mlx"}
+    native = {p: e for p, e in entries.items() if e["format"] == FORMAT_MLX}
     if native:
         nn.quantize(
             model,
@@ -271,21 +290,15 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
         )
     custom = []
     for p, e in entries.items():
-        if e["format"] == FORMAT_DUP:
-            if p not in mods:
-                raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
-            custom.append((p, load_dup_linear(p, e, weights)))
+        if e["format"] == FORMAT_MLX:
             continue
-        if e["format"] == "mlx":
-            continue
+        load_module = MODULE_LOADERS.get(e["format"])
+        if load_module is None:
+            raise DupqError(f"pack module {p} has format {e['format']!r}, which this mlx-dupq does not know; upgrade mlx-dupq")
         if p not in mods:
             raise DupqError(f"pack module {p} does not exist in a {config.get('model_type')} model; the pack is damaged")
-        # (a moe_mixed switch layer keeps its (E, out) bias as its own parameter <p>.bias)
-        has_bias = f"{p}.bias" in weights or f"{p}.linear.bias" in weights
-        custom.append((p, build_module(e["kind"], tuple(e["shape"]), e, has_bias)))
+        custom.append((p, load_module(p, e, weights)))
     if custom:
-        from mlx.utils import tree_unflatten
-
         model.update_modules(tree_unflatten(custom))
     rotations = meta.get("online_rotations")
     if rotations:

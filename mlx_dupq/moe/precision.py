@@ -303,7 +303,7 @@ def plan_for_convert(rec: Recipe, model_ref: Source | str | Path, skeleton: nn.M
     moe: MoESpec = rec.moe
     if moe.score == "frequency":
         src = model_ref if isinstance(model_ref, Source) else open_source(model_ref)
-        batches = calibration_tokens(loader._tokenizer(src.tokenizer_dir(), src.config), moe)
+        batches = calibration_tokens(loader.tokenizer_of(src.tokenizer_dir(), src.config), moe)
         freqs = stream_frequency(src, skeleton, batches, progress=progress)
         return plan_from_scores(rec, skeleton, freqs, freqs)
 
@@ -312,7 +312,7 @@ def plan_for_convert(rec: Recipe, model_ref: Source | str | Path, skeleton: nn.M
     else:
         model, config, tok_dir = loader.load_model(model_ref, compute_dtype="float32")
     try:
-        return plan_experts(rec, skeleton, model, loader._tokenizer(tok_dir, config))
+        return plan_experts(rec, skeleton, model, loader.tokenizer_of(tok_dir, config))
     finally:
         del model
         mx.clear_cache()

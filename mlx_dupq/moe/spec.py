@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..specs import QuantSpec, _check_fields, parse_bits
+from ..specs import QuantSpec, check_fields, parse_bits
 from ..errors import DupqError
 
 SCORES = ("frequency", "sensitivity")
@@ -97,5 +97,5 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoESpec":
-        _check_fields(cls, d, "moe option(s)")
+        check_fields(cls, d, "moe option(s)")
         return cls(**d)

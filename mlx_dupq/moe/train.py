@@ -43,7 +43,7 @@ from ..errors import DupqError
 from ..cache import sha256_file
 from ..eval.data import load_text, tokenize
 from ..eval.ppl import token_nll_sum, windows_of
-from ..io.loader import _tokenizer
+from ..io.loader import tokenizer_of
 from ..io.source import open_source, TOKENIZER_FILES
 
 #: progress(done_steps, total_steps, message)
@@ -250,7 +250,7 @@ def load_tokenizer(model: str = TOKENIZER_MODEL):
     """(mlx-lm TokenizerWrapper, tokenizer directory, vocab size) of a model (default: the default model)."""
     src = open_source(model)
     tok_dir = src.tokenizer_dir()
-    return _tokenizer(tok_dir, src.config), Path(tok_dir), int(src.config["vocab_size"])
+    return tokenizer_of(tok_dir, src.config), Path(tok_dir), int(src.config["vocab_size"])
 
 
 def token_ids(tokenizer, data: str) -> np.ndarray:

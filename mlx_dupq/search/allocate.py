@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import DupqError
 from ..config import EMBED_PATTERN, LM_HEAD_PATTERN, load_recipe, QuantSpec, Recipe, Rule
 from ..eval.data import calibration_batches, load_text
-from ..io.loader import _tokenizer, load_model
+from ..io.loader import tokenizer_of, load_model
 from .sensitivity import measure_sensitivity, rotate_float_model, Sensitivity
 
 SOLVERS = ("dp", "greedy")
@@ -209,7 +209,7 @@ def total_delta(table: Sensitivity, choice: dict[str, str], measure: str = "kl")
 # ------------------------------------------------------------------------------ TOML
 
 
-def _toml_value(v) -> str:
+def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -217,12 +217,12 @@ def _toml_value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v)  # a TOML basic string (JSON escapes are a subset)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise DupqError(f"cannot write {v!r} to TOML")
 
 
 def _toml_table(d: dict) -> list[str]:
-    return [f"{k} = {_toml_value(v)}" for k, v in d.items() if v is not None]
+    return [f"{k} = {toml_value(v)}" for k, v in d.items() if v is not None]
 
 
 def recipe_toml(recipe: Recipe) -> str:
@@ -275,7 +275,7 @@ def allocate_model(
     """
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     m, config, tok_dir = load_model(model)
-    tok = _tokenizer(tok_dir, config)
+    tok = tokenizer_of(tok_dir, config)
     tokens = calibration_batches(tok, load_text(data), samples, seq_len, seed)
     if base.rotation is not None:
         m = rotate_float_model(m, config, base.rotation)

@@ -41,9 +41,9 @@ from ..errors import DupqError
 from ..metrics import mean_nll
 from ..dup.build import quantize_with_plan
 from ..eval.data import calibration_batches, load_text
-from ..io.loader import _tokenizer, load_model
+from ..io.loader import tokenizer_of, load_model
 from ..io.pack import cast_floats
-from .allocate import _toml_value, recipe_toml
+from .allocate import toml_value, recipe_toml
 
 METHODS = ("grid", "tpe", "evolutionary", "two-stage")
 
@@ -263,7 +263,7 @@ def search_dup(model: str | Path, method: str = "two-stage", trials: int = 20, b
     from mlx.utils import tree_flatten
 
     float_model, config, tok_dir = load_model(model)
-    tok = _tokenizer(tok_dir, config)
+    tok = tokenizer_of(tok_dir, config)
     weights = list(tree_flatten(float_model.parameters()))
     n_params = sum(int(v.size) for _, v in weights)
     n_layers = len(layer_owner(float_model).layers)
@@ -298,7 +298,7 @@ def _inline(v) -> str:
         return "{" + ", ".join(f"{_key(k)} = {_inline(x)}" for k, x in v.items() if x is not None) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_inline(x) for x in v) + "]"
-    return _toml_value(v)
+    return toml_value(v)
 
 
 def _key(k: str) -> str:

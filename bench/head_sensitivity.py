@@ -29,7 +29,7 @@ from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
 from mlx_dupq.quant.gptq import HessianAccumulator, gptq_quantize  # noqa: E402
 from mlx_dupq.quant.qtensor import dequantize  # noqa: E402
-from mlx_dupq.quant.search import mse_scale_search  # noqa: E402
+from mlx_dupq.quant.scales import mse_scale_search  # noqa: E402
 
 
 def main() -> None:

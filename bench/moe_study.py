@@ -212,7 +212,7 @@ class Study:
                 "pooled_top10_share": S.hot_cold(allf / allf.sum())["top10_share"]}
 
     def part_sensitivity(self) -> dict:
-        from mlx_dupq.moe.sensitivity import ablation_importance, expert_sensitivity, spearman
+        from mlx_dupq.moe.expert_sensitivity import ablation_importance, expert_sensitivity, spearman
 
         sb = self.calib[: self.args.sens_samples]
         sens = expert_sensitivity(self.model, sb, INT2)
@@ -245,7 +245,7 @@ class Study:
 
     def part_router(self) -> dict:
         from mlx_dupq.moe.router import degradation_bias, router_quant_layer
-        from mlx_dupq.moe.sensitivity import output_errors
+        from mlx_dupq.moe.expert_sensitivity import output_errors
 
         routes = self.routes()
         per_layer = {b.layer: router_quant_layer(self.model, b, routes[b.layer]["x"], (8, 4, 2)) for b in self.blocks}

@@ -73,9 +73,9 @@ class Recipe:
     dtype: str = "float16"  # storage dtype of scales and unquantized tensors
     rotation: RotationSpec | None = None  # fold a rotation into the weights before quantizing
     quantizer: QuantizerSpec = field(default_factory=QuantizerSpec)
-    activations: ActSpec | None = None  # fake-quantize linear inputs at run time (SPEC F3)
-    duplication: DupPlan | None = None  # parallel / residual copies of decoder layers' linears (SPEC F5)
-    moe: MoESpec | None = None  # expert-wise mixed precision of MoE switch layers (SPEC F6.4)
+    activations: ActSpec | None = None  # fake-quantize linear inputs at run time (docs/quality.md, F3)
+    duplication: DupPlan | None = None  # parallel / residual copies of decoder layers' linears (docs/duplication.md, F5)
+    moe: MoESpec | None = None  # expert-wise mixed precision of MoE switch layers (docs/moe.md, F6.4)
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:

@@ -19,9 +19,9 @@ from .errors import DupqError
 from .io import pack as packio
 from .io.source import open_source
 from .layers.moe_linear import MixedSwitchLinear
-from .quant.packing import unpack
+from .quant.bitpack import unpack
 from .quant.qtensor import dequantize
-from .stats import weight_stats
+from .weight_stats import weight_stats
 
 
 MOE_GROUP_RE = re.compile(r"^(.*)\.groups\.\d+(?:\.copies\.\d+)?$")

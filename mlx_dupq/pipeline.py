@@ -29,8 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .adapter import EMBED_KEY_RE, build_skeleton, layer_prefix, module_kind, sanitize_group  # noqa: F401
-from .calib import LinearStats
-from .calib_state import Calibration
+from .input_stats import LinearStats
+from .calibration import Calibration
 from .config import Recipe, load_recipe
 from .errors import DupqError
 from .features.protocol import ConvertContext, Feature, LayerStep
@@ -41,7 +41,7 @@ from .layers.quant_linear import quantize_tensor
 from .quant.bpw import tensor_bits
 from .quant.gptq import HessianAccumulator
 from .quant.methods import quantize_weight
-from .quant.packing import pack
+from .quant.bitpack import pack
 from .quant.qtensor import dequantize
 from .rotation.fold import FINAL_NORM
 from .rotation.plan import EMBED_GROUP, RotationPlan, plan_rotation

@@ -180,7 +180,7 @@ ROTATION_KINDS = ("block_hadamard", "hadamard", "randomized_hadamard", "random_o
 
 @dataclass(frozen=True)
 class RotationSpec:
-    """QuaRot-style rotation folded into the weights before quantizing (SPEC F4).
+    """QuaRot-style rotation folded into the weights before quantizing (docs/quality.md, F4).
 
     kind:        residual-stream rotation (see :mod:`mlx_dupq.rotation.rotations`)
     seed:        random signs / Gaussian draws
@@ -256,7 +256,7 @@ CALIBRATED_METHODS = ("awq", "gptq")
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """How weights are rounded (SPEC F2.2-F2.3) and, when needed, the calibration behind it.
+    """How weights are rounded (docs/quality.md, F2.2-F2.3) and, when needed, the calibration behind it.
 
     method:         rtn (round to nearest, range init) | mse (per-group scale/clip search on the
                     weight error) | awq (scale search weighted by E[x^2] of the layer's inputs) |
@@ -313,7 +313,7 @@ MASSIVE_RULE = re.compile(r"^(sigma|mean)(\d+(?:\.\d+)?)$")
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Simulated (fake) quantization of every linear layer's input (SPEC F3), applied at run time.
+    """Simulated (fake) quantization of every linear layer's input (docs/quality.md, F3), applied at run time.
 
     bits:         symmetric INT-b levels, ``[-(2^(b-1)-1), 2^(b-1)-1] x scale``; 16 = passthrough
     mode:         dynamic (one scale per token, from the token itself) | static (one calibrated

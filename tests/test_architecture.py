@@ -21,12 +21,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("specs", ("mlx_dupq.specs", "mlx_dupq.dup.specs", "mlx_dupq.moe.spec")),
     ("recipe", ("mlx_dupq.config",)),
     ("math", ("mlx_dupq.quant", "mlx_dupq.rotation", "mlx_dupq.metrics")),
-    ("adapter", ("mlx_dupq.adapter", "mlx_dupq.testing", "mlx_dupq.stats")),
+    ("adapter", ("mlx_dupq.adapter", "mlx_dupq.testing", "mlx_dupq.weight_stats")),
     ("kernels", ("mlx_dupq.kernels",)),
     ("layers", ("mlx_dupq.layers", "mlx_dupq.dup.runtime", "mlx_dupq.dup.copies", "mlx_dupq.dup.aggregate")),
     # eval.data reads text corpora (calibration and evaluation): an input, used by calibration
     ("io", ("mlx_dupq.io", "mlx_dupq.eval.data")),
-    ("calibration", ("mlx_dupq.calib", "mlx_dupq.calib_state")),
+    ("calibration", ("mlx_dupq.input_stats", "mlx_dupq.calibration")),
     ("features", ("mlx_dupq.features", "mlx_dupq.dup", "mlx_dupq.moe", "mlx_dupq.refine")),
     ("convert", ("mlx_dupq.pipeline",)),
     ("runtime", ("mlx_dupq.distributed",)),
@@ -167,4 +167,4 @@ def test_the_checker_sees_cycles_layers_and_deferred_imports(tmp_path):
     assert layer_of("mlx_dupq.dup.specs") < layer_of("mlx_dupq.config") < layer_of("mlx_dupq.dup.plans")
     assert layer_of("mlx_dupq.refine.block") == layer_of("mlx_dupq.dup")  # new modules of a listed package
     assert layer_of("mlx_dupq.io.manifest") == layer_of("mlx_dupq.io")
-    assert layer_of("mlx_dupq.eval.data") < layer_of("mlx_dupq.calib") < layer_of("mlx_dupq.eval.ppl")
+    assert layer_of("mlx_dupq.eval.data") < layer_of("mlx_dupq.input_stats") < layer_of("mlx_dupq.eval.ppl")

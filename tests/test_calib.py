@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_dupq.calib import advance, layer_input_hessians, run_layer
+from mlx_dupq.input_stats import advance, layer_input_hessians, run_layer
 from tests.tiny import build_model
 
 

@@ -10,7 +10,7 @@ from mlx_dupq.config import QuantSpec
 from mlx_dupq.errors import DupqError
 from mlx_dupq.layers.quant_linear import build_module
 from mlx_dupq.quant.gptq import HessianAccumulator, gptq_quantize, hessian_from_activations
-from mlx_dupq.quant.packing import pack
+from mlx_dupq.quant.bitpack import pack
 from mlx_dupq.quant.qtensor import dequantize
 from mlx_dupq.quant.rtn import rtn_quantize
 

@@ -17,7 +17,7 @@ from mlx_dupq.layers.quant_linear import build_module
 from mlx_dupq.moe import routing as R
 from mlx_dupq.moe.precision import allocate, plan_experts, stored_bits
 from mlx_dupq.moe.router import agreement, router_quant_layer, selection_change
-from mlx_dupq.moe.sensitivity import ablation_importance, combine, spearman
+from mlx_dupq.moe.expert_sensitivity import ablation_importance, combine, spearman
 from mlx_dupq.moe.stats import expert_types, frequency, hot_cold, record_routing
 from mlx_dupq.moe.topk import active_weights
 from mlx_dupq.quant.qtensor import dequantize
@@ -299,7 +299,7 @@ def test_duplication_group_policy_within_budget():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_studies_run_on_every_family(family):
     from mlx_dupq.moe.experts import fake_quantize_experts, fake_quantize_shared, restore, snapshot
-    from mlx_dupq.moe.sensitivity import expert_sensitivity
+    from mlx_dupq.moe.expert_sensitivity import expert_sensitivity
     from mlx_dupq.moe.stats import massive_ratios
 
     model, _ = build_model(family)

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dupq.calib import SwitchStats, layer_input_hessians
+from mlx_dupq.input_stats import SwitchStats, layer_input_hessians
 from mlx_dupq.config import QuantizerSpec, QuantSpec, load_recipe
 from mlx_dupq.errors import DupqError
 from mlx_dupq.moe import routing as R
@@ -76,7 +76,7 @@ def test_expert_hessians_equal_the_routed_rows(family, n, L):
     record: list = []
     R.install(model, R.Routing(record=record, record_inputs=True))
     try:
-        from mlx_dupq.calib import run_layer
+        from mlx_dupq.input_stats import run_layer
 
         run_layer(layer, h)
     finally:
@@ -189,11 +189,11 @@ def test_expert_without_calibration_tokens_falls_back(tmp_path, random_text):
 
 
 def test_expert_quantizer_uses_each_experts_hessian_and_falls_back_to_mse():
-    from mlx_dupq.calib import LinearStats
+    from mlx_dupq.input_stats import LinearStats
     from mlx_dupq.pipeline import _expert_quantizer
     from mlx_dupq.quant.gptq import gptq_quantize
-    from mlx_dupq.quant.packing import unpack
-    from mlx_dupq.quant.search import mse_scale_search
+    from mlx_dupq.quant.bitpack import unpack
+    from mlx_dupq.quant.scales import mse_scale_search
 
     w = mx.random.normal((3, 16, 64), key=mx.random.key(0)) * 0.05
     x = mx.random.normal((200, 64), key=mx.random.key(1)) * mx.linspace(0.1, 3.0, 64)
@@ -227,10 +227,10 @@ def test_moe_accepts_every_quantizer_and_refuses_duplication_in_one_line():
 
 def test_expert_awq_uses_each_experts_activations():
     """awq: each expert's scale search is weighted by E[x^2] of the rows routed to it."""
-    from mlx_dupq.calib import LinearStats
+    from mlx_dupq.input_stats import LinearStats
     from mlx_dupq.pipeline import _expert_quantizer
-    from mlx_dupq.quant.packing import unpack
-    from mlx_dupq.quant.search import activation_weighted_search, mse_scale_search
+    from mlx_dupq.quant.bitpack import unpack
+    from mlx_dupq.quant.scales import activation_weighted_search, mse_scale_search
 
     w = mx.random.normal((3, 16, 64), key=mx.random.key(0)) * 0.05
     x = mx.random.normal((200, 64), key=mx.random.key(1)) * mx.linspace(0.1, 3.0, 64)
@@ -263,7 +263,7 @@ def test_calibration_advances_through_the_quantized_experts(tmp_path, random_tex
     """The hidden states move on through the *quantized* switch layers: the weights put into the layer
     are the pack's dequantized (E, out, in) experts."""
     from mlx_dupq import load
-    from mlx_dupq.calib_state import Calibration
+    from mlx_dupq.calibration import Calibration
     from mlx_dupq.layers.moe_linear import MixedSwitchLinear
     from mlx_dupq.pipeline import convert
 

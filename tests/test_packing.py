@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from mlx_dupq.config import QuantSpec
 from mlx_dupq.errors import DupqError
-from mlx_dupq.quant.packing import (
+from mlx_dupq.quant.bitpack import (
     pack,
     pack_bits,
     pack_trits,

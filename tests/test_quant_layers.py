@@ -21,7 +21,7 @@ from mlx_dupq.layers.quant_linear import (
     quantize_tensor,
 )
 from mlx_dupq.quant.bpw import bits_per_weight, count_params, entry_params, tensor_bits
-from mlx_dupq.quant.packing import unpack
+from mlx_dupq.quant.bitpack import unpack
 from mlx_dupq.quant.qtensor import dequantize
 
 SPECS = [

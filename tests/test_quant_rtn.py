@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_dupq.config import QuantSpec
 from mlx_dupq.errors import DupqError
 from mlx_dupq.quant import rtn
-from mlx_dupq.quant.packing import unpack_bits
+from mlx_dupq.quant.bitpack import unpack_bits
 from mlx_dupq.quant.qtensor import QTensor, dequantize
 from mlx_dupq.quant.rtn import rtn_quantize
 

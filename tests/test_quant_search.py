@@ -10,7 +10,7 @@ from mlx_dupq.errors import DupqError
 from mlx_dupq.quant.qtensor import dequantize
 from mlx_dupq.quant.rounding import grid_offset_quantize, noise_quantize, stochastic_round_quantize
 from mlx_dupq.quant.rtn import rtn_quantize
-from mlx_dupq.quant.search import (
+from mlx_dupq.quant.scales import (
     DEFAULT_GRID,
     activation_importance,
     activation_weighted_search,

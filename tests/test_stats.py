@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dupq import stats as S
+from mlx_dupq import weight_stats as S
 
 
 def np_reference(w: np.ndarray) -> dict:

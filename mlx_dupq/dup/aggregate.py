@@ -2,7 +2,7 @@
 
 Everything is computed from the copies' effective weights ``W_k`` (out, in) (original basis, see
 :func:`mlx_dupq.dup.copies.effective_weight`), the float weight ``W`` and the calibration Hessian
-``H = X^T X`` (in, in) -- what :func:`mlx_dupq.calib.layer_input_hessians` already collects -- so
+``H = X^T X`` (in, in) -- what :func:`mlx_dupq.input_stats.layer_input_hessians` already collects -- so
 no calibration outputs have to be kept: with ``D_k = W_k - W`` the output errors are
 ``<X D_j^T, X D_k^T> = sum((D_j H) * D_k)``.
 

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..specs import QuantSpec
-from ..calib import advance, layer_input_hessians
+from ..input_stats import advance, layer_input_hessians
 from ..errors import DupqError
 from .runtime import duplicate_layers, duplicate_linears, layer_owner, quantized_layer_copies
 from .specs import CopySpec, DupPlan

@@ -44,7 +44,7 @@ from ..layers.online_rotation import RotatedInput
 from ..layers.quant_linear import build_module
 from ..quant.bpw import tensor_bits
 from ..quant.gptq import gptq_quantize
-from ..quant.packing import pack
+from ..quant.bitpack import pack
 from ..quant.qtensor import QTensor, codes_for, dequantize, grouped, symmetric_offsets
 from ..quant.rtn import rtn_quantize
 from ..rotation import Rotation, make_rotation

@@ -119,7 +119,7 @@ def quantize_dup_linear(w: mx.array, base: QuantSpec, copy_specs: Sequence[CopyS
     """Float weight (out, in) of a planned linear -> (arrays under ``copies.<k>.*`` / ``mix``, entry,
     aggregated float weight (out, in) when ``keep``, else None).
 
-    stats: the linear's calibration :class:`~mlx_dupq.calib.LinearStats` (its Hessian fits the mix,
+    stats: the linear's calibration :class:`~mlx_dupq.input_stats.LinearStats` (its Hessian fits the mix,
     and GPTQs the copies when ``quantizer`` is the recipe's gptq :class:`~mlx_dupq.config.QuantizerSpec`).
     """
     if w.ndim != 2:

@@ -100,7 +100,7 @@ def duplicate_linears(model: nn.Module, plan: DupPlan, base_spec: QuantSpec, dty
     """Replace every nn.Linear of each planned layer by a DupLinear (in place; returns ``model``).
 
     hessians: {layer: {path in the layer (``mlp.down_proj``): X^T X}}, needed for aggregations
-    other than the mean (e.g. from :func:`mlx_dupq.calib.layer_input_hessians` times its tokens).
+    other than the mean (e.g. from :func:`mlx_dupq.input_stats.layer_input_hessians` times its tokens).
     """
     if plan.mode == "serial":
         raise DupqError("serial plans duplicate whole decoder layers; use duplicate_layers")

@@ -6,7 +6,7 @@ Both are frozen, validated on construction and round-trip through plain dicts (`
 Copy counts are *total* copies: a layer listed with one CopySpec runs once (it is quantized
 with that copy's parameters, not duplicated); with two it runs twice; a layer not in the plan
 runs once with the base spec. Plans name decoder layers by index only, so the embedding and
-lm_head can never be duplicated (SPEC F5.6).
+lm_head can never be duplicated (docs/duplication.md, F5.6).
 
 Shared codes (``CopySpec.shared_codes``): the copy reuses the packed codes of the plan's first
 copy of that weight (copy 0, which must own its codes) and stores only its own scales/biases.

@@ -1,4 +1,4 @@
-"""Agreement of a (quantized) model with its reference (SPEC F7.3).
+"""Agreement of a (quantized) model with its reference (README.md, F7.3).
 
 Two parts, both against the reference model run in the same process:
 

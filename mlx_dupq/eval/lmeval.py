@@ -1,4 +1,4 @@
-"""MMLU, HellaSwag and ARC-Challenge through EleutherAI's lm-evaluation-harness (SPEC F7.2).
+"""MMLU, HellaSwag and ARC-Challenge through EleutherAI's lm-evaluation-harness (README.md, F7.2).
 
 The model is wrapped in mlx-lm's own lm-eval adapter (:class:`mlx_lm.evaluate.MLXLM`: prompt
 prefilled into the KV cache once per context, each continuation scored from a copy of it);

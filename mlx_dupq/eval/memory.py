@@ -1,4 +1,4 @@
-"""Decoding speed and memory (SPEC F7.5): batch scaling, KV cache size, quantized KV cache, bandwidth.
+"""Decoding speed and memory (README.md, F7.5): batch scaling, KV cache size, quantized KV cache, bandwidth.
 
 All runs use mlx-lm's model classes and KV caches (``KVCache``; ``QuantizedKVCache`` for a 8- or
 4-bit cache, mlx-lm's ``--kv-bits``), greedy decoding, end-of-sequence ignored.

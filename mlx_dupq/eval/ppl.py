@@ -15,7 +15,7 @@ ctx 2048, batch 1). The loss is computed from them in row chunks of about 256 MB
 float32 on its own, so peak memory is the model's logits plus one chunk, never a second full
 float32 copy. ``batch_size`` windows run per forward pass: memory grows linearly with it.
 
-Long context (SPEC F7.4): a window longer than ``chunk`` tokens is fed through mlx-lm's KV cache
+Long context (README.md, F7.4): a window longer than ``chunk`` tokens is fed through mlx-lm's KV cache
 in chunks of ``chunk`` tokens (chunked prefill, as ``mlx_lm.generate`` does): each step's
 attention scores are (heads, chunk, tokens so far) and its logits (chunk, vocab), never
 (ctx, ctx) or (ctx, vocab) at once; the KV cache (2 x layers x kv_heads x ctx x head_dim) is the

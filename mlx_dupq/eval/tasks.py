@@ -1,4 +1,4 @@
-"""Downstream tasks built from real held-out text (SPEC F7.2 substitutes for LAMBADA / HellaSwag).
+"""Downstream tasks built from real held-out text (README.md, F7.2 substitutes for LAMBADA / HellaSwag).
 
 Both tasks are built by pure, seeded functions from a list of documents ``(doc_id, genre, text)``
 — by default ``brown:eval``, which shares no document with the calibration text ``brown:calib``

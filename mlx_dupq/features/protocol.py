@@ -102,7 +102,7 @@ class LayerStep:
     dequantized:    {weight name: float32 weight} the calibration state advances through (only when
                     the recipe is calibrated); a hook that changes ``arrays`` updates it too
     layer:          the skeleton's decoder layer, holding the float weights (when calibrated)
-    calib:          the :class:`~mlx_dupq.calib_state.Calibration` (``calib.h``: this layer's inputs),
+    calib:          the :class:`~mlx_dupq.calibration.Calibration` (``calib.h``: this layer's inputs),
                     or None when the recipe's quantizer is not calibrated
     """
 

@@ -44,7 +44,7 @@ from ..errors import DupqError
 from ..layers.act_quant import apply_act_quant
 from ..layers.online_rotation import apply_online_rotations
 from ..layers.quant_linear import build_module
-from ..quant.packing import FORMAT_DUPQ, FORMAT_MLX
+from ..quant.bitpack import FORMAT_DUPQ, FORMAT_MLX
 from ..specs import ActSpec
 
 PACK_FORMAT_VERSION = 1
@@ -259,7 +259,7 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
               activations: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild a pack's model exactly as its config.json records it.
 
-    When the recorded recipe has ``activations`` (SPEC F3), every linear's input is fake-quantized
+    When the recorded recipe has ``activations`` (docs/quality.md, F3), every linear's input is fake-quantized
     (:mod:`mlx_dupq.layers.act_quant`); static mode uses ``mlx_dupq.act_ranges`` from config.json.
     ``activations=False`` loads the weights only (e.g. to calibrate those ranges).
     """

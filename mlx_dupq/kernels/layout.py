@@ -2,7 +2,7 @@
 
 A :class:`KernelPack` holds E packed layers of one shape (out, in) -- the copies of a
 duplicated layer or the experts of an MoE block -- each with its own bit width, group size and
-symmetry. Built by :func:`kernel_pack` from the arrays and entries :func:`mlx_dupq.quant.packing.pack`
+symmetry. Built by :func:`kernel_pack` from the arrays and entries :func:`mlx_dupq.quant.bitpack.pack`
 writes, without re-quantizing:
 
 - ``w`` (W,) uint32: expert e's stored ``weight`` flattened at word ``meta[e, 2]``; binary codes
@@ -25,7 +25,7 @@ import mlx.core as mx
 from ..specs import QuantSpec
 from ..errors import DupqError
 from ..quant.qtensor import symmetric_offsets
-from ..quant.packing import FORMAT_DUPQ, spec_of, unpack_bits, unpack_trits
+from ..quant.bitpack import FORMAT_DUPQ, spec_of, unpack_bits, unpack_trits
 
 TERNARY_CODE = 0
 

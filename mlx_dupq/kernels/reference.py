@@ -1,7 +1,7 @@
 """Plain-mx reference twins of the custom kernels (the CPU path and the tests' ground truth).
 
 Every function works on float32 and takes packed layers as ``(arrays, entry)`` pairs, exactly
-what :func:`mlx_dupq.quant.packing.pack` writes (mlx or dupq format; 1-8 bits and ternary;
+what :func:`mlx_dupq.quant.bitpack.pack` writes (mlx or dupq format; 1-8 bits and ternary;
 groups 32..512, per-channel, per-tensor; symmetric or not), so it shares no code with the
 kernels' flat layout. :func:`gqmv_reference` is the twin of the kernel itself, over a
 :class:`~mlx_dupq.kernels.layout.KernelPack`.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from ..errors import DupqError
-from ..quant.packing import unpack
+from ..quant.bitpack import unpack
 from ..quant.qtensor import dequantize
 from ..rotation.hadamard import block_hadamard
 from .layout import KernelPack, expert_dense

@@ -1,4 +1,4 @@
-"""Fake-quantized linear inputs at run time (SPEC F3): ``ActQuantInput(linear, spec)(x) == linear(q(x))``.
+"""Fake-quantized linear inputs at run time (docs/quality.md, F3): ``ActQuantInput(linear, spec)(x) == linear(q(x))``.
 
 Where the wrapper goes: QuaRot quantizes activations *after* the online rotation (the point of
 rotating is that the rotated activation has no outliers), so for a ``RotatedInput`` the wrapper is

@@ -1,4 +1,4 @@
-"""A linear layer run as several quantized copies (SPEC F5.3, F5.5).
+"""A linear layer run as several quantized copies (docs/duplication.md, F5.3, F5.5).
 
 ``DupLinear(copies, mode, mix, bias)``: every copy is a bias-free module ``x -> x W_k^T`` (what
 :func:`mlx_dupq.dup.copies.load_copies` builds); the layer's float bias is added once.

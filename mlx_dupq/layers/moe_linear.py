@@ -1,4 +1,4 @@
-"""A switch (gather) layer whose experts have different bit widths (SPEC F6.4), optionally with
+"""A switch (gather) layer whose experts have different bit widths (docs/moe.md, F6.4), optionally with
 residual expert copies (F6.5) and an input rotation.
 
 Storage: the experts of one ``(E, out, in)`` stack are grouped by (:class:`QuantSpec`, copies);
@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import DupqError
 from ..kernels import route
-from ..quant.packing import unpack
+from ..quant.bitpack import unpack
 from ..quant.qtensor import dequantize
 from ..rotation.rotations import make_rotation
 from ..specs import QuantSpec

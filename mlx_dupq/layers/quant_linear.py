@@ -1,7 +1,7 @@
 """Modules that run packed weights, and the factory a loader uses to rebuild them.
 
 ``build_module(kind, shape, entry, bias)`` returns an empty module whose parameters have the
-shapes :func:`~mlx_dupq.quant.packing.pack` writes for ``entry``, so ``load_weights`` fills it:
+shapes :func:`~mlx_dupq.quant.bitpack.pack` writes for ``entry``, so ``load_weights`` fills it:
 
 - ``entry["format"] == "mlx"``: mlx's own ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` and
   mlx-lm's ``QuantizedSwitchLinear`` (what ``mlx_lm.load`` builds too);
@@ -48,7 +48,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from ..errors import DupqError
 from ..kernels import route
 from ..specs import QuantSpec
-from ..quant.packing import (
+from ..quant.bitpack import (
     FORMAT_DUPQ,
     FORMAT_MLX,
     pack,

@@ -1,4 +1,4 @@
-"""Selective expert duplication under a budget (SPEC F6.5): which experts get how many copies.
+"""Selective expert duplication under a budget (docs/moe.md, F6.5): which experts get how many copies.
 
 Group policy (the seed's): shared experts x3 (always, whatever the budget), then
 always-active experts x3 (routed for at least ``ALWAYS_SHARE`` of tokens), hot experts x2 (top 20 %

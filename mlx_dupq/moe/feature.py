@@ -20,7 +20,7 @@ from ..features.protocol import ConvertContext, Feature
 from ..layers.moe_linear import quantize_experts
 from ..layers.quant_linear import build_module
 from ..quant.methods import quantize_weight
-from ..quant.packing import pack
+from ..quant.bitpack import pack
 from ..quant.qtensor import QTensor
 from .duplication import shared_dup_plan
 from .precision import ExpertPlan, plan_for_convert, scoring_message
@@ -67,7 +67,7 @@ def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, sto
     """A switch layer (E, out, in) with the expert plan's widths, copies and rotation
     -> (arrays, moe_mixed entry, when ``keep`` the dequantized (E, out, in) float32 weight).
 
-    A calibrated quantizer (gptq, awq) with the layer's :class:`~mlx_dupq.calib.SwitchStats` quantizes
+    A calibrated quantizer (gptq, awq) with the layer's :class:`~mlx_dupq.input_stats.SwitchStats` quantizes
     each expert's first copy on its own against that expert's statistics (:func:`_expert_quantizer`);
     without statistics (or for residual copies >= 2) it falls back to ``mse`` like any stacked weight.
     """
@@ -92,7 +92,7 @@ def _quantize_switch(w: mx.array, path: str, expert_specs, moe, rec: Recipe, sto
 def _expert_quantizer(stats, quantizer, storage, rotation, fallback: list[int]):
     """``first_copy(w_group (n_g, out, in), spec, ids) -> (arrays, entry)`` for
     :func:`~mlx_dupq.layers.moe_linear.quantize_experts`: expert ``ids[i]`` is quantized alone,
-    (out, in), with ``quantize_weight`` and its own :class:`~mlx_dupq.calib.LinearStats`
+    (out, in), with ``quantize_weight`` and its own :class:`~mlx_dupq.input_stats.LinearStats`
     (``stats.expert(e)``; in the rotated basis ``R^T H R`` when the experts are rotated), and the
     QTensors are stacked and packed. An expert without statistics gets ``mse`` and its id is
     appended to ``fallback``. Per-tensor specs (one scale for the whole stack) stay stacked ``mse``.

@@ -1,4 +1,4 @@
-"""Expert-wise mixed precision under an all-in budget (SPEC F6.4): the decision, not the packing.
+"""Expert-wise mixed precision under an all-in budget (docs/moe.md, F6.4): the decision, not the packing.
 
 A recipe's ``[moe]`` table (:class:`~mlx_dupq.moe.spec.MoESpec`) asks for routed experts at
 ``low_bits``, the highest-scoring ones raised to ``high_bits``, shared experts at ``shared_bits``,
@@ -36,17 +36,17 @@ from mlx.utils import tree_flatten
 
 from ..config import QuantSpec, Recipe
 from ..errors import DupqError
-from ..quant.packing import FORMAT_DUPQ, FORMAT_MLX, packed_shapes
+from ..quant.bitpack import FORMAT_DUPQ, FORMAT_MLX, packed_shapes
 from .spec import SHARED_PATTERN, MoESpec
 from ..adapter import EMBED_KEY_RE, layer_prefix, module_kind, sanitize_group
-from ..calib import run_layer
+from ..input_stats import run_layer
 from ..eval.data import calibration_batches, load_text
 from ..io import loader
 from ..io.source import Source, open_source
 from .duplication import expert_copies
 from .experts import expert_rotation
 from .routing import find_blocks, install, layers_of, Routing, uninstall
-from .sensitivity import expert_sensitivity
+from .expert_sensitivity import expert_sensitivity
 from .stats import frequency, record_routing
 
 SWITCH_PROJS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")

@@ -1,4 +1,4 @@
-"""Router studies (SPEC F6.3) and routing agreement (F6.7).
+"""Router studies (docs/moe.md, F6.3) and routing agreement (F6.7).
 
 - :func:`router_quant_layer`: one layer's router quantized at b bits, everything else float, on
   that layer's recorded float inputs: selection change rate (share of the k selected experts that

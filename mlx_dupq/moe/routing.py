@@ -1,4 +1,4 @@
-"""One routing forward for every MoE family mlx-lm knows, with knobs for the studies (SPEC F6).
+"""One routing forward for every MoE family mlx-lm knows, with knobs for the studies (docs/moe.md, F6).
 
 mlx-lm's MoE blocks (DeepSeek ``DeepseekMoE``, Qwen2-MoE / Qwen3-MoE / OLMoE ``*SparseMoeBlock``,
 Mixtral ``MixtralSparseMoeBlock``) all compute ``probs = softmax(router(x))``, take the top-k,

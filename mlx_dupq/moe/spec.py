@@ -1,4 +1,4 @@
-"""The ``[moe]`` table of a recipe: expert-wise mixed precision (SPEC F6.4).
+"""The ``[moe]`` table of a recipe: expert-wise mixed precision (docs/moe.md, F6.4).
 
 ```toml
 [moe]

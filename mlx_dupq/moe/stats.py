@@ -1,4 +1,4 @@
-"""Expert statistics (SPEC F6.1): activation frequency, hot / cold share, massive activations per
+"""Expert statistics (docs/moe.md, F6.1): activation frequency, hot / cold share, massive activations per
 expert, expert types from routing on different text genres.
 
 Routing is recorded through :mod:`mlx_dupq.moe.routing` (any MoE family). The numeric helpers are
@@ -137,7 +137,7 @@ def shared_hidden(block: MoEBlock, x: mx.array) -> mx.array | None:
 
 def massive_ratios(block: MoEBlock, x: np.ndarray, inds: np.ndarray, factor: float = MASSIVE_FACTOR,
                    chunk: int = 1024) -> dict:
-    """Share of massive activations per expert of one layer (SPEC F6.1).
+    """Share of massive activations per expert of one layer (docs/moe.md, F6.1).
 
     x (N, hidden) the layer's MoE inputs, inds (N, k). An entry of an expert's intermediate
     activation is massive when |h| > ``factor`` x the mean |h| over all routed experts of the layer.

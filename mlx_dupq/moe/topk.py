@@ -1,4 +1,4 @@
-"""Top-k reduction and dynamic k (SPEC F6.6): what fewer active experts cost and save.
+"""Top-k reduction and dynamic k (docs/moe.md, F6.6): what fewer active experts cost and save.
 
 The knobs live in :class:`mlx_dupq.moe.routing.Routing` (``k``, ``dynamic``, ``fallback``); this
 module prices them. Cost per token is counted as *active weights* (every weight a token's forward

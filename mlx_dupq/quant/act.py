@@ -1,4 +1,4 @@
-"""Simulated (fake) quantization of activations (SPEC F3): pure functions over mx.array.
+"""Simulated (fake) quantization of activations (docs/quality.md, F3): pure functions over mx.array.
 
 Everything is symmetric INT-b: ``q = clip(round(x / s), -Q, Q) * s`` with ``Q = 2^(b-1) - 1`` and
 ``s = range / Q``; 16 bits is an exact passthrough. The range comes from

@@ -1,7 +1,7 @@
 """One entry point for every weight quantizer: ``quantize_weight(w, spec, dtype, quantizer, stats)``.
 
 The recipe's :class:`~mlx_dupq.config.QuantizerSpec` picks the method; calibration statistics
-(:class:`~mlx_dupq.calib.LinearStats`) feed the calibrated ones. A weight without statistics
+(:class:`~mlx_dupq.input_stats.LinearStats`) feed the calibrated ones. A weight without statistics
 (embedding, lm_head, stacked experts) falls back from a calibrated method to ``mse``.
 """
 
@@ -12,10 +12,10 @@ import mlx.core as mx
 from ..specs import QuantizerSpec, QuantSpec
 from .bpw import tensor_bits
 from .gptq import gptq_quantize
-from .packing import pack
+from .bitpack import pack
 from .qtensor import QTensor, dequantize
 from .rtn import rtn_quantize
-from .search import activation_weighted_search, mse_scale_search
+from .scales import activation_weighted_search, mse_scale_search
 
 
 def quantize_weight(w: mx.array, spec: QuantSpec, dtype: mx.Dtype, quantizer: QuantizerSpec, stats=None) -> QTensor:

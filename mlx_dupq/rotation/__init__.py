@@ -1,4 +1,4 @@
-"""Rotations (SPEC F4): seeded orthogonal transforms, QuaRot-style offline folding, DFRot refinement.
+"""Rotations (docs/quality.md, F4): seeded orthogonal transforms, QuaRot-style offline folding, DFRot refinement.
 
 - :mod:`.hadamard`  full and block Hadamard transforms (pure functions)
 - :mod:`.rotations` the :class:`Rotation` object, every kind, :func:`make_rotation`

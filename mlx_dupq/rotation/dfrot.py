@@ -22,7 +22,7 @@ start, and stop after ``patience`` steps without improvement.
 
 Choices where the paper's code is model-specific (written down here, measured by the benches):
 
-- massive tokens: ``max_j |x_tj| > massive_ratio * mean(|X|)`` (SPEC F3.3, default 100), measured in
+- massive tokens: ``max_j |x_tj| > massive_ratio * mean(|X|)`` (docs/quality.md, F3.3, default 100), measured in
   the unrotated basis. DFRot's scripts use a per-model error threshold instead.
 - ``gamma="adaptive"``: the weight that gives the massive tokens the same share of the start
   objective as all other tokens together, ``sqrt(E_normal / E_massive)``, clipped to the

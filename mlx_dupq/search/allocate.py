@@ -1,4 +1,4 @@
-"""Bit allocation to an all-in bits-per-weight budget (SPEC F2.5): a sensitivity table in, a Recipe out.
+"""Bit allocation to an all-in bits-per-weight budget (docs/quality.md, F2.5): a sensitivity table in, a Recipe out.
 
 Problem (a multiple-choice knapsack): pick one spec label ``c_p`` per module ``p`` to minimise
 ``sum_p delta[p][c_p]`` subject to ``fixed_bits + sum_p bits[p][c_p] <= budget * n_params``, where
@@ -147,7 +147,7 @@ def allocate(
     fixed_bits:     bits of the tensors not in the table (default: ``table.fixed_bits``)
     measure:        ``kl`` or ``proxy``
     min_bits:       {path regex: minimum bits} (e.g. keep some modules >= 4 bits)
-    embed_min_bits: shorthand for a minimum on the embedding and lm_head (SPEC: "kept higher")
+    embed_min_bits: shorthand for a minimum on the embedding and lm_head (docs/quality.md: "kept higher")
     solver:         ``dp`` (exact on a fine bit grid) or ``greedy``
     """
     if solver not in SOLVERS:

@@ -1,4 +1,4 @@
-"""Search over duplication plans and copy parameters (SPEC F8): grid, TPE, evolutionary, two-stage.
+"""Search over duplication plans and copy parameters (docs/duplication.md, F8): grid, TPE, evolutionary, two-stage.
 
 A candidate is a dict of parameters (:class:`SearchSpace`): the copy count of each *layer group*
 (layers in a group share every parameter, F8.2), the execution mode (parallel / residual), how

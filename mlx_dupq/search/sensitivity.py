@@ -1,4 +1,4 @@
-"""Per-module sensitivity to quantization (SPEC F2.5): what each module costs at each bit width.
+"""Per-module sensitivity to quantization (docs/quality.md, F2.5): what each module costs at each bit width.
 
 For a float model and calibration tokens ``(n, L)``, every module the base recipe quantizes
 (linears, embedding, lm_head, switch linears) is measured at each candidate spec (the recipe's
@@ -17,7 +17,7 @@ the others at the recipe's own spec in ``fixed_bits``:
   its rows by how often the calibration tokens pick them; switch (expert) linears, whose inputs
   are routed, fall back to the plain weight error ``||W_q - W||_F^2 / ||W||_F^2``.
 
-Stored bits per spec come from the real packing (:func:`~mlx_dupq.quant.packing.pack` and
+Stored bits per spec come from the real packing (:func:`~mlx_dupq.quant.bitpack.pack` and
 :func:`~mlx_dupq.quant.bpw.tensor_bits`), so codes, scales and biases (including the implied
 symmetric bias mlx's format must store) all count; tensors that are not quantized (norms,
 linear biases, modules the recipe keeps in float) count at the recipe's storage dtype in

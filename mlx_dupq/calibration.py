@@ -16,7 +16,7 @@ from mlx.utils import tree_map
 from mlx_lm.utils import load_tokenizer
 
 from .adapter import EMBED_KEY_RE, layer_prefix  # noqa: F401  (re-exported)
-from .calib import LinearStats, advance, layer_input_hessians
+from .input_stats import LinearStats, advance, layer_input_hessians
 from .specs import QuantizerSpec
 from .errors import DupqError
 from .eval.data import calibration_batches, load_text
@@ -58,7 +58,7 @@ class Calibration:
         """Load the float layer, wrap its online rotations, return ({full path: LinearStats}, wrapped).
 
         ``switch``: also record per-expert statistics of its switch layers (``[moe]`` recipes):
-        :class:`~mlx_dupq.calib.SwitchStats` under the switch layer's path."""
+        :class:`~mlx_dupq.input_stats.SwitchStats` under the switch layer's path."""
         if self.h is None:
             raise DupqError("calibration needs the embedding before the first layer; this model's layout is not supported")
         rel_online = {p[len(prefix) + 1 :]: r for p, r in online.items() if p.startswith(prefix + ".")}

@@ -1,4 +1,4 @@
-"""Per-tensor weight statistics (SPEC F1.6): mean, spread, tails and outliers.
+"""Per-tensor weight statistics (README.md, F1.6): mean, spread, tails and outliers.
 
 Definitions for a tensor with elements ``w_i`` (``n`` of them), all population (biased) moments,
 accumulated in float64 over chunks of ~4 M elements so that a 152k x 5120 embedding needs only

@@ -1,4 +1,4 @@
-"""Expert sensitivity (SPEC F6.2): the seed's score and measured ablation importance.
+"""Expert sensitivity (docs/moe.md, F6.2): the seed's score and measured ablation importance.
 
 score(e) = 0.5 * output relative error + 0.3 * gradient norm + 0.2 * frequency, each term divided by
 its maximum over the layer's experts (so the three are on [0, 1] and the weights mean what they say):

@@ -286,12 +286,13 @@ def eval_tasks(
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
 ):
     """Accuracy on tasks built from held-out real text (cloze, mc) and on lm-eval's MMLU, HellaSwag, ARC-Challenge."""
-    documents, run_harness, split_tasks, run_tasks, load = _lib("documents", "run_harness", "split_tasks", "run_tasks", "load")
+    eval_data, run_harness, split_tasks, run_tasks, load = _lib("eval_data", "run_harness", "split_tasks", "run_tasks",
+                                                                "load")
 
     names, harness = split_tasks(tasks)
     if names and not data.strip().lower().endswith(":eval"):
         raise DupqError(f"--data {data} is not a held-out set; use brown:eval or lee:eval (disjoint from calibration)")
-    docs = documents(data) if names else None
+    docs = eval_data.documents(data) if names else None
     m, tok = load(model, compute_dtype=compute_dtype)
     res: dict = {"seconds": 0.0}
     if names:

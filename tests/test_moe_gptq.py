@@ -190,7 +190,7 @@ def test_expert_without_calibration_tokens_falls_back(tmp_path, random_text):
 
 def test_expert_quantizer_uses_each_experts_hessian_and_falls_back_to_mse():
     from mlx_dupq.input_stats import LinearStats
-    from mlx_dupq.pipeline import _expert_quantizer
+    from mlx_dupq.moe.feature import _expert_quantizer
     from mlx_dupq.quant.gptq import gptq_quantize
     from mlx_dupq.quant.bitpack import unpack
     from mlx_dupq.quant.scales import mse_scale_search
@@ -228,7 +228,7 @@ def test_moe_accepts_every_quantizer_and_refuses_duplication_in_one_line():
 def test_expert_awq_uses_each_experts_activations():
     """awq: each expert's scale search is weighted by E[x^2] of the rows routed to it."""
     from mlx_dupq.input_stats import LinearStats
-    from mlx_dupq.pipeline import _expert_quantizer
+    from mlx_dupq.moe.feature import _expert_quantizer
     from mlx_dupq.quant.bitpack import unpack
     from mlx_dupq.quant.scales import activation_weighted_search, mse_scale_search
 

@@ -44,22 +44,22 @@ def test_table_complete_and_sane(model_type):
 
 def test_tail_rerun_matches_full_forward():
     """KL from the cached layer inputs equals KL from full forward passes."""
-    from mlx_dupq.search import sensitivity as S
+    from mlx_dupq.adapter import LayerTail
 
     model, _ = build_model("llama")
     x = tokens()
     fast = measure_sensitivity(model, x, bits=(2,), measures=("kl",))
-    orig = S._Tail.__init__
+    orig = LayerTail.__init__
 
     def no_cache(self, *a, **k):
         orig(self, *a, **k)
         self.hidden = None
 
-    S._Tail.__init__ = no_cache
+    LayerTail.__init__ = no_cache
     try:
         slow = measure_sensitivity(model, x, bits=(2,), measures=("kl",))
     finally:
-        S._Tail.__init__ = orig
+        LayerTail.__init__ = orig
     assert not slow.extra["tail_cached"]
     for p in fast.kl:
         assert fast.kl[p]["w2g64"] == pytest.approx(slow.kl[p]["w2g64"], rel=1e-3, abs=1e-7), p

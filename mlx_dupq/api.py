@@ -11,6 +11,7 @@ from .eval.agree import agree_models, DEFAULT_PROMPTS, read_prompts
 from .eval import data as eval_data
 from .eval.data import load_text
 from .eval.lmeval import run_harness, split_tasks
+from .eval.pipelined import pipeline_bench, pipeline_perplexity, stream_pipelined
 from .eval.ppl import perplexity
 from .eval.speed import decode_comparison
 from .eval.tasks import run_tasks
@@ -27,4 +28,4 @@ from .search.dup_search import Objective, search_dup, write_dup_recipe
 from .search.sensitivity import parse_candidates
 from .specs import parse_bits, parse_group_size
 
-__all__ = ["DEFAULT_PROMPTS", "Objective", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "eval_data", "fetch", "inspect_model", "list_models", "load", "load_text", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "read_prompts", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "write_dup_recipe", "write_json_atomic", "write_recipe", "write_report"]
+__all__ = ["DEFAULT_PROMPTS", "Objective", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "eval_data", "fetch", "inspect_model", "list_models", "load", "load_text", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "read_prompts", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "write_dup_recipe", "write_json_atomic", "write_recipe", "write_report"]

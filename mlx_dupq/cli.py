@@ -31,6 +31,18 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = "A pack, a local HF/mlx directory, a .gguf file, a named model (see `models list`) or a hub repo id."
+PIPELINE_HELP = "Split the pack's layers over the processes of `mlx.launch` (docs/distributed.md)."
+PEER_TIMEOUT_HELP = "With --pipeline: exit when a step waits this many seconds on another rank."
+
+
+def _rank_log(line: str) -> None:
+    err.print(f"[dim]{escape(line)}[/dim]")
+
+
+def _print_ranks(res: dict) -> None:
+    for r in res.get("per_rank", []):
+        out.print(f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, "
+                  f"{r['resident_bytes'] / 2**20:.1f} MiB weights, peak {r['peak_memory_bytes'] / 2**20:.1f} MiB")
 
 
 @contextmanager
@@ -201,10 +213,16 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Apply the tokenizer's chat template if it has one."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+    pipeline: bool = typer.Option(False, "--pipeline", help=PIPELINE_HELP),
+    peer_timeout: float = typer.Option(300.0, "--peer-timeout", help=PEER_TIMEOUT_HELP),
 ):
     """Stream a completion from MODEL (chat template applied when the tokenizer has one)."""
-    stream = _lib("stream")
+    stream, stream_pipelined = _lib("stream", "stream_pipelined")
 
+    if pipeline:
+        return stream_pipelined(model, prompt, lambda s: out.print(s, end="", markup=False, highlight=False, soft_wrap=True),
+                                max_tokens=max_tokens, temp=temp, seed=seed, chat=chat, compute_dtype=compute_dtype,
+                                timeout=peer_timeout, log=_rank_log)
     for piece in stream(model, prompt, max_tokens=max_tokens, temp=temp, seed=seed, chat=chat,
                         compute_dtype=compute_dtype):
         out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
@@ -223,17 +241,26 @@ def eval_ppl(
     chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Prefill step through the KV cache (default: one pass up to 2048, else 1024)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+    pipeline: bool = typer.Option(False, "--pipeline", help=PIPELINE_HELP),
+    peer_timeout: float = typer.Option(300.0, "--peer-timeout", help=PEER_TIMEOUT_HELP),
 ):
     """Perplexity with the standard protocol (joined text, non-overlapping windows); long --ctx runs chunked."""
-    load_text, perplexity, load = _lib("load_text", "perplexity", "load")
+    load_text, perplexity, load, pipeline_perplexity = _lib("load_text", "perplexity", "load", "pipeline_perplexity")
 
-    text = load_text(data)
-    m, tok = load(model, compute_dtype=compute_dtype)
     with progress_bar() as cb:
-        res = perplexity(m, tok, text, ctx=ctx, windows=windows, chunk=chunk, progress=lambda d, t: cb("windows", d, t))
+        if pipeline:
+            res = pipeline_perplexity(model, data, ctx=ctx, windows=windows, chunk=chunk, compute_dtype=compute_dtype,
+                                      timeout=peer_timeout, progress=lambda d, t: cb("windows", d, t), log=_rank_log)
+            if res is None:  # not rank 0
+                return
+        else:
+            m, tok = load(model, compute_dtype=compute_dtype)
+            res = perplexity(m, tok, load_text(data), ctx=ctx, windows=windows, chunk=chunk,
+                             progress=lambda d, t: cb("windows", d, t))
     res = {"model": model, "data": data, "bits_per_weight": _pack_bits(model), **res, "command": _command_line()}
     out.print(f"PPL {res['ppl']:.4f}  ({data}, ctx {res['ctx']}, {res['windows']} windows, {res['tokens']} tokens, "
               f"peak {res['peak_memory_bytes'] / 2**20:.0f} MiB)")
+    _print_ranks(res)
     if json_out:
         _write_json(json_out, res)
 
@@ -330,10 +357,25 @@ def bench(
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
     dup_base: Optional[str] = typer.Option(None, "--dup-base", help="The non-duplicated pack (one of the measured "
                                            "models) to report duplication overhead against."),
+    pipeline: bool = typer.Option(False, "--pipeline", help=PIPELINE_HELP),
+    peer_timeout: float = typer.Option(300.0, "--peer-timeout", help=PEER_TIMEOUT_HELP),
 ):
     """Speed, memory, size and bits per weight, side by side with --against."""
-    bench_models, decode_comparison = _lib("bench_models", "decode_comparison")
+    bench_models, decode_comparison, pipeline_bench = _lib("bench_models", "decode_comparison", "pipeline_bench")
 
+    if pipeline:
+        if against or dup_base:
+            raise DupqError("--pipeline measures one pack; leave out --against and --dup-base")
+        res = pipeline_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
+                             compute_dtype=compute_dtype, timeout=peer_timeout, log=_rank_log)
+        if res is None:  # not rank 0
+            return
+        out.print(f"{res['ranks']} ranks: prompt {res['prompt_tps']:.1f} tok/s, generation "
+                  f"{res['generation_tps']:.2f} tok/s, TTFT {res['ttft_s']:.3f} s")
+        _print_ranks(res)
+        if json_out:
+            _write_json(json_out, {"command": _command_line(), "results": [res]})
+        return
     names = [model] + list(against or [])
     if dup_base is not None and dup_base not in names:
         raise DupqError(f"--dup-base {dup_base} is not one of the measured models; pass it as MODEL or --against too")

@@ -218,16 +218,31 @@ def is_pack(path: str | Path) -> bool:
         return False
 
 
-def _load_weights(path: Path) -> dict[str, mx.array]:
+def weight_files(path: Path, only: Callable[[str], bool] | None = None) -> list[Path]:
+    """The pack's safetensors files; with ``only``, those the index says hold a selected tensor."""
+    index = path / "model.safetensors.index.json"
+    if only is not None and index.exists():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise DupqError(f"{index} is damaged; convert the pack again") from None
+        return [path / f for f in sorted({f for k, f in wmap.items() if only(k)})]
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise DupqError(f"no model*.safetensors in {path}; the pack is incomplete, convert it again")
+    return files
+
+
+def _load_weights(path: Path, only: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+    """Every tensor of the pack (lazy: ``mx.load`` reads a tensor's bytes when it is evaluated);
+    with ``only``, the selected tensors of the files that hold them (never another file)."""
     weights: dict[str, mx.array] = {}
-    for f in files:
+    for f in weight_files(path, only):
         try:
-            weights.update(mx.load(str(f)))
+            arrays = mx.load(str(f))
         except Exception as e:
             raise DupqError(f"{f} could not be read ({e}); the pack is damaged, convert it again") from None
+        weights.update(arrays if only is None else {k: v for k, v in arrays.items() if only(k)})
     return weights
 
 
@@ -256,8 +271,13 @@ MODULE_LOADERS: dict[str, Callable[[str, dict, dict[str, mx.array]], nn.Module]]
 
 
 def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = False,
-              activations: bool = True) -> tuple[nn.Module, dict]:
+              activations: bool = True, only: Callable[[str], bool] | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a pack's model exactly as its config.json records it.
+
+    ``only(name)`` selects the modules and tensors (dotted names) to load, e.g. one pipeline
+    stage's decoder layers (:mod:`mlx_dupq.distributed`): other tensors are never read, other
+    modules keep the skeleton's lazy, never evaluated weights, and the model is evaluated only
+    where selected.
 
     When the recorded recipe has ``activations`` (docs/quality.md, F3), every linear's input is fake-quantized
     (:mod:`mlx_dupq.layers.act_quant`); static mode uses ``mlx_dupq.act_ranges`` from config.json.
@@ -274,10 +294,12 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     if (meta.get("duplication") or {}).get("mode") == "serial":  # copies are extra layer entries
 
         expand_serial(model, DupPlan.from_dict(meta["duplication"]))
-    weights = _load_weights(path)
+    weights = _load_weights(path, only)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     entries: dict[str, dict] = meta["modules"]
+    if only is not None:
+        entries = {p: e for p, e in entries.items() if only(p)}
     mods = dict(model.named_modules())
 
     native = {p: e for p, e in entries.items() if e["format"] == FORMAT_MLX}
@@ -301,6 +323,8 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     if custom:
         model.update_modules(tree_unflatten(custom))
     rotations = meta.get("online_rotations")
+    if rotations and only is not None:
+        rotations = {p: r for p, r in rotations.items() if only(p)}
     if rotations:
         # the pack stores a rotated module's tensors as <path>.linear.* (see online_key), which is
         # where the wrapper puts them; mlx-lm, which cannot apply the rotation, refuses such a pack
@@ -308,7 +332,10 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
         apply_online_rotations(model, rotations)
     model.eval()
     try:
-        model.load_weights(list(weights.items()), strict=True)
+        if only is None:
+            model.load_weights(list(weights.items()), strict=True)
+        else:
+            _load_selected(model, weights, only)
     except ValueError as e:
         raise DupqError(f"the weights in {path} do not match its config.json ({e}); convert it again") from None
     cast_floats(model, getattr(mx, compute_dtype))
@@ -316,8 +343,21 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     if act and activations:
         install_act_quant(model, act, meta.get("act_ranges"), path)
     if not lazy:
-        mx.eval(model.parameters())
+        mx.eval([v for k, v in tree_flatten(model.parameters()) if only is None or only(k)])
     return model, config
+
+
+def _load_selected(model: nn.Module, weights: dict[str, mx.array], only: Callable[[str], bool]) -> None:
+    """``load_weights`` of the selected parameters, as strict about them as a full load."""
+    params = dict(tree_flatten(model.parameters()))
+    missing = sorted(k for k in params if only(k) and k not in weights)
+    extra = sorted(k for k in weights if k not in params)
+    if missing or extra:
+        raise ValueError(f"missing {missing[:3]}, unexpected {extra[:3]}")
+    shapes = sorted(k for k, v in weights.items() if v.shape != params[k].shape)
+    if shapes:
+        raise ValueError(f"shape of {shapes[0]} is {weights[shapes[0]].shape}, the model expects {params[shapes[0]].shape}")
+    model.load_weights(list(weights.items()), strict=False)
 
 
 def install_act_quant(model: nn.Module, act: dict, ranges: dict | None, path: Path) -> None:

@@ -15,6 +15,7 @@ from .eval.pipelined import pipeline_bench, pipeline_perplexity, stream_pipeline
 from .eval.ppl import perplexity
 from .eval.speed import decode_comparison
 from .eval.tasks import run_tasks
+from .export.gguf import export_gguf
 from .generate import stream
 from .inspect_model import inspect_model
 from .io import pack as packio
@@ -26,6 +27,7 @@ from .report.render import write_report
 from .search.allocate import allocate_model, write_recipe
 from .search.dup_search import Objective, search_dup, write_dup_recipe
 from .search.sensitivity import parse_candidates
+from .serve import log_requests, make_server
 from .specs import parse_bits, parse_group_size
 
-__all__ = ["DEFAULT_PROMPTS", "Objective", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "eval_data", "fetch", "inspect_model", "list_models", "load", "load_text", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "read_prompts", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "write_dup_recipe", "write_json_atomic", "write_recipe", "write_report"]
+__all__ = ["DEFAULT_PROMPTS", "Objective", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "eval_data", "export_gguf", "fetch", "inspect_model", "list_models", "load", "load_text", "log_requests", "make_server", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "read_prompts", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "write_dup_recipe", "write_json_atomic", "write_recipe", "write_report"]

@@ -447,6 +447,67 @@ def inspect(
     out.print(table)
 
 
+# --------------------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port (0 = any free port)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Default max_tokens of a request."),
+    compute_dtype: str = typer.Option("float32", "--compute-dtype"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
+):
+    """Serve MODEL over an OpenAI-compatible HTTP API (mlx-lm's server; Ctrl-C stops)."""
+    log_requests, make_server = _lib("log_requests", "make_server")
+
+    log_requests(verbose)
+    server = make_server(model, host=host, port=port, compute_dtype=compute_dtype, max_tokens=max_tokens)
+    out.print(f"[green]serving[/green] {escape(model)} at {server.url} "
+              "(POST /chat/completions, /completions; GET /models, /health; Ctrl-C stops)", soft_wrap=True)
+    server.serve_until_signal()
+    out.print("stopped")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # mlx-lm's BatchGenerator, run in the server's generation thread, leaves MLX worker threads that
+    # abort a normal interpreter exit ("terminate called without an active exception"): skip it
+    os._exit(0)
+
+
+# -------------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    pack: Path = typer.Argument(..., help="An mlx-dupq pack."),
+    gguf_out: Path = typer.Option(..., "--gguf", help="The GGUF file to write (for llama.cpp)."),
+    requantize: Optional[str] = typer.Option(None, "--requantize", help="Re-quantize every quantized weight to "
+                                             "this llama.cpp type (lossy): Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, Q6_K ... Q2_K."),
+    fallback: str = typer.Option("F32", "--fallback", help="Type for weights no GGUF type holds exactly "
+                                 "(F32 = exact; Q8_0 ... = lossy)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the per-tensor record here."),
+):
+    """Write PACK as a GGUF file for llama.cpp: exact where a GGUF type holds the pack's numbers."""
+    export_gguf = _lib("export_gguf")
+
+    with progress_bar() as cb:
+        res = export_gguf(pack, gguf_out, requantize=requantize, fallback=fallback, force=force, progress=cb)
+    if as_json is not None:
+        _write_json(as_json, {"command": _command_line(), **res.to_dict()})
+    types = ", ".join(f"{n} {t}" for t, n in res.type_counts().items())
+    lossy = [t.name for t in res.tensors if not t.exact]
+    how = "exact" if not lossy else f"lossy in {len(lossy)} of {len(res.tensors)} tensors"
+    out.print(f"[green]wrote[/green] {res.path}  {res.architecture}, {how}, {res.bits_per_weight:.2f} bits/weight "
+              f"({types}), {res.seconds:.1f}s", soft_wrap=True)
+    inexact_f32 = [t.name for t in res.tensors if t.type == "F32" and t.source[0].isdigit()]
+    if inexact_f32 and requantize is None:
+        n = len(inexact_f32)
+        out.print(f"note: no GGUF quantized type holds {inexact_f32[0]}{f' (and {n - 1} more)' if n > 1 else ''} "
+                  "exactly: written as F32 (--fallback Q8_0: smaller, lossy)", soft_wrap=True)
+
+
 # -------------------------------------------------------------------------------------- models
 
 

@@ -88,6 +88,31 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row permutation (what its converter stores for ``llama``-arch models).
+
+    The inverse of :func:`unpermute_qk`; it moves whole rows, so it applies unchanged to a
+    quantized weight's codes, scales and offsets.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise DupqError(f"cannot apply the Q/K permutation: {rows} rows do not split into {n_head} heads")
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str | None:
+    """GGUF tensor name of a Hugging Face / mlx-lm weight name (inverse of :func:`hf_name`), or None."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == hf:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf)
+    if m:
+        for g, h in _BLOCK_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}.{m.group(3)}"
+    return None
+
+
 def hf_name(gguf_name: str) -> str | None:
     """Hugging Face name of a GGUF tensor name, or None if it is not a known model weight."""
     if gguf_name in _GLOBAL_NAMES:

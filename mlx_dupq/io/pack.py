@@ -233,7 +233,7 @@ def weight_files(path: Path, only: Callable[[str], bool] | None = None) -> list[
     return files
 
 
-def _load_weights(path: Path, only: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+def load_weights(path: Path, only: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
     """Every tensor of the pack (lazy: ``mx.load`` reads a tensor's bytes when it is evaluated);
     with ``only``, the selected tensors of the files that hold them (never another file)."""
     weights: dict[str, mx.array] = {}
@@ -294,7 +294,7 @@ def load_pack(path: str | Path, compute_dtype: str = "float32", lazy: bool = Fal
     if (meta.get("duplication") or {}).get("mode") == "serial":  # copies are extra layer entries
 
         expand_serial(model, DupPlan.from_dict(meta["duplication"]))
-    weights = _load_weights(path, only)
+    weights = load_weights(path, only)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     entries: dict[str, dict] = meta["modules"]

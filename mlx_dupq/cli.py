@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ._env import reexec_with_fast_blas
@@ -78,6 +78,29 @@ def _lib(*names: str):
 
     objs = [getattr(api, n) for n in names]
     return objs[0] if len(objs) == 1 else objs
+
+
+@contextmanager
+def training_bar():
+    """Progress of a training stage; yields ``(phase, done, total, info)`` (loss, validation KL, ETA)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err,
+                  disable=not err.is_terminal and os.environ.get("MLX_DUPQ_PROGRESS") != "1") as bar:
+        tasks: dict = {}
+        shown = {"valid": ""}
+
+        def cb(phase: str, done: int, total: int, info: dict) -> None:
+            if phase == "valid":
+                shown["valid"] = f"valid KL {info['kl']:.4f}"
+                if bar.disable:  # logs: one line per validation
+                    err.print(f"[dim]step {done}/{total}: {shown['valid']}[/dim]")
+            key = "targets" if phase == "targets" else "train"
+            if key not in tasks:
+                tasks[key] = bar.add_task("teacher targets" if key == "targets" else "distilling", total=1, info="")
+            text = f"loss {info['loss']:.4f}  {shown['valid']}" if "loss" in info else shown["valid"]
+            bar.update(tasks[key], completed=done, total=max(total, 1), info=text)
+
+        yield cb
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -166,6 +189,30 @@ def allocate(
         _write_json(table_json, {"command": _command_line(), **table.to_dict()})
     out.print(f"[green]wrote[/green] {path}  {escape(rec.description)}  "
               f"(sensitivity of {len(table.bits)} modules in {table.seconds:.1f}s)")
+
+
+@app.command()
+def refine(
+    pack: Path = typer.Argument(..., help="The pack to refine (made by `mlx-dupq convert`)."),
+    teacher: str = typer.Option(..., "--teacher", "-t", help="The float model the pack came from. " + MODEL_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Refined pack directory (default: PACK in place)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Training windows."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step (split across processes)."),
+    trainable: Optional[str] = typer.Option(None, "--trainable", help="Any of scales,biases,norms."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text: a :calib set or a file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
+):
+    """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed)."""
+    distill_pack, E2ESpec = _lib("distill_pack", "E2ESpec")
+    spec = E2ESpec().replace(steps=steps, lr=lr, samples=samples, seq_len=seq_len, batch=batch,
+                             trainable=trainable, data=data)
+    with training_bar() as cb:
+        res = distill_pack(pack, teacher, spec, out=output, resume=resume, progress=cb)
+    out.print(f"[green]wrote[/green] {res.out}  validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "
+              f"({res.kept} parameters, best step {res.best_step}/{res.steps_run}, {res.seconds:.0f}s)")
 
 
 @app.command("search-dup")

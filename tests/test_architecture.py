@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("mlx_dupq.kernels",)),
     ("layers", ("mlx_dupq.layers", "mlx_dupq.dup.runtime", "mlx_dupq.dup.copies", "mlx_dupq.dup.aggregate")),
     # eval.data reads text corpora (calibration and evaluation): an input, used by calibration
-    ("io", ("mlx_dupq.io", "mlx_dupq.eval.data")),
+    ("io", ("mlx_dupq.io", "mlx_dupq.eval.data", "mlx_dupq.eval.code_text")),
     ("calibration", ("mlx_dupq.input_stats", "mlx_dupq.calibration")),
     ("features", ("mlx_dupq.features", "mlx_dupq.dup", "mlx_dupq.moe", "mlx_dupq.refine")),
     ("convert", ("mlx_dupq.pipeline",)),

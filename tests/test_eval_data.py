@@ -249,3 +249,43 @@ def test_real_brown_and_lee_fetch():
     lc, le = D.documents("lee:calib"), D.documents("lee:eval")
     assert (len(lc), len(le)) == (240, 60) and not {d[0] for d in lc} & {d[0] for d in le}
     assert len(D.load_text("lee")) == 360082
+
+
+# --------------------------------------------------------------------------- code and mix
+
+
+def fake_wheel(path, files: dict[str, str]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_code_documents_split_by_file_and_mix_disjoint(tmp_path, monkeypatch):
+    from mlx_dupq.eval import code_text
+
+    files = {f"pkg/{sub}/m{i:02d}.py": f"def f{i}():\n    return {i}  # {sub}\n" for sub in ("a", "b") for i in range(10)}
+    files["pkg/empty.py"] = "\n"
+    files["pkg-1.0.dist-info/METADATA"] = "Name: pkg"
+    docs = code_text.code_documents(fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", files))
+    assert [d[0] for d in docs] == sorted(n for n in files if n.endswith(".py") and n != "pkg/empty.py")
+    assert {d[1] for d in docs} == {"pkg/a", "pkg/b"}
+    monkeypatch.setattr(D, "code_documents", lambda: docs)
+    monkeypatch.setattr(D, "brown_documents", lambda: [(f"ca{i:02d}", "news", f"brown text {i}") for i in range(10)])
+    monkeypatch.setattr(D, "lee_documents", lambda: [(f"lee{i:03d}", "news", f"lee text {i}") for i in range(10)])
+    for base in ("code", "mix"):
+        calib, evals = D.documents(f"{base}:calib"), D.documents(f"{base}:eval")
+        assert calib and evals and not {d[0] for d in calib} & {d[0] for d in evals}
+        assert len(calib) + len(evals) == len(D.documents(base))
+    # every package directory (genre) gives a fifth of its files to eval
+    assert sorted(d[0] for d in D.documents("code:eval")) == ["pkg/a/m02.py", "pkg/a/m07.py", "pkg/b/m02.py", "pkg/b/m07.py"]
+    assert D.load_text("mix:calib").count("brown text") == 8 and "def f2()" not in D.load_text("code:calib")
+
+
+def test_code_wheel_is_pinned():
+    from mlx_dupq.eval import code_text
+
+    assert code_text.CODE_WHEEL.startswith(f"{code_text.CODE_PACKAGE}-{code_text.CODE_VERSION}-")
+    assert len(code_text.CODE_SHA256) == 64 and code_text.CODE_LICENSE == "BSD-3-Clause"

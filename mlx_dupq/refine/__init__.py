@@ -1,0 +1,1 @@
+"""Learned refinement of packs: block-wise reconstruction and end-to-end distillation."""

@@ -1,0 +1,488 @@
+"""End-to-end distillation of a pack (``mlx-dupq refine PACK``): train its scales / biases
+(and norms when asked) against the float model's next-token distribution; the codes never move.
+
+The method is mlx-lm's DWQ (``mlx_lm/quant/dwq.py``), reused where it can be: its loss
+(``mlx_lm.tuner.losses.kl_div_loss``), its batching (``mlx_lm.tuner.trainer.iterate_batches``,
+whose ``comm_group`` gives each rank its share of a batch) and gradient checkpointing; the
+gradients of the quantized layers' scales and biases come from ``mx.quantized_matmul`` /
+``mx.dequantize``, as in DWQ. What is added:
+
+- every layer kind a pack holds: mlx's ``QuantizedLinear`` / ``QuantizedEmbedding`` /
+  ``QuantizedSwitchLinear`` and our own (:mod:`mlx_dupq.layers`: ``DupqLinear`` ..., the copies of a
+  ``DupLinear``, the groups of a ``MixedSwitchLinear``, a ``RotatedInput``'s inner linear). Their
+  stored ``scales`` / ``biases`` become trainable parameters, the stored layout stays (a symmetric
+  format stores no biases: only its scales train). A module holding packed (integer) arrays of a
+  kind not listed is refused in one line;
+- data: ``samples + valid_samples`` disjoint windows of ``seq_len + 1`` tokens, picked at random
+  (``seed``) among the non-overlapping windows of the calibration text; the validation windows are
+  never trained on. The teacher runs once: the top-``top_k`` logits per position (float16, shifted
+  so the largest is 0) and their indices are kept in memory and in the work directory;
+- loss: ``KL(teacher || student)`` over the teacher's top-k set at ``temperature`` (as DWQ),
+  averaged over positions; Adam on float32 copies of the trained arrays;
+- validation KL before training, every ``eval_every`` steps and at the end decides early stopping
+  (``patience``) and which parameters are kept: the best validation ones, measured after rounding
+  to the stored dtype, and never worse than the start (then the pack is left as it was);
+- ``OUT.e2e-work/`` holds the teacher targets and a checkpoint (parameters, Adam state, best so far)
+  written at every validation; ``resume=True`` continues from it and gives the identical pack;
+- data parallel: under ``mx.distributed.init()`` with ``size > 1`` (``mlx.launch``), each rank takes
+  ``batch / size`` windows of every batch, gradients are averaged (``nn.average_gradients``), and
+  rank 0 writes; the result equals one process with the same global batch up to float rounding.
+
+The refined pack is written to ``OUT.tmp`` and renamed; its config.json records the options and
+the validation KL before and after under ``mlx_dupq.refine.e2e``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from mlx_lm.tuner.losses import kl_div_loss
+from mlx_lm.tuner.trainer import grad_checkpoint, iterate_batches
+
+from ..errors import DupqError
+from ..eval.data import load_text, tokenize
+from ..io import pack as packio
+from ..io.loader import load, load_model
+from ..layers.act_quant import ActQuantInput
+from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
+from .e2e_spec import E2ESpec
+
+QUANT_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, DupqLinear, DupqEmbedding,
+                 DupqSwitchLinear)
+NORM_CLASSES = (nn.RMSNorm, nn.LayerNorm)
+STATE_FILE, CKPT_FILE = "state.json", "checkpoint.safetensors"
+MEMORY_TARGETS_BYTES = 1 << 30  # keep the teacher targets in memory below this size
+
+Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, info)
+
+
+@dataclass
+class E2EResult:
+    """What :func:`distill_pack` did. KL values are the validation loss (nats per token)."""
+
+    out: Path
+    valid_kl_before: float
+    valid_kl_after: float
+    steps_run: int
+    best_step: int
+    kept: str  # "trained" or "initial" (training never beat the start on validation)
+    n_trainable: int
+    train_tokens: int
+    valid_tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"valid_kl_before": self.valid_kl_before, "valid_kl_after": self.valid_kl_after,
+                "steps_run": self.steps_run, "best_step": self.best_step, "kept": self.kept,
+                "n_trainable": self.n_trainable, "train_tokens": self.train_tokens,
+                "valid_tokens": self.valid_tokens, "seconds": round(self.seconds, 1), "history": self.history}
+
+
+# --------------------------------------------------------------------------- trainable parameters
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, NORM_CLASSES) or type(m).__name__.endswith("Norm")
+
+
+def mark_trainable(model: nn.Module, trainable: tuple[str, ...]) -> list[str]:
+    """Freeze ``model``, then unfreeze the requested stored arrays; returns their parameter names.
+
+    Quantized layers (``QUANT_CLASSES``): ``scales`` / ``biases`` where stored; norms: ``weight`` /
+    ``bias`` when ``"norms"`` is asked. Refuses (one line) activation-quantized packs, non-affine mlx
+    modes and any other module that holds packed integer arrays.
+    """
+    model.freeze()
+    for path, m in model.named_modules():
+        if isinstance(m, ActQuantInput):
+            raise DupqError(f"refine cannot train {path}: activation fake-quant has no gradient; "
+                            "refine a pack converted without [activations]")
+        own = {k: v for k, v in m.items() if isinstance(v, mx.array)}
+        if isinstance(m, QUANT_CLASSES):
+            mode = getattr(m, "mode", "affine")
+            if mode != "affine":
+                raise DupqError(f"refine cannot train {path}: mlx quantization mode {mode!r} (only affine)")
+            keys = [k for k in ("scales", "biases") if k in trainable and isinstance(own.get(k), mx.array)]
+            if keys:
+                m.unfreeze(keys=keys, recurse=False)
+        elif _is_norm(m):
+            if "norms" in trainable:
+                m.unfreeze(keys=[k for k in ("weight", "bias") if k in own], recurse=False)
+        else:
+            packed = [k for k, v in own.items() if not mx.issubdtype(v.dtype, mx.floating)]
+            if packed:
+                raise DupqError(f"refine cannot train {path} ({type(m).__name__} with packed {packed[0]!r}): "
+                                f"unknown layer kind; known: {', '.join(c.__name__ for c in QUANT_CLASSES)}")
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    if not names:
+        raise DupqError(f"the pack has nothing to train for {', '.join(trainable)} (no quantized layer or norm)")
+    return names
+
+
+# --------------------------------------------------------------------------- data
+
+
+def calibration_windows(ids: np.ndarray, spec: E2ESpec) -> tuple[np.ndarray, np.ndarray]:
+    """Token stream (T,) -> (train (samples, L+1), valid (valid_samples, L+1)) int32, L = seq_len.
+
+    The stream is cut into non-overlapping windows of L + 1 tokens; a seeded permutation picks the
+    validation windows first and the training windows next, so the two never overlap."""
+    w = spec.seq_len + 1
+    n = len(ids) // w
+    need = spec.samples + spec.valid_samples
+    if n < need:
+        raise DupqError(f"the calibration text has {len(ids)} tokens, {n} windows of {w}; {need} are needed "
+                        f"(samples + valid_samples): use more text, fewer samples or a shorter seq_len")
+    chunks = np.asarray(ids[: n * w], dtype=np.int32).reshape(n, w)
+    order = np.random.default_rng(spec.seed).permutation(n)
+    return chunks[order[spec.valid_samples : need]], chunks[order[: spec.valid_samples]]
+
+
+def _key(row: np.ndarray) -> bytes:
+    return np.ascontiguousarray(row, dtype=np.int32).tobytes()
+
+
+class Targets:
+    """Teacher top-k targets per window: ``(logits (L, k) float16, indices (L, k) uint32)``.
+
+    Computed once for the windows this rank uses, saved under ``root`` (one file per window, so a
+    resumed or data-parallel run reuses them) and kept in memory when they fit."""
+
+    def __init__(self, root: Path | None, split: str, keep: bool):
+        self.root, self.split, self.keep = root, split, keep
+        self.mem: dict[int, tuple[mx.array, mx.array]] = {}
+        self.index: dict[bytes, int] = {}
+
+    def _file(self, i: int) -> Path:
+        return self.root / f"{self.split}-{i:06d}.safetensors"
+
+    def build(self, teacher: nn.Module, windows: np.ndarray, mine: list[int], top_k: int, chunk: int,
+              progress: Progress | None) -> None:
+        self.index = {_key(windows[i]): i for i in range(len(windows))}
+        todo = [i for i in mine if self.root is None or not self._file(i).exists()]
+        for j in range(0, len(todo), chunk):
+            ids = todo[j : j + chunk]
+            logits = teacher(mx.array(windows[ids, :-1])).astype(mx.float32)
+            k = min(top_k, logits.shape[-1])
+            idx = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+            vals = mx.take_along_axis(logits, idx, axis=-1)
+            vals = (vals - vals.max(axis=-1, keepdims=True)).astype(mx.float16)
+            idx = idx.astype(mx.uint32)
+            mx.eval(vals, idx)
+            for r, i in enumerate(ids):
+                if self.root is not None:
+                    tmp = self.root / f"tmp-{self.split}-{i:06d}.safetensors"
+                    mx.save_safetensors(str(tmp), {"logits": vals[r], "indices": idx[r]})
+                    os.replace(tmp, self._file(i))
+                if self.keep:
+                    self.mem[i] = (vals[r], idx[r])
+            if progress:
+                progress("targets", min(j + chunk, len(todo)), len(todo), {"split": self.split})
+
+    def get(self, rows: np.ndarray) -> tuple[mx.array, mx.array]:
+        """Targets of a batch of windows (B, L+1) -> (logits (B, L, k) float32, indices (B, L, k))."""
+        vals, idx = [], []
+        for row in rows:
+            i = self.index[_key(row)]
+            if i not in self.mem:
+                d = mx.load(str(self._file(i)))
+                pair = (d["logits"], d["indices"])
+                if not self.keep:
+                    vals.append(pair[0])
+                    idx.append(pair[1])
+                    continue
+                self.mem[i] = pair
+            vals.append(self.mem[i][0])
+            idx.append(self.mem[i][1])
+        return mx.stack(vals).astype(mx.float32), mx.stack(idx)
+
+
+def _rank_windows(windows: np.ndarray, batch: int, seq_len: int, group) -> list[int]:
+    """Indices of the training windows this rank ever sees (its share of every batch)."""
+    index = {_key(windows[i]): i for i in range(len(windows))}
+    data = [(list(map(int, w)), 0) for w in windows]
+    mine = []
+    for b, _ in iterate_batches(data, batch, seq_len + 1, loop=False, seed=0, comm_group=group):
+        mine.extend(index[_key(r)] for r in np.array(b))
+    return sorted(set(mine))
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def kl_loss(model: nn.Module, x: mx.array, t_logits: mx.array, t_idx: mx.array, temperature: float) -> mx.array:
+    """Mean over positions of ``KL(p_teacher || q_student)`` on the teacher's top-k set (DWQ's loss).
+
+    x (B, L) int; t_logits (B, L, k) float; t_idx (B, L, k) int."""
+    logits = model(x).astype(mx.float32)
+    logits = mx.take_along_axis(logits, t_idx, axis=-1)
+    s = 1.0 / temperature
+    return kl_div_loss(s * logits, s * t_logits).mean()
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _fingerprint(pack: Path, teacher_name: str, spec: E2ESpec, data_name: str, size: int) -> str:
+    h = hashlib.sha256()
+    h.update((pack / "config.json").read_bytes())
+    h.update(json.dumps([teacher_name, spec.to_dict(), data_name, size], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _save_ckpt(work: Path, state: dict, params: dict, best: dict, opt: optim.Adam) -> None:
+    arrays = {f"p:{k}": v for k, v in params.items()}
+    arrays.update({f"b:{k}": v for k, v in best.items()})
+    for k in params:
+        arrays[f"m:{k}"] = opt.state[k]["m"]
+        arrays[f"v:{k}"] = opt.state[k]["v"]
+    arrays["step"] = mx.array(opt.state["step"])
+    tmp = work / f"tmp-{CKPT_FILE}"
+    mx.save_safetensors(str(tmp), arrays)
+    os.replace(tmp, work / CKPT_FILE)
+    packio.write_json_atomic(work / STATE_FILE, state)
+
+
+def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict, dict]:
+    try:
+        state = json.loads((work / STATE_FILE).read_text())
+        arrays = mx.load(str(work / CKPT_FILE))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DupqError(f"the checkpoint in {work} could not be read ({type(e).__name__}); "
+                        "run again without --resume to start over") from None
+    params = {k: arrays[f"p:{k}"] for k in params}
+    best = {k: arrays[f"b:{k}"] for k in params}
+    opt.init(params)
+    for k in params:
+        opt.state[k]["m"] = arrays[f"m:{k}"]
+        opt.state[k]["v"] = arrays[f"v:{k}"]
+    opt.state["step"] = arrays["step"]
+    return state, params, best
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_refined(pack: Path, out: Path, new: dict[str, mx.array], record: dict) -> None:
+    """Copy ``pack`` to ``out`` with the arrays in ``new`` replaced (stored dtype kept) and
+    ``record`` under ``mlx_dupq.refine.e2e`` in config.json; via ``OUT.tmp`` + rename."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(pack, tmp)
+    left = set(new)
+    for f in sorted(tmp.glob("model*.safetensors")):
+        arrays = mx.load(str(f))
+        hit = [k for k in arrays if k in left]
+        if not hit:
+            continue
+        for k in hit:
+            arrays[k] = new[k].astype(arrays[k].dtype)
+            left.discard(k)
+        part = f.with_name("tmp-" + f.name)
+        mx.save_safetensors(str(part), arrays, metadata={"format": "mlx"})
+        os.replace(part, f)
+    if left:
+        shutil.rmtree(tmp)
+        raise DupqError(f"trained array {sorted(left)[0]} has no stored tensor in {pack}; the pack is damaged")
+    config = packio.read_config(tmp)
+    config["mlx_dupq"].setdefault("refine", {})["e2e"] = record
+    packio.write_json_atomic(tmp / "config.json", config)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _text_ids(tokenizer, data) -> tuple[np.ndarray, str]:
+    if isinstance(data, np.ndarray):
+        return data.astype(np.int32).reshape(-1), f"tokens[{data.size}]"
+    name = str(data)
+    if ":eval" in name.lower():
+        raise DupqError(f"{name} is an evaluation split; distill on calibration text (e.g. mix:calib)")
+    return tokenize(tokenizer, load_text(name)), name
+
+
+def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2ESpec, data=None,
+                 progress: Progress | None = None, out: str | Path | None = None, resume: bool = False,
+                 teacher_name: str | None = None) -> E2EResult:
+    """Distill the pack at ``pack_dir`` against ``teacher`` (a model name/path, or a loaded float
+    model); write the refined pack to ``out`` (default: in place). See the module doc.
+
+    data: a text name or file (default ``spec.data``) or a 1-D array of token ids.
+    progress(phase, done, total, info): phases ``targets``, ``train`` (info: loss), ``valid`` (info: kl).
+    """
+    t0 = time.perf_counter()
+    pack = Path(pack_dir).expanduser()
+    if not (pack / "config.json").is_file():
+        raise DupqError(f"{pack} is not a model directory (no config.json); refine trains an mlx-dupq pack")
+    if not packio.is_pack(pack):
+        raise DupqError(f"{pack} is not an mlx-dupq pack (a float or mlx-lm model?); convert it first: "
+                        "mlx-dupq convert MODEL -o PACK")
+    out = pack if out is None else Path(out).expanduser()
+    if out != pack and out.exists() and not packio.is_pack(out):
+        raise DupqError(f"{out} exists and is not a pack; choose another output path")
+    group = mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    if spec.batch % size:
+        raise DupqError(f"the batch ({spec.batch}) must be a multiple of the number of processes ({size})")
+
+    student, tokenizer = load(pack)
+    names = mark_trainable(student, spec.trainable)
+    if isinstance(teacher, nn.Module):
+        t_model, t_name = teacher, teacher_name or "model"
+    else:
+        t_model, _, _ = load_model(teacher)
+        t_name = teacher_name or str(teacher)
+    t_model.eval()
+    ids, data_name = _text_ids(tokenizer, spec.data if data is None else data)
+    train_w, valid_w = calibration_windows(ids, spec)
+
+    work = out.with_name(out.name + ".e2e-work")
+    fp = _fingerprint(pack, t_name, spec, data_name, size)
+    state = None
+    if resume and (work / STATE_FILE).exists():
+        state = json.loads((work / STATE_FILE).read_text())
+        if state.get("fingerprint") != fp:
+            raise DupqError(f"{work} was started with another pack, teacher, data or options; "
+                            "run without --resume to start over")
+    elif rank == 0:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    if size > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # rank 0 has prepared the work directory
+    k = spec.top_k
+    keep = (len(train_w) + len(valid_w)) * spec.seq_len * k * 6 <= MEMORY_TARGETS_BYTES
+    train_t, valid_t = Targets(work, "train", keep), Targets(work, "valid", keep)
+    mine_valid = [i for i in range(len(valid_w)) if i % size == rank]
+    chunk = max(1, spec.batch // size)
+    train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, chunk, progress)
+    valid_t.build(t_model, valid_w, mine_valid, k, chunk, progress)
+
+    def loss_fn(params, x, tl, ti):
+        student.update(tree_unflatten(list(params.items())))
+        return kl_loss(student, x, tl, ti, spec.temperature)
+
+    grad_fn = mx.value_and_grad(loss_fn)
+
+    def validate(params) -> float:
+        total = mx.array(0.0)
+        for j in range(0, len(mine_valid), chunk):
+            rows = valid_w[mine_valid[j : j + chunk]]
+            tl, ti = valid_t.get(rows)
+            total = total + loss_fn(params, mx.array(rows[:, :-1]), tl, ti) * len(rows)
+            mx.eval(total)
+        if size > 1:
+            total = mx.distributed.all_sum(total, stream=mx.cpu)
+        return float(total.item()) / len(valid_w)
+
+    flat = dict(tree_flatten(student.trainable_parameters()))
+    stored = _stored_dtypes(pack)
+    params = {n: v.astype(mx.float32) for n, v in flat.items()}
+    initial = {n: v for n, v in params.items()}
+    opt = optim.Adam(learning_rate=spec.lr, bias_correction=True)
+    opt.init(params)
+    saved_call = None
+    if spec.grad_checkpoint and hasattr(student, "layers") and len(student.layers):
+        saved_call = type(student.layers[0]).__call__
+        grad_checkpoint(student.layers[0])
+    try:
+        if state is not None:
+            state, params, best = _load_ckpt(work, params, opt)
+        else:
+            v0 = validate(params)
+            state = {"fingerprint": fp, "step": 0, "valid_before": v0, "best": v0, "best_step": 0, "bad": 0,
+                     "history": [{"step": 0, "valid_kl": v0}], "stopped": False}
+            best = dict(params)
+            if rank == 0:
+                _save_ckpt(work, state, params, best, opt)
+        if progress:
+            progress("valid", state["step"], spec.steps, {"kl": state["history"][-1]["valid_kl"]})
+        data = [(list(map(int, w)), 0) for w in train_w]
+        batches = iterate_batches(data, spec.batch, spec.seq_len + 1, loop=True, seed=spec.seed, comm_group=group)
+        for _ in range(state["step"]):
+            next(batches)
+        step = state["step"]
+        while step < spec.steps and not state["stopped"]:
+            b, _ = next(batches)
+            rows = np.array(b)
+            tl, ti = train_t.get(rows)
+            loss, grads = grad_fn(params, mx.array(rows[:, :-1]), tl, ti)
+            grads = dict(tree_flatten(nn.average_gradients(grads)))  # (it returns a nested tree)
+            params = opt.apply_gradients(grads, params)
+            mx.eval(loss, params, opt.state)
+            if size > 1:
+                loss = mx.distributed.all_sum(loss, stream=mx.cpu) / size
+            step += 1
+            if progress:
+                progress("train", step, spec.steps, {"loss": float(loss.item())})
+            if step % spec.eval_every == 0 or step == spec.steps:
+                v = validate(params)
+                state["history"].append({"step": step, "valid_kl": v})
+                if v < state["best"]:
+                    state.update(best=v, best_step=step, bad=0)
+                    best = dict(params)
+                else:
+                    state["bad"] += 1
+                    if spec.patience and state["bad"] >= spec.patience:
+                        state["stopped"] = True
+                state["step"] = step
+                if rank == 0:
+                    _save_ckpt(work, state, params, best, opt)
+                if progress:
+                    progress("valid", step, spec.steps, {"kl": v})
+        # the kept parameters: the best, rounded to the stored dtype, and only if better than the start
+        rounded = {n: best[n].astype(stored.get(n, mx.float32)).astype(mx.float32) for n in best}
+        v_after = validate(rounded) if state["best_step"] > 0 else state["valid_before"]
+        kept = "trained" if state["best_step"] > 0 and v_after < state["valid_before"] else "initial"
+        final = rounded if kept == "trained" else initial
+        if kept == "initial":
+            v_after = state["valid_before"]
+        student.update(tree_unflatten(list(final.items())))
+    finally:
+        if saved_call is not None:
+            type(student.layers[0]).__call__ = saved_call
+    result = E2EResult(out=out, valid_kl_before=state["valid_before"], valid_kl_after=v_after,
+                       steps_run=state["step"], best_step=state["best_step"] if kept == "trained" else 0,
+                       kept=kept, n_trainable=sum(int(v.size) for v in params.values()),
+                       train_tokens=len(train_w) * spec.seq_len, valid_tokens=len(valid_w) * spec.seq_len,
+                       seconds=time.perf_counter() - t0, history=state["history"])
+    if rank == 0:
+        record = {"options": spec.to_dict(), "teacher": t_name, "data": data_name, "processes": size,
+                  **{k: v for k, v in result.to_dict().items() if k != "seconds"}}
+        write_refined(pack, out, {n: final[n] for n in names} if kept == "trained" else {}, record)
+        shutil.rmtree(work, ignore_errors=True)
+    if size > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others wait for rank 0's pack
+    return result
+
+
+def _stored_dtypes(pack: Path) -> dict[str, mx.Dtype]:
+    """``{tensor name: stored dtype}`` of a pack (the dtype trained arrays are rounded to)."""
+    out = {}
+    for f in sorted(pack.glob("model*.safetensors")):
+        out.update({k: v.dtype for k, v in mx.load(str(f)).items()})
+    return out

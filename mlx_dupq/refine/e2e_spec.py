@@ -1,0 +1,119 @@
+"""``E2ESpec``: the options of end-to-end distillation (a recipe's ``[refine.e2e]`` table).
+
+A frozen, validated dataclass with a dict round-trip, like :class:`mlx_dupq.config.QuantSpec`;
+no model code here, so a recipe can be checked without loading anything.
+
+Fields
+------
+steps          optimizer steps (0 = only measure the validation KL)
+lr             Adam learning rate
+samples        training windows of ``seq_len`` tokens drawn from the calibration text
+valid_samples  validation windows, drawn from a held-out tail of the calibration text
+seq_len        tokens per window
+batch          windows per step (the global batch; data-parallel ranks split it)
+trainable      what moves: any of ``scales``, ``biases``, ``norms`` (the codes never do)
+temperature    softmax temperature of teacher and student (mlx-lm's DWQ uses 2.0)
+top_k          teacher logits kept per position (the cached target)
+eval_every     steps between validations (also the checkpoint interval)
+patience       validations without improvement before stopping early (0 = never stop early)
+seed           windows and batch order
+data           calibration text: a name ``mlx_dupq.eval.data.load_text`` knows (never ``:eval``)
+               or a file; training and validation windows are disjoint windows of it
+grad_checkpoint  recompute each decoder layer in the backward pass (mlx-lm's ``grad_checkpoint``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import DupqError
+
+E2E_VERSION = 1
+TRAINABLE = ("scales", "biases", "norms")
+
+
+@dataclass(frozen=True)
+class E2ESpec:
+    steps: int = 100
+    lr: float = 1e-4
+    samples: int = 64
+    valid_samples: int = 8
+    seq_len: int = 256
+    batch: int = 4
+    trainable: tuple[str, ...] = ("scales", "biases")
+    temperature: float = 1.0
+    top_k: int = 256
+    eval_every: int = 10
+    patience: int = 3
+    seed: int = 0
+    data: str = "mix:calib"
+    grad_checkpoint: bool = False
+    version: int = E2E_VERSION
+
+    def __post_init__(self):
+        tr = self.trainable
+        if isinstance(tr, str):
+            tr = tuple(t.strip() for t in tr.split(",") if t.strip())
+        tr = tuple(tr)
+        bad = [t for t in tr if t not in TRAINABLE]
+        if bad:
+            raise DupqError(f"unknown trainable name(s) {bad}; use any of {', '.join(TRAINABLE)}")
+        if not tr:
+            raise DupqError(f"nothing to train; name at least one of {', '.join(TRAINABLE)}")
+        object.__setattr__(self, "trainable", tuple(t for t in TRAINABLE if t in tr))
+        for name in ("steps", "samples", "valid_samples", "seq_len", "batch", "top_k", "eval_every",
+                     "patience", "seed", "version"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise DupqError(f"e2e option {name} must be an integer, got {v!r}")
+        if self.steps < 0:
+            raise DupqError(f"e2e steps must be >= 0, got {self.steps}")
+        for name in ("samples", "valid_samples", "seq_len", "batch", "top_k", "eval_every"):
+            if getattr(self, name) < 1:
+                raise DupqError(f"e2e option {name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise DupqError(f"e2e patience must be >= 0, got {self.patience}")
+        object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
+        for name in ("lr", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise DupqError(f"e2e option {name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not self.lr > 0:
+            raise DupqError(f"e2e lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise DupqError(f"e2e temperature must be > 0, got {self.temperature}")
+        if self.samples < self.batch:
+            raise DupqError(f"e2e needs samples >= batch (got samples={self.samples}, batch={self.batch})")
+        if ":eval" in str(self.data).lower():
+            raise DupqError(f"e2e data {self.data!r} is an evaluation split; calibrate on a :calib set")
+        if self.version > E2E_VERSION:
+            raise DupqError(f"e2e options have version {self.version}, newer than this mlx-dupq ({E2E_VERSION}); upgrade")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["trainable"] = list(self.trainable)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "E2ESpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DupqError(f"unknown e2e option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> "E2ESpec | None":
+        """The ``[refine.e2e]`` table of a recipe dict (None when the recipe has none)."""
+        table = (recipe.get("refine") or {}).get("e2e")
+        if table is None:
+            return None
+        if not isinstance(table, dict):
+            raise DupqError(f"recipe [refine.e2e] must be a table of options, got {table!r}")
+        return cls.from_dict(table)
+
+    def replace(self, **kw) -> "E2ESpec":
+        """A copy with the given (non-None) options changed, validated again."""
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})

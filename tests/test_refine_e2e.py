@@ -23,7 +23,7 @@ from mlx_dupq.errors import DupqError
 from mlx_dupq.io.loader import load
 from mlx_dupq.layers.cpu import use_dense_prefill
 from mlx_dupq.layers.quant_linear import DupqLinear, build_module, quantize_tensor
-from mlx_dupq.refine.e2e import distill_pack, mark_trainable
+from mlx_dupq.refine.e2e import distill_pack, kl_loss, mark_trainable
 from mlx_dupq.refine.e2e_spec import E2ESpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +189,25 @@ def test_norms_trainable_and_unknown_packed_layer_refused():
     with pytest.raises(DupqError) as e:
         mark_trainable(M(True), ("scales",))
     assert "unknown layer kind" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_kl_loss_top_k_plus_rest_bucket():
+    """All tokens kept: the full KL. A few kept: still sees student mass outside the teacher's top-k."""
+    V = 50
+    t = mx.random.normal((2, 3, V), key=mx.random.key(0)) * 3
+    s = mx.random.normal((2, 3, V), key=mx.random.key(1)) * 3
+    x = mx.zeros((2, 3), dtype=mx.int32)
+    for T in (1.0, 2.0):
+        lp, lq = nn.log_softmax(t / T, axis=-1), nn.log_softmax(s / T, axis=-1)
+        full = (mx.exp(lp) * (lp - lq)).sum(-1).mean().item()
+        idx = mx.broadcast_to(mx.arange(V), (2, 3, V))
+        assert kl_loss(lambda _: s, x, lp, idx, T).item() == pytest.approx(full, rel=1e-4)
+    # a student that moves mass off the teacher's top-4 (keeping their ratios) is penalised
+    idx = mx.argsort(t, axis=-1)[..., -4:]
+    lp = mx.take_along_axis(nn.log_softmax(t, axis=-1), idx, axis=-1)
+    same = kl_loss(lambda _: t, x, lp, idx, 1.0).item()
+    moved = t + 5.0 - mx.put_along_axis(mx.zeros_like(t), idx, mx.array(5.0), axis=-1)
+    assert same == pytest.approx(0.0, abs=1e-5) and kl_loss(lambda _: moved, x, lp, idx, 1.0).item() > 0.1
 
 
 # --------------------------------------------------------------------------- the stage

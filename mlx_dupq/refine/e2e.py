@@ -15,10 +15,11 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
   kind not listed is refused in one line;
 - data: ``samples + valid_samples`` disjoint windows of ``seq_len + 1`` tokens, picked at random
   (``seed``) among the non-overlapping windows of the calibration text; the validation windows are
-  never trained on. The teacher runs once: the top-``top_k`` logits per position (float16, shifted
-  so the largest is 0) and their indices are kept in memory and in the work directory;
-- loss: ``KL(teacher || student)`` over the teacher's top-k set at ``temperature`` (as DWQ),
-  averaged over positions; Adam on float32 copies of the trained arrays;
+  never trained on. The teacher runs once: the top-``top_k`` log-probabilities per position
+  (float16, at ``temperature``) and their indices are kept in memory and in the work directory;
+- loss: ``KL(teacher || student)`` over the teacher's top-k tokens plus one bucket for the rest
+  of the vocabulary, at ``temperature`` (DWQ's cached loss renormalises over the top-k and misses
+  student mass outside it), averaged over positions; Adam on float32 copies of the trained arrays;
 - validation KL before training, every ``eval_every`` steps and at the end decides early stopping
   (``patience``) and which parameters are kept: the best validation ones, measured after rounding
   to the stored dtype, and never worse than the start (then the pack is left as it was);
@@ -157,7 +158,7 @@ def _key(row: np.ndarray) -> bytes:
 
 
 class Targets:
-    """Teacher top-k targets per window: ``(logits (L, k) float16, indices (L, k) uint32)``.
+    """Teacher top-k targets per window: ``(log-probs at the temperature (L, k) float16, indices (L, k) uint32)``.
 
     Computed once for the windows this rank uses, saved under ``root`` (one file per window, so a
     resumed or data-parallel run reuses them) and kept in memory when they fit."""
@@ -170,17 +171,16 @@ class Targets:
     def _file(self, i: int) -> Path:
         return self.root / f"{self.split}-{i:06d}.safetensors"
 
-    def build(self, teacher: nn.Module, windows: np.ndarray, mine: list[int], top_k: int, chunk: int,
-              progress: Progress | None) -> None:
+    def build(self, teacher: nn.Module, windows: np.ndarray, mine: list[int], top_k: int, temperature: float,
+              chunk: int, progress: Progress | None) -> None:
         self.index = {_key(windows[i]): i for i in range(len(windows))}
         todo = [i for i in mine if self.root is None or not self._file(i).exists()]
         for j in range(0, len(todo), chunk):
             ids = todo[j : j + chunk]
-            logits = teacher(mx.array(windows[ids, :-1])).astype(mx.float32)
-            k = min(top_k, logits.shape[-1])
-            idx = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
-            vals = mx.take_along_axis(logits, idx, axis=-1)
-            vals = (vals - vals.max(axis=-1, keepdims=True)).astype(mx.float16)
+            logp = nn.log_softmax(teacher(mx.array(windows[ids, :-1])).astype(mx.float32) / temperature, axis=-1)
+            k = min(top_k, logp.shape[-1])
+            idx = mx.argpartition(logp, kth=-k, axis=-1)[..., -k:]
+            vals = mx.take_along_axis(logp, idx, axis=-1).astype(mx.float16)
             idx = idx.astype(mx.uint32)
             mx.eval(vals, idx)
             for r, i in enumerate(ids):
@@ -194,7 +194,7 @@ class Targets:
                 progress("targets", min(j + chunk, len(todo)), len(todo), {"split": self.split})
 
     def get(self, rows: np.ndarray) -> tuple[mx.array, mx.array]:
-        """Targets of a batch of windows (B, L+1) -> (logits (B, L, k) float32, indices (B, L, k))."""
+        """Targets of a batch of windows (B, L+1) -> (log-probs (B, L, k) float32, indices (B, L, k))."""
         vals, idx = [], []
         for row in rows:
             i = self.index[_key(row)]
@@ -224,14 +224,24 @@ def _rank_windows(windows: np.ndarray, batch: int, seq_len: int, group) -> list[
 # --------------------------------------------------------------------------- loss
 
 
-def kl_loss(model: nn.Module, x: mx.array, t_logits: mx.array, t_idx: mx.array, temperature: float) -> mx.array:
-    """Mean over positions of ``KL(p_teacher || q_student)`` on the teacher's top-k set (DWQ's loss).
+def _with_rest(logp_k: mx.array) -> mx.array:
+    """(..., k) log-probs of k tokens -> (..., k + 1): the k and the rest of the vocabulary."""
+    rest = mx.log(mx.maximum(1.0 - mx.exp(logp_k).sum(axis=-1, keepdims=True), 1e-9))
+    return mx.concatenate([logp_k, rest], axis=-1)
 
-    x (B, L) int; t_logits (B, L, k) float; t_idx (B, L, k) int."""
-    logits = model(x).astype(mx.float32)
-    logits = mx.take_along_axis(logits, t_idx, axis=-1)
-    s = 1.0 / temperature
-    return kl_div_loss(s * logits, s * t_logits).mean()
+
+def kl_loss(model: nn.Module, x: mx.array, t_logp: mx.array, t_idx: mx.array, temperature: float) -> mx.array:
+    """Mean over positions of ``KL(p_teacher || q_student)`` on the teacher's top-k tokens plus one
+    bucket for the rest of the vocabulary, both at ``temperature``.
+
+    DWQ's cached-target loss renormalises both distributions over the top-k set, which does not
+    see student mass outside it: a badly quantized student can put most of its mass there and PPL
+    stays broken. The rest bucket keeps that mass in the loss (and equals the full KL when the
+    teacher's top-k holds all its mass). Computed with mlx-lm's ``kl_div_loss`` on the (k+1)-way
+    distributions. x (B, L) int; t_logp (B, L, k) teacher log-probs; t_idx (B, L, k) int."""
+    logq = nn.log_softmax(model(x).astype(mx.float32) / temperature, axis=-1)
+    logq = mx.take_along_axis(logq, t_idx, axis=-1)
+    return kl_div_loss(_with_rest(logq), _with_rest(t_logp)).mean()
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -380,8 +390,9 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     train_t, valid_t = Targets(work, "train", keep), Targets(work, "valid", keep)
     mine_valid = [i for i in range(len(valid_w)) if i % size == rank]
     chunk = max(1, spec.batch // size)
-    train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, chunk, progress)
-    valid_t.build(t_model, valid_w, mine_valid, k, chunk, progress)
+    t = spec.temperature
+    train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, t, chunk, progress)
+    valid_t.build(t_model, valid_w, mine_valid, k, t, chunk, progress)
 
     def loss_fn(params, x, tl, ti):
         student.update(tree_unflatten(list(params.items())))

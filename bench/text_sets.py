@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_dupq.eval.code_text import CODE_LICENSE, CODE_PACKAGE, CODE_VERSION  # noqa: E402
 from mlx_dupq.eval.data import DOC_SEP, documents, tokenize  # noqa: E402
-from mlx_dupq.io.loader import _tokenizer  # noqa: E402
+from mlx_dupq.io.loader import tokenizer_of  # noqa: E402
 from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
 from mlx_dupq.io.source import open_source  # noqa: E402
 
@@ -38,7 +38,7 @@ def main() -> None:
     toks = {}
     for m in args.models.split(","):
         src = open_source(m)  # the tokenizer only, no weights
-        toks[m] = _tokenizer(src.tokenizer_dir(), src.config)
+        toks[m] = tokenizer_of(src.tokenizer_dir(), src.config)
     rows = []
     for base in SETS:
         parts = {p: documents(f"{base}{p}") for p in (":calib", ":eval")}

@@ -18,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_dupq
-from mlx_dupq.config import QuantSpec
+from mlx_dupq.specs import QuantSpec
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io.loader import load
 from mlx_dupq.layers.cpu import use_dense_prefill

@@ -127,10 +127,21 @@ def stage_dwq(args) -> list[dict]:
 STAGES = {"reference": stage_reference, "ours": stage_ours, "dwq": stage_dwq}
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown table of the rows of result files (``--table``), in file order."""
+    lines = ["| row | bpw | PPL brown:eval | PPL code:eval | wall s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+    for p in paths:
+        for r in json.loads(p.read_text())["rows"]:
+            secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+            lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['ppl_brown']:,.1f} | {r['ppl_code']:,.1f} "
+                         f"| {secs} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--pack", required=True, help="Our pack to refine (converted from --model).")
+    ap.add_argument("--pack", default=None, help="Our pack to refine (converted from --model).")
     ap.add_argument("--stages", default="reference,ours,dwq")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage, print its rows
     ap.add_argument("--steps", type=int, default=40)
@@ -150,7 +161,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/e2e_bench")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="Print result files as a markdown table.")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     if args.stage:
         rows = STAGES[args.stage](args)
         print("ROWS " + json.dumps(rows), flush=True)

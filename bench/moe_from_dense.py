@@ -2,6 +2,7 @@
 
     python bench/moe_from_dense.py                        # build if needed, evaluate -> moe_smollm2_build.json
     python bench/moe_from_dense.py --ks 2,4,6,9,18 --windows 8
+    python bench/moe_from_dense.py --build /tmp/smollm2-135m-moe   # the same recipe built into a directory
 
 Perplexity on brown:eval (non-overlapping windows of --ctx tokens, the first --windows of them,
 float32 on the CPU) of the dense model, of the MoE at each top-k (the router's choice, mlx-lm's
@@ -29,6 +30,7 @@ from mlx_dupq.eval.data import load_text  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
 from mlx_dupq.io import models  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
+from mlx_dupq.moe import from_dense as F  # noqa: E402
 from mlx_dupq.moe import routing as R  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +47,9 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4,6,9,12,18")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--build", metavar="DIR", help="build the named model's recipe into DIR (and DIR.json) unless "
+                    "DIR exists, then evaluate DIR (what `models fetch` does, outside the cache)")
+    ap.add_argument("--skip-random", action="store_true", help="leave out the random-experts row")
     ap.add_argument("--out", default=str(RESULTS / "moe_smollm2_build.json"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -53,6 +58,12 @@ def main() -> None:
     rows = old.get("rows", []) if old.get("settings") == settings else []
     done = {r["name"] for r in rows}
 
+    if args.build:
+        if not Path(args.build).exists():
+            log(f"build {args.build}")
+            res = F.build(args.build, F.SMOLLM2_135M_MOE, progress=lambda d, t, m: log(f"{d}/{t} {m}"))
+            Path(args.build + ".json").write_text(json.dumps(res, indent=1))
+        args.model = args.build
     path = Path(args.model) if Path(args.model).exists() else models.fetch(args.model)
     build = path.parent / "result.json" if not Path(args.model).exists() else Path(str(path) + ".json")
     info = json.loads(build.read_text()) if build.exists() else {}
@@ -88,11 +99,14 @@ def main() -> None:
     moe, tok = load(path)
     blocks = R.install(moe)
     E, K = blocks[0].num_experts, blocks[0].k
-    for k in sorted({int(k) for k in args.ks.split(",")} | {K}):
-        if 1 <= k <= E:
-            measure(f"moe top-{k} of {E}", moe, tok, k=k)
+    measure(f"moe top-{K} of {E}", moe, tok, k=K)  # the model as configured, then what its experts carry
     measure("routed experts dropped (shared only)", moe, tok, drop_routed=True)
-    measure(f"{K} random experts (router scores kept)", moe, tok, random_experts=0)
+    for k in [int(k) for k in args.ks.split(",") if k.strip()]:
+        if 1 <= k <= E and k != K:
+            measure(f"moe top-{k} of {E}", moe, tok, k=k)
+    if not args.skip_random:
+        measure(f"{K} random experts (router scores kept)", moe, tok, random_experts=0)
+    rows.sort(key=lambda r: (r["name"] != "dense", r.get("drop_routed", False), "random" in r["name"], r.get("k", 0)))
     save()
     log(f"wrote {out}")
 

@@ -13,9 +13,12 @@ Each SwiGLU MLP ``down(silu(gate x) * up x)`` of a dense llama-family model is a
    clustered by balanced spherical k-means (:func:`balanced_clusters`, seeded, deterministic);
 4. **router** (mlx-lm's DeepSeek ``MoEGate``: ``softmax(W x)``, top-k, scores not renormalised):
    ``W`` is trained by softmax regression towards the uniform distribution over the ``k`` experts
-   whose outputs ``||E_i(x_t)||`` are largest for that token (:func:`train_router`), then one scalar
-   per layer is folded into the routed experts' ``down_proj`` so that the top-k output matches the
-   sum of all routed experts in least squares (:func:`fit_scale`).
+   whose outputs ``||E_i(x_t)||`` are largest for that token (:func:`train_router`). The gate's
+   scores weight the experts it picks, but the dense model weighs every neuron by 1, so the router
+   weight is then divided by a temperature (from ``temperatures``; a higher one flattens the scores
+   towards ``1/E`` without changing which experts are picked) and one scalar per layer is folded
+   into the routed experts' ``down_proj``, both chosen so that the top-k output matches the sum of
+   all routed experts in least squares (:func:`fit_scale`, :func:`fit_temperature`).
 
 Attention, norms and embeddings are copied unchanged; ``lm_head`` is the tied embedding where the
 dense model ties them (mlx-lm's ``deepseek`` always has its own). With every expert active and a
@@ -54,9 +57,9 @@ class SplitConfig:
     """How a dense model is cut into a DeepSeek-MoE (see the module docstring)."""
 
     dense: str = "smollm2-135m"  # a named model, .gguf or HF directory (llama-family SwiGLU MLPs)
-    unit: int = 64  # neurons per expert (moe_intermediate_size)
-    n_shared: int = 6  # shared experts (shared neurons = n_shared * unit)
-    top_k: int = 6  # routed experts per token (num_experts_per_tok)
+    unit: int = 96  # neurons per expert (moe_intermediate_size)
+    n_shared: int = 4  # shared experts (shared neurons = n_shared * unit)
+    top_k: int = 8  # routed experts per token (num_experts_per_tok)
     first_k_dense: int = 1  # the first layers stay dense (DeepSeek-MoE keeps layer 0 dense)
     active_share: float = 0.25  # a neuron is "active" on a token when in that token's top 25 % by contribution
     calib: str = "brown:calib"
@@ -65,12 +68,13 @@ class SplitConfig:
     kmeans_iters: int = 12
     router_steps: int = 150
     router_lr: float = 0.02
+    temperatures: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)  # router logits divided by the best of these
     seed: int = 0
     save_dtype: str = "float16"
     version: int = VERSION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # JSON-equal
 
     @classmethod
     def from_dict(cls, d: dict) -> SplitConfig:
@@ -78,7 +82,7 @@ class SplitConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise DupqError(f"unknown split config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def n_routed(self, intermediate: int) -> int:
         """Routed experts of a dense MLP with ``intermediate`` neurons (checked)."""
@@ -92,8 +96,8 @@ class SplitConfig:
         return e
 
 
-#: The recipe of the named model ``smollm2-135m-moe``: 1536 neurons -> 6 shared + 18 routed experts
-#: of 64, top-6 (half the MLP active per token), layer 0 dense.
+#: The recipe of the named model ``smollm2-135m-moe``: 1536 neurons -> 4 shared + 12 routed experts
+#: of 96, top-8 (three quarters of the MLP active per token), layer 0 dense.
 SMOLLM2_135M_MOE = SplitConfig()
 
 
@@ -234,6 +238,20 @@ def fit_scale(routed: mx.array, full: mx.array) -> float:
     return float((routed * full).sum()) / den if den > 0 else 1.0
 
 
+def fit_temperature(x: mx.array, w: mx.array, k: int, acts: mx.array, down: mx.array, experts: np.ndarray,
+                    temperatures: tuple[float, ...]) -> tuple[float, float, float]:
+    """The temperature (router weight divided by it) and output scale whose top-k routed output is
+    closest to the sum of all routed experts -> (temperature, scale, relative error)."""
+    best = None
+    for t in temperatures:
+        routed, full = topk_routed(x, w / t, k, acts, down, experts)
+        c = fit_scale(routed, full)
+        err = float(mx.linalg.norm(c * routed - full) / mx.maximum(mx.linalg.norm(full), 1e-12))
+        if best is None or err < best[2]:
+            best = (float(t), c, err)
+    return best
+
+
 # --------------------------------------------------------------------------- model assembly
 
 
@@ -316,12 +334,13 @@ def split_layer(mlp: nn.Module, x: mx.array, cfg: SplitConfig, n_routed: int, se
     norms = expert_outputs_norm(acts, down, clusters)
     target = router_targets(norms, cfg.top_k)
     gate, losses = train_router(x, target, cfg.router_steps, cfg.router_lr)
-    routed, full = topk_routed(x, gate, cfg.top_k, acts, down, clusters)
-    scale = fit_scale(routed, full)
+    temp, scale, err = fit_temperature(x, gate, cfg.top_k, acts, down, clusters, cfg.temperatures)
+    gate = gate / temp
+    full = topk_routed(x, gate, cfg.top_k, acts, down, clusters)[1]
     hit = float((router_targets(x @ gate.T, cfg.top_k) * target).sum(-1).mean() * cfg.top_k)  # overlap / k
-    err = float(mx.linalg.norm(scale * routed - full) / mx.maximum(mx.linalg.norm(full), 1e-12))
     shared_out = acts[:, mx.array(shared)] @ down[:, mx.array(shared)].T if len(shared) else mx.zeros_like(full)
     stats = {"router_loss": [losses[0], losses[-1]] if losses else [], "router_recall": hit, "scale": scale,
+             "temperature": temp,
              "routed_rel_err": err,
              "routed_share": float(mx.linalg.norm(full) / mx.maximum(mx.linalg.norm(full + shared_out), 1e-12))}
     return LayerSplit(shared, clusters, gate, scale), stats

@@ -357,7 +357,7 @@ class Study:
 
         cache = _load("packs") or {}
         out = {}
-        for name in self.args.packs.split(","):
+        for name in [p for p in self.args.packs.split(",") if p]:
             path = Path(self.args.pack_dir) / name
             if name in cache.get("packs", {}) and path.exists():
                 out[name] = cache["packs"][name]
@@ -505,7 +505,7 @@ def main() -> None:
     RESULTS = Path(args.results)
     PREFIX = args.prefix or PREFIXES.get(args.model, "moe")
     args.pack_dir = args.pack_dir or f"/tmp/{PREFIX}_packs"
-    unknown = sorted(set(args.packs.split(",")) - set(PACK_RECIPES))
+    unknown = sorted(set(args.packs.split(",")) - set(PACK_RECIPES) - {""})
     if unknown:
         sys.exit(f"error: unknown pack recipe(s) {', '.join(unknown)}; use {', '.join(PACK_RECIPES)}")
     if not args.report_only:

@@ -70,7 +70,8 @@ def main() -> None:
     text = load_text("brown:eval")
 
     def save():
-        data = {"settings": settings, "model": args.model, "dense": args.dense,
+        data = {"settings": settings, "model": "smollm2-135m-moe" if args.build else args.model, "path": str(path),
+                "dense": args.dense,
                 "command": "python bench/moe_from_dense.py " + " ".join(sys.argv[1:]),
                 "build": {k: info[k] for k in ("config", "model_config", "calib_tokens", "seconds", "layers") if k in info},
                 "rows": rows}

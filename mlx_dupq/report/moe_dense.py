@@ -18,7 +18,7 @@ CARRY_OVER = [
     "confidence, and the shared-vs-routed split. Here the experts are clusters of co-activated neurons of "
     "one dense MLP, the shared expert is the neurons we found most often active, and the router is a "
     "classifier trained afterwards to predict the experts with the largest outputs, without load balancing; "
-    "DeepSeek-MoE's experts and router are trained together from the start. Lowering k also hurts this "
+    "DeepSeek-MoE's experts and router are trained together from the start. Lowering k likely hurts this "
     "model more than a pretrained MoE: the dense model was trained with every neuron active, so any "
     "routed expert left out removes something it relied on, while DeepSeek-MoE was trained at its k.",
 ]

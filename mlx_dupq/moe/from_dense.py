@@ -40,10 +40,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from ..cache import sha256_file
 from ..errors import DupqError
 from ..eval.data import calibration_batches, load_text
 from ..io.loader import _tokenizer, load_model
-from ..io.models import sha256_file
 from .train import WEIGHTS_FILE, save
 
 #: progress(done_layers, total_layers, message)

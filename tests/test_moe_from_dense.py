@@ -112,3 +112,13 @@ def test_bad_split_sizes_say_what_to_do():
         replace(CFG, top_k=7).n_routed(128)
     with pytest.raises(DupqError, match="llama-family"):
         F.moe_config({"model_type": "qwen2", "attention_bias": True}, CFG)
+
+
+def test_named_model_dispatches_to_this_builder_and_its_recipe_survives_json():
+    from mlx_dupq.io import models
+
+    m = models.get_model("smollm2-135m-moe")
+    assert models._call(m.builder) is F.build_named and m.architecture == "deepseek"
+    recipe = models._call(m.recipe)()
+    assert json.loads(json.dumps(recipe)) == recipe  # the cache marker compares the JSON round trip
+    assert F.SplitConfig.from_dict(recipe["split"]) == F.SMOLLM2_135M_MOE

@@ -3,6 +3,8 @@
     python bench/moe_study.py                       # tiny-deepseek-moe, every part (~15-30 min on 2 cores)
     python bench/moe_study.py --parts stats,router  # some parts
     python bench/moe_study.py --report-only         # re-render MOE_REPORT.md + plots from the JSONs
+    python bench/moe_study.py --model smollm2-135m-moe  # the MoE cut from SmolLM2-135M: moe_smollm2_*.json,
+                                                        # MOE_REPORT_smollm2.md (see --prefix)
 
 Parts (one JSON each, ``bench/results/moe_<part>.json``):
   stats        routing frequency per expert and layer, hot/cold share, massive activations per expert,
@@ -46,6 +48,8 @@ from mlx_dupq.moe import routing as R  # noqa: E402
 from mlx_dupq.moe import stats as S  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PREFIX = "moe"  # result files are <PREFIX>_<part>.json (--prefix)
+PREFIXES = {"smollm2-135m-moe": "moe_smollm2"}  # default prefix per model; others: "moe"
 PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers", "contribution")  # priority order
 PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
                 "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot")
@@ -353,7 +357,7 @@ class Study:
 
         cache = _load("packs") or {}
         out = {}
-        for name in PACK_RECIPES:
+        for name in [p for p in self.args.packs.split(",") if p]:
             path = Path(self.args.pack_dir) / name
             if name in cache.get("packs", {}) and path.exists():
                 out[name] = cache["packs"][name]
@@ -457,13 +461,13 @@ class Study:
 
 
 def _load(part: str) -> dict | None:
-    p = RESULTS / f"moe_{part}.json"
+    p = RESULTS / f"{PREFIX}_{part}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def _save(part: str, data: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    p = RESULTS / f"moe_{part}.json"
+    p = RESULTS / f"{PREFIX}_{part}.json"
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default))
     os.replace(tmp, p)
@@ -478,7 +482,7 @@ def _json_default(o):
 
 
 def main() -> None:
-    global RESULTS
+    global RESULTS, PREFIX
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-deepseek-moe")
     ap.add_argument("--parts", default=",".join(PARTS))
@@ -491,11 +495,19 @@ def main() -> None:
     ap.add_argument("--dup-budget", type=float, default=0.3)
     ap.add_argument("--dfrot-steps", type=int, default=30)
     ap.add_argument("--dfrot-tokens", type=int, default=2048)
-    ap.add_argument("--pack-dir", default="/tmp/moe_packs")
+    ap.add_argument("--pack-dir", default=None, help="where packs are converted (default /tmp/<prefix>_packs)")
+    ap.add_argument("--packs", default=",".join(PACK_RECIPES), help="pack recipes of the ladder / top-k / agreement parts")
+    ap.add_argument("--prefix", default=None, help="result files <prefix>_<part>.json (default: moe, moe_smollm2 for "
+                    "smollm2-135m-moe)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--results", default=str(RESULTS), help="where the JSONs and the report go")
     args = ap.parse_args()
     RESULTS = Path(args.results)
+    PREFIX = args.prefix or PREFIXES.get(args.model, "moe")
+    args.pack_dir = args.pack_dir or f"/tmp/{PREFIX}_packs"
+    unknown = sorted(set(args.packs.split(",")) - set(PACK_RECIPES) - {""})
+    if unknown:
+        sys.exit(f"error: unknown pack recipe(s) {', '.join(unknown)}; use {', '.join(PACK_RECIPES)}")
     if not args.report_only:
         st = Study(args)
         for part in args.parts.split(","):
@@ -511,11 +523,10 @@ def main() -> None:
             log(f"part {part} done in {time.time() - t0:.0f}s")
             from mlx_dupq.report.moe import write_report
 
-            write_report(RESULTS)  # after every part: a partial run still leaves a report
+            write_report(RESULTS, PREFIX)  # after every part: a partial run still leaves a report
     from mlx_dupq.report.moe import write_report
 
-    write_report(RESULTS)
-    log(f"wrote {RESULTS / 'MOE_REPORT.md'}")
+    log(f"wrote {write_report(RESULTS, PREFIX)}")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def fake_model(name: str, parts: tuple[Part, ...], data: bytes, aliases=()) -> N
 
 
 def test_registry_entries_are_consistent():
-    assert models.names() == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "tiny-deepseek-moe"]
+    assert models.names() == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "tiny-deepseek-moe",
+                             "smollm2-135m-moe"]
     assert models.is_named("default") and models.is_named("SmolLM2-135M") and not models.is_named("gpt2")
     assert models.get_model("default").name == "smollm2-135m"
     for m in models.MODELS:

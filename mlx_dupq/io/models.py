@@ -10,7 +10,8 @@ A verified file gets a ``.verified`` marker (its sha256, size and mtime), so lat
 ``stat``; a file placed there by hand is hashed once and then trusted the same way.
 
 *Built* models (:data:`BUILT`) are not downloaded but made here by a deterministic, seeded recipe
-(``tiny-deepseek-moe``: a tiny DeepSeek-MoE trained on the Brown corpus, see ``docs/moe.md``).
+(``tiny-deepseek-moe``: a tiny DeepSeek-MoE trained on the Brown corpus; ``smollm2-135m-moe``:
+SmolLM2-135M's MLPs cut into DeepSeek-MoE experts; see ``docs/moe.md``).
 ``fetch`` builds one into ``<cache_dir>/models/<name>/model`` (a Hugging Face directory) with a
 ``model.built.json`` marker recording the recipe, the weights' sha256, size and mtime; a changed
 recipe or a touched weights file means it is built again.
@@ -194,6 +195,18 @@ BUILT: tuple[BuiltModel, ...] = (
         recipe="mlx_dupq.moe.train:named_recipe",
         builder="mlx_dupq.moe.train:build_named",
         note="a toy with learned routing, not a capable model (docs/moe.md)",
+    ),
+    BuiltModel(
+        name="smollm2-135m-moe",
+        aliases=(),
+        architecture="deepseek",
+        parameters="163M",  # 135M + the untied lm_head
+        dtype="float16",
+        licence="Apache-2.0",  # SmolLM2-135M's weights re-cut; calibration text Brown (MIT)
+        origin="built: smollm2-135m's MLPs cut into 6 shared + 18 routed experts (mlx_dupq.moe.from_dense)",
+        recipe="mlx_dupq.moe.from_dense:named_recipe",
+        builder="mlx_dupq.moe.from_dense:build_named",
+        note="a dense model re-cut into experts, not a pretrained MoE (docs/moe.md)",
     ),
 )
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import require
+
 CONFIRMED, REFUTED, NOT_MEASURED = "confirmed", "refuted", "not measured"
 
 
@@ -222,10 +224,9 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _plots(r: dict, root: Path) -> list[str]:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plots", "plotting")  # deferred: optional extra
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "plots", "plotting")  # deferred: optional extra
 
     out = []
 

@@ -125,7 +125,7 @@ def _cupy_module(case, include_dirs):
 
 def _include_dirs():
     """mlx's vendored device headers, CCCL and the CUDA runtime headers found on this machine."""
-    dirs = [str(ROOT / "kernels" / "mlx_cuda")]
+    dirs = [str(ROOT / "mlx_dupq" / "kernels" / "src" / "mlx_cuda")]
     for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if cand and (Path(cand) / "include" / "cuda_fp16.h").exists():
             dirs.append(str(Path(cand) / "include"))

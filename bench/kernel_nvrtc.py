@@ -85,7 +85,7 @@ def main() -> None:
                                                           "spill_store_bytes", "shared_bytes", "ptx_ld_global")}))
     write_json_atomic(args.json, {
         "command": "python bench/kernel_nvrtc.py " + " ".join(sys.argv[1:]),
-        "nvrtc": f"{major}.{minor}", "mlx": mx.__version__, "mlx_headers": "mlx 0.32.2 (kernels/mlx_cuda)",
+        "nvrtc": f"{major}.{minor}", "mlx": mx.__version__, "mlx_headers": "mlx 0.32.2 (mlx_dupq/kernels/src/mlx_cuda)",
         "kernel_sources_sha256_16": source_digest(), "git_commit": commit,
         "label": args.label,
         "launch": {"TG": gpu.TG, "XS_MAX": gpu.XS_MAX, "SLOTS_MAX": gpu.SLOTS_MAX},

@@ -3,7 +3,7 @@
 The public API is :func:`convert` and :func:`load`; the package layout is in docs/architecture.md.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def _api():

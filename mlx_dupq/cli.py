@@ -1,6 +1,7 @@
 """``mlx-dupq`` command line: parse, call one library function, print with rich. No logic here.
 
-Every user error is a :class:`~mlx_dupq.errors.DupqError`: printed as one line, exit code 1.
+Every user error is a :class:`~mlx_dupq.errors.DupqError`: printed as one line, exit code 1; a bad
+command-line value (a click usage error or :class:`~mlx_dupq.errors.UsageError`) exits with 2.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from ._env import reexec_with_fast_blas
-from .errors import DupqError
+from .errors import DupqError, UsageError
+from .report.terminal import print_rows, wrap_words
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="2-bit MLX quantization with layer duplication.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model (perplexity, ...).")
 models_app = typer.Typer(no_args_is_help=True, help="The named real models (fetched from the package registry).")
 app.add_typer(eval_app, name="eval")
+recipes_app = typer.Typer(no_args_is_help=True, help="The shipped recipes and what they measured.")
 app.add_typer(models_app, name="models")
+app.add_typer(recipes_app, name="recipes")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -131,7 +135,7 @@ def _command_line() -> str:
 def convert(
     model: str = typer.Argument(..., help=MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Output pack directory."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/NAME.toml) or file."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (see `recipes list`) or a .toml file."),
     bits: Optional[str] = typer.Option(None, "--bits", "-b", help="Default weight bits: 1, 1.58 (ternary), 2, 3, 4, 5, 6, 8."),
     group_size: Optional[str] = typer.Option(None, "--group-size", "-g", help="32/64/128/256/512, 0 = per channel, -1 = per tensor."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Zero-centred levels or a free offset."),
@@ -160,7 +164,7 @@ def convert(
 @app.command()
 def allocate(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    budget: float = typer.Option(..., "--budget", help="All-in bits per weight (embeddings, lm_head and norms count)."),
+    budget: float = typer.Option(..., "--budget", min=1.0, help="All-in bits per weight (embeddings, lm_head and norms count)."),
     output: Path = typer.Option(..., "-o", "--output", help="Recipe TOML file to write."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Base recipe (group size, dtype, kept modules)."),
     data: str = typer.Option("brown:calib", "--data", "-d", help="Calibration text (a named set or a file)."),
@@ -169,7 +173,7 @@ def allocate(
     bits: str = typer.Option("2,3,4,8", "--bits", "-b", help="Candidate bit widths, comma separated; "
                              "BITS:GROUP sets the group size too (2:64,3:128)."),
     measure: str = typer.Option("kl", "--measure", help="kl (end-to-end logit KL) or proxy (module output error)."),
-    embed_min_bits: Optional[float] = typer.Option(None, "--embed-min-bits", help="Minimum bits for embedding and lm_head."),
+    embed_min_bits: Optional[float] = typer.Option(None, "--embed-min-bits", min=1.0, help="Minimum bits for embedding and lm_head."),
     solver: str = typer.Option("dp", "--solver", help="dp (exact) or greedy."),
     only: Optional[str] = typer.Option(None, "--only", help="Allocate only the modules whose path matches this "
                                        "regex; the others keep the base recipe's spec."),
@@ -224,10 +228,10 @@ def search_dup(
     base_bits: int = typer.Option(2, "--base-bits", help="RTN bits (g64, asymmetric) of every copy."),
     layer_group: int = typer.Option(4, "--layer-group", min=1, help="Consecutive layers sharing parameters."),
     last: Optional[int] = typer.Option(None, "--last", min=1, help="Search only the last N layers."),
-    alpha: float = typer.Option(1.0, "--alpha", help="Weight of the calibration PPL."),
-    beta: float = typer.Option(0.0, "--beta", help="Weight of the all-in bits per weight."),
-    gamma: float = typer.Option(0.0, "--gamma", help="Weight of the relative decode compute."),
-    max_bpw: Optional[float] = typer.Option(None, "--max-bpw", "--budget", help="Memory cap: all-in bits per weight."),
+    alpha: float = typer.Option(1.0, "--alpha", min=0.0, help="Weight of the calibration PPL."),
+    beta: float = typer.Option(0.0, "--beta", min=0.0, help="Weight of the all-in bits per weight."),
+    gamma: float = typer.Option(0.0, "--gamma", min=0.0, help="Weight of the relative decode compute."),
+    max_bpw: Optional[float] = typer.Option(None, "--max-bpw", "--budget", min=1.0, help="Memory cap: all-in bits per weight."),
     data: str = typer.Option("brown:calib", "--calib-data", "-d", help="Calibration text (a named set or a file)."),
     samples: int = typer.Option(4, "--samples", "-n", min=1, help="Calibration sequences."),
     seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per calibration sequence."),
@@ -256,7 +260,7 @@ def generate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt."),
     max_tokens: int = typer.Option(100, "--max-tokens", "-m", min=1),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Apply the tokenizer's chat template if it has one."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype"),
@@ -365,7 +369,7 @@ def eval_tasks(
 
     names, harness = split_tasks(tasks)
     if names and not data.strip().lower().endswith(":eval"):
-        raise DupqError(f"--data {data} is not a held-out set; use brown:eval or lee:eval (disjoint from calibration)")
+        raise UsageError(f"--data {data} is not a held-out set; use brown:eval or lee:eval (disjoint from calibration)")
     docs = eval_data.documents(data) if names else None
     m, tok = load(model, compute_dtype=compute_dtype)
     res: dict = {"seconds": 0.0}
@@ -377,14 +381,10 @@ def eval_tasks(
         res = {**res, **h, "seconds": res["seconds"] + h["seconds"]}
     res = {"model": model, "bits_per_weight": _pack_bits(model), "data": data, "n": n, "seed": seed, "num_fewshot": num_fewshot, "limit": limit, **res,
            "command": _command_line()}
-    table = Table(title=f"mlx-dupq eval tasks ({escape(data)}, seed {seed}, {num_fewshot}-shot lm-eval)")
-    for col in ("task", "items", "acc", "acc_norm", "target NLL"):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    for t in names + harness:
-        r = res[t]
-        fmt = lambda k, f="{:.4f}": f.format(r[k]) if k in r else "-"  # noqa: E731
-        table.add_row(t, str(r["n"]), fmt("acc"), fmt("acc_norm"), fmt("target_nll"))
-    out.print(table)
+    rows = [[t, str(res[t]["n"]), *(f"{res[t][k]:.4f}" if k in res[t] else "-" for k in ("acc", "acc_norm", "target_nll"))]
+            for t in names + harness]
+    print_rows(out, f"mlx-dupq eval tasks ({data}, seed {seed}, {num_fewshot}-shot lm-eval)",
+               ["task", "items", "acc", "acc_norm", "target NLL"], rows)
     if json_out:
         _write_json(json_out, res)
 
@@ -425,18 +425,14 @@ def bench(
         return
     names = [model] + list(against or [])
     if dup_base is not None and dup_base not in names:
-        raise DupqError(f"--dup-base {dup_base} is not one of the measured models; pass it as MODEL or --against too")
+        raise UsageError(f"--dup-base {dup_base} is not one of the measured models; pass it as MODEL or --against too")
     results = bench_models(names, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                            speed=tokens_per_sec, compute_dtype=compute_dtype)
-    table = Table(title="mlx-dupq bench")
     cols = [("model", "model", "{}"), ("bits/weight", "bits_per_weight", "{:.3f}"), ("size MiB", "size_mib", "{:.1f}"),
             ("prompt tok/s", "prompt_tps", "{:.1f}"), ("gen tok/s", "generation_tps", "{:.2f}"),
             ("TTFT s", "ttft_s", "{:.3f}"), ("peak MiB", "peak_memory_mib", "{:.0f}")]
-    for title, _, _ in cols:
-        table.add_column(title, justify="left" if title == "model" else "right")
-    for r in results:
-        table.add_row(*[(fmt.format(r[k]) if r.get(k) is not None else "-") for _, k, fmt in cols])
-    out.print(table)
+    print_rows(out, "mlx-dupq bench", [c[0] for c in cols],
+               [[(fmt.format(r[k]) if r.get(k) is not None else "-") for _, k, fmt in cols] for r in results])
     comparison = decode_comparison(results, dup_base) if tokens_per_sec else {}
     for name, ratio in comparison.get("decode_ratio", {}).items():
         cpu = comparison.get("decode_ratio_cpu_time", {}).get(name)
@@ -483,15 +479,57 @@ def inspect(
         return
     if report.get("pack"):
         p = report["pack"]
-        out.print(f"[bold]pack[/bold] {model}: {report['bits_per_weight']:.3f} bits/weight all-in, "
-                  f"{p['n_params'] / 1e6:.1f}M params, recipe {p['recipe']['name']!r}")
-    table = Table(title="weights")
-    for c in ("tensor", "shape", "quant", "mean", "std", "kurtosis", "outliers %", "absmax"):
-        table.add_column(c, justify="left" if c in ("tensor", "quant") else "right")
-    for r in report["tensors"]:
-        table.add_row(r["name"], "x".join(map(str, r["shape"])), r.get("quant", "float"), f"{r['mean']:.2e}",
-                      f"{r['std']:.2e}", f"{r['kurtosis']:.2f}", f"{100 * r['outlier_share']:.3f}", f"{r['absmax']:.3g}")
-    out.print(table)
+        out.print(f"[bold]pack[/bold] {escape(model)}: {report['bits_per_weight']:.3f} bits/weight all-in, "
+                  f"{p['n_params'] / 1e6:.1f}M params, recipe {escape(repr(p['recipe']['name']))}", soft_wrap=True)
+    rows = [[r["name"], "x".join(map(str, r["shape"])), r.get("quant", "float"), f"{r['mean']:.2e}", f"{r['std']:.2e}",
+             f"{r['kurtosis']:.2f}", f"{100 * r['outlier_share']:.3f}", f"{r['absmax']:.3g}"] for r in report["tensors"]]
+    print_rows(out, "weights", ["tensor", "shape", "quant", "mean", "std", "kurtosis", "outliers %", "absmax"], rows,
+               left=("quant",))
+
+
+# -------------------------------------------------------------------------------------- verify
+
+
+@app.command()
+def verify(pack: Path = typer.Argument(..., help="An mlx-dupq pack directory.")):
+    """Check every file of PACK against its manifest.json (sha256 and size); exit 1 naming a damaged file."""
+    verify_pack = _lib("verify_pack")
+
+    m = verify_pack(pack)
+    size = sum(f["size"] for f in m["files"].values())
+    recipe = (m.get("recipe") or {}).get("name", "?")
+    out.print(f"[green]ok[/green] {escape(str(pack))}: {len(m['files'])} files, {size / 2**20:.1f} MiB match the "
+              f"manifest (written by {escape(m.get('tool', '?'))}, recipe {escape(recipe)})", soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------- recipes
+
+
+@recipes_app.command("list")
+def recipes_list(
+    all_: bool = typer.Option(False, "--all", help="Also the study variants and the recipes written by `allocate`."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The shipped recipes: what each does and what it measured on our models (bench/results)."""
+    KINDS, catalog, describe = _lib("RECIPE_KINDS", "recipe_catalog", "describe_measured")
+
+    rows = catalog(KINDS if all_ else KINDS[:1])
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    out.print("recipes: `mlx-dupq convert MODEL -o OUT --recipe NAME`", style="bold", markup=False, highlight=False)
+    kind = None
+    for r in rows:
+        if all_ and r["kind"] != kind:
+            kind = r["kind"]
+            out.print(f"-- {kind}", style="bold", markup=False, highlight=False)
+        lines = wrap_words(f"{r['name']}  {r['description']}", out.width, "    ")
+        for m in r["measured"] or [None]:
+            lines += wrap_words("  " + (describe(m) if m else "not measured yet"), out.width, "    ")
+        out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    out.print("\n".join(wrap_words("measured: all-in bits/weight, perplexity on held-out text (x the float "
+                                   "model's); result files and commands: --json", out.width, "")),
+              markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------- serve
@@ -567,13 +605,11 @@ def models_list(as_json: bool = typer.Option(False, "--json")):
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table(title="named models")
-    for c in ("name", "aliases", "architecture", "params", "GGUF type", "licence", "cached"):
-        table.add_column(c)
-    for r in rows:
-        table.add_row(r["name"], ", ".join(r.get("aliases", [])), str(r.get("architecture", "")), str(r.get("parameters", "")),
-                      str(r.get("quant_type", "")), str(r.get("licence", "")), "yes" if r.get("cached") else "no")
-    out.print(table)
+    headers = ["name", "aliases", "architecture", "params", "GGUF type", "licence", "cached"]
+    print_rows(out, "named models", headers, [
+        [r["name"], ", ".join(r.get("aliases", [])), str(r.get("architecture", "")), str(r.get("parameters", "")),
+         str(r.get("quant_type", "")), str(r.get("licence", "")), "yes" if r.get("cached") else "no"] for r in rows],
+        left=headers)
 
 
 @models_app.command("fetch")
@@ -589,6 +625,18 @@ def models_fetch(name: str = typer.Argument(..., help="A named model (see `model
 # ---------------------------------------------------------------------------------------- main
 
 
+# typer >= 0.23 vendors click (typer._click); older ones use click itself: take the classes from typer
+CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _subcommand() -> str:
+    """The command words of this invocation (``eval ppl``), for the pointer to its --help."""
+    args = [a for a in sys.argv[1:3] if not a.startswith("-")]
+    groups = {g.name for g in app.registered_groups}
+    return " ".join(args[:2] if args and args[0] in groups else args[:1]) or "<command>"
+
+
 def main() -> None:
     """Console entry point: fast BLAS, then the Typer app with one-line errors."""
     reexec_with_fast_blas()
@@ -596,20 +644,22 @@ def main() -> None:
         app(standalone_mode=False)
     except DupqError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+    except CLICK_USAGE_ERROR as e:  # a bad or missing option: one line, as for our own errors
+        err.print(f"[red]error:[/red] {escape(e.format_message())} (see `mlx-dupq {_subcommand()} --help`)",
+                  highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red] (a conversion can be continued with --resume)")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+    except CLICK_EXCEPTION as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # the unexpected
         if os.environ.get("MLX_DUPQ_DEBUG") == "1":
             raise
         err.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (set MLX_DUPQ_DEBUG=1 for the traceback)",

@@ -51,7 +51,10 @@ from .specs import (  # noqa: F401  (re-exported: the option types were defined 
 )
 
 RECIPE_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# package data: the product recipes, then the study variants, then recipes written by a command
+# (`allocate`, `search-dup`) for one model; every one loads by name
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPE_DIRS = (RECIPES_DIR, RECIPES_DIR / "studies", RECIPES_DIR / "generated")
 
 
 @dataclass(frozen=True)
@@ -177,23 +180,28 @@ class Recipe:
         return cls(**d)
 
 
-def list_recipes() -> list[str]:
-    """Names of the recipes shipped in ``recipes/``."""
-    if not RECIPES_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+def list_recipes(kind: str = "all") -> list[str]:
+    """Names of the shipped recipes: ``"product"`` (mlx_dupq/recipes/), ``"studies"``, ``"generated"`` or all."""
+    dirs = {"product": RECIPE_DIRS[:1], "studies": RECIPE_DIRS[1:2], "generated": RECIPE_DIRS[2:]}.get(kind, RECIPE_DIRS)
+    return sorted(p.stem for d in dirs for p in d.glob("*.toml"))
+
+
+def recipe_path(name: str) -> Path | None:
+    """The shipped file of recipe ``name`` (product, then studies, then generated), or None."""
+    return next((d / f"{name}.toml" for d in RECIPE_DIRS if (d / f"{name}.toml").is_file()), None)
 
 
 def load_recipe(name_or_path: str | Path | None) -> Recipe:
-    """A recipe from a shipped name (``recipes/NAME.toml``), a TOML/JSON file, or the default."""
+    """A recipe from a shipped name (see ``mlx-dupq recipes list --all``), a TOML/JSON file, or the default."""
     if name_or_path is None:
         return Recipe()
     p = Path(name_or_path)
-    if not p.exists():
-        p = RECIPES_DIR / f"{name_or_path}.toml"
-    if not p.exists():
-        shipped = ", ".join(list_recipes()) or "none"
-        raise DupqError(f"recipe {str(name_or_path)!r} not found (shipped recipes: {shipped}; or pass a .toml file)")
+    if not p.is_file():
+        p = recipe_path(str(name_or_path)) or p
+    if not p.is_file():
+        shipped = ", ".join(list_recipes("product")) or "none"
+        raise DupqError(f"recipe {str(name_or_path)!r} not found (recipes: {shipped}; "
+                        "`mlx-dupq recipes list --all` shows the studies too; or pass a .toml file)")
     try:
         if p.suffix == ".json":
             data = json.loads(p.read_text())

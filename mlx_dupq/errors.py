@@ -8,3 +8,7 @@ The CLI prints that line and exits with code 1; it never shows a traceback for t
 
 class DupqError(Exception):
     """An error caused by the input, with a one-line, actionable message."""
+
+
+class UsageError(DupqError):
+    """A bad command-line value (``--ctx 0``, an unknown ``--data`` set): the CLI exits with code 2."""

@@ -36,6 +36,7 @@ from .errors import DupqError
 from .features.protocol import ConvertContext, Feature, LayerStep
 from .features.table import plan_features
 from .io import pack as packio
+from .io.manifest import write_manifest
 from .io.source import Source, open_source
 from .layers.quant_linear import quantize_tensor
 from .quant.bpw import tensor_bits
@@ -320,6 +321,7 @@ def convert(
                             extra=extra)
         for f in features:
             f.finish(ctx, partial)
+        write_manifest(partial, rec.to_dict())  # last: a pack without its manifest was never finished
     except OSError as e:
         raise _fail_write(partial, e) from None
     try:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DupqError
+from .errors import DupqError, UsageError
 
 TERNARY = 1.58
 SUPPORTED_BITS = (1, TERNARY, 2, 3, 4, 5, 6, 8)
@@ -41,7 +41,7 @@ def parse_bits(value: Any) -> float:
         try:
             value = float(v)
         except ValueError:
-            raise DupqError(
+            raise UsageError(
                 f"bit width {value!r} is not a number; use one of 1, 1.58 (ternary), 2, 3, 4, 5, 6, 8"
             ) from None
     value = float(value)
@@ -49,7 +49,7 @@ def parse_bits(value: Any) -> float:
         return TERNARY
     if value.is_integer() and int(value) in SUPPORTED_BITS:
         return int(value)
-    raise DupqError(
+    raise UsageError(
         f"bit width {value:g} is not supported; use one of 1, 1.58 (ternary), 2, 3, 4, 5, 6, 8"
     )
 
@@ -67,7 +67,7 @@ def parse_group_size(value: Any) -> int:
         except ValueError:
             value = None
     if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_GROUPS:
-        raise DupqError(
+        raise UsageError(
             f"group size {value!r} is not supported; use 32, 64, 128, 256, 512, "
             "0 (per channel) or -1 (per tensor)"
         )

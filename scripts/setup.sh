@@ -14,14 +14,17 @@ if [ "$(uname -s)" = "Linux" ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthr
   fi
 fi
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
+# extras: test (pytest + eval, search, plots: everything the suite imports) unless MLX_DUPQ_EXTRAS says
+# otherwise (MLX_DUPQ_EXTRAS= installs the library alone: convert, generate, eval ppl, bench)
+EXTRAS=${MLX_DUPQ_EXTRAS-test}
 if [ "$(uname -s)" = "Linux" ] && [ "${MLX_DUPQ_CUDA_CHECK:-1}" != 0 ]; then
   # + NVRTC and the CUDA headers (~95 MB, no GPU needed): the tests compile the CUDA kernel as mlx
   # would (tests/test_kernels_nvrtc.py). MLX_DUPQ_CUDA_CHECK=0 skips them (scripts/quickstart.sh does).
-  "${PIP[@]}" -e ".[cuda-check]" || {
+  "${PIP[@]}" -e ".[${EXTRAS:+$EXTRAS,}cuda-check]" || {
     echo "setup: warning: could not install NVRTC (nvidia-cuda-nvrtc-cu12); the CUDA compile tests will skip"
-    "${PIP[@]}" -e .
+    "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
   }
 else
-  "${PIP[@]}" -e .
+  "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 fi
 echo "setup: done ($("$PY" -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__)'))"

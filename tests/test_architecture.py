@@ -17,7 +17,7 @@ MAX_DEFERRED = 10
 
 #: bottom-up; a module may import from its own layer or any layer below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("mlx_dupq.errors", "mlx_dupq._env", "mlx_dupq.cache")),
+    ("base", ("mlx_dupq.errors", "mlx_dupq._env", "mlx_dupq.cache", "mlx_dupq.extras", "mlx_dupq._version")),
     ("specs", ("mlx_dupq.specs", "mlx_dupq.dup.specs", "mlx_dupq.moe.spec")),
     ("recipe", ("mlx_dupq.config",)),
     ("math", ("mlx_dupq.quant", "mlx_dupq.rotation", "mlx_dupq.metrics")),

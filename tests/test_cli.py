@@ -1,4 +1,4 @@
-"""Every CLI command, and every bad input: one line on stderr, exit code 1, no partial output."""
+"""Every CLI command, and every bad input: one line on stderr, exit code 1 (2: a bad option value), no partial output."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def run(monkeypatch, capsys, *args):
     return code, o, e
 
 
-def assert_one_line_error(code, err, needle):
-    assert code == 1, err
+def assert_one_line_error(code, err, needle, exit_code=1):
+    """One ``error:`` line naming ``needle``; exit 1 (a user error) or 2 (a bad command-line value)."""
+    assert code == exit_code, err
     lines = [l for l in err.strip().splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], err  # progress lines may precede it
@@ -103,10 +104,10 @@ def test_bad_inputs(monkeypatch, capsys, tiny_dirs, tmp_path):
     assert_one_line_error(code, e, "not supported")
 
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["qwen2"], "-o", out, "--bits", "7")
-    assert_one_line_error(code, e, "bit width 7")
+    assert_one_line_error(code, e, "bit width 7", exit_code=2)
 
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["qwen2"], "-o", out, "--group-size", "48")
-    assert_one_line_error(code, e, "group size")
+    assert_one_line_error(code, e, "group size", exit_code=2)
 
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["qwen2"], "-o", out, "--recipe", "no-such-recipe")
     assert_one_line_error(code, e, "recipe")

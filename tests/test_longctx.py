@@ -32,7 +32,7 @@ def test_context_limit(tiny_dirs, monkeypatch, capsys):
     with pytest.raises(DupqError, match="longer than the model's context .512"):
         perplexity(m, tok, TEXT * 4, ctx=1024)
     code, o, e = run(monkeypatch, capsys, "eval", "ppl", tiny_dirs["llama"], "--data", "brown:eval", "--ctx", "4096")
-    assert_one_line_error(code, e, "--ctx 4096 is longer than the model's context")
+    assert_one_line_error(code, e, "--ctx 4096 is longer than the model's context", exit_code=2)
 
 
 def test_cli_chunk(tiny_dirs, tmp_path, monkeypatch, capsys):

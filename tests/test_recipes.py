@@ -1,19 +1,18 @@
-"""Every shipped recipe (recipes/*.toml) loads, round-trips, and converts a tiny model that then runs."""
+"""Every shipped recipe (mlx_dupq/recipes/**.toml) loads, round-trips, and converts a tiny model that then runs."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlx_dupq
-from mlx_dupq.config import Recipe, load_recipe
+from mlx_dupq.config import Recipe, list_recipes, load_recipe
 from mlx_dupq.errors import DupqError
 
-RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
+RECIPES = list_recipes()
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,6 @@ def test_cli_eval_tasks(monkeypatch, capsys, tiny_dirs, tmp_path, docs):
     assert r["command"].startswith("mlx-dupq eval tasks") and "cloze" in o
 
     code, o, e = run(monkeypatch, capsys, "eval", "tasks", tiny_dirs["qwen2"], "--data", "brown:calib")
-    assert_one_line_error(code, e, "not a held-out set")
+    assert_one_line_error(code, e, "not a held-out set", exit_code=2)
     code, o, e = run(monkeypatch, capsys, "eval", "tasks", tiny_dirs["qwen2"], "--tasks", "arc")
-    assert_one_line_error(code, e, "unknown task")
+    assert_one_line_error(code, e, "unknown task", exit_code=2)

@@ -64,7 +64,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import DupqError
+from ..errors import DupqError, UsageError
+from ..extras import require
 from ..cache import cache_dir, sha256_file
 from .code_text import code_documents
 
@@ -111,7 +112,7 @@ def load_text(name_or_path: str, split: str = "test") -> str:
     p = Path(name).expanduser()
     if p.exists():
         return _local_text(p)
-    raise DupqError(
+    raise UsageError(
         f"{name} is neither a known text set ({', '.join(HUB_SETS + LOCAL_SETS)}) nor an existing file; "
         "check the name or the path"
     )
@@ -193,10 +194,7 @@ def _norm_split(split: str) -> str:
 
 
 def _hub_text(name: str, split: str) -> str:
-    try:
-        from datasets import load_dataset
-    except ImportError:  # pragma: no cover - dependency
-        raise DupqError(f"the datasets package is needed for {name}; pip install datasets, or {_help_local()}") from None
+    load_dataset = require("datasets", "eval", f"--data {name} (from the hub)").load_dataset  # deferred: optional extra
     try:
         if name == "wikitext2":
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
@@ -250,9 +248,8 @@ def _local_text(p: Path) -> str:
             texts.append(row["text"])
         text = DOC_SEP.join(texts)
     elif suffix == ".parquet":
+        pq = require("pyarrow.parquet", "eval", f"reading {p.name}")  # deferred: optional extra
         try:
-            import pyarrow.parquet as pq
-
             table = pq.read_table(p, columns=["text"])
         except Exception as e:
             raise DupqError(f"{p} could not be read as parquet with a 'text' column ({type(e).__name__}); check the file") from None

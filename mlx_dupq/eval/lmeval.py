@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DupqError
+from ..errors import DupqError, UsageError
+from ..extras import require
 from .tasks import TASKS
 
 
@@ -75,11 +76,8 @@ def model_class():
     """:class:`DupqLM`, built on first use (importing lm-eval takes ~1 s)."""
     global _DupqLM
     if _DupqLM is None:
-        try:
-            from lm_eval.api.model import LM
-            from mlx_lm.evaluate import MLXLM
-        except ImportError as e:  # pragma: no cover - dependency
-            raise DupqError(f"lm-eval is needed for harness tasks ({e}); pip install lm-eval") from None
+        LM = require("lm_eval.api.model", "eval", "lm-eval tasks").LM  # deferred: optional extra
+        MLXLM = require("mlx_lm.evaluate", "eval", "lm-eval tasks").MLXLM  # deferred: optional extra (imports lm_eval)
 
         class DupqLM(MLXLM):
             """mlx-lm's lm-eval adapter around an already loaded ``(model, tokenizer)``."""
@@ -108,8 +106,8 @@ _DupqLM = None
 
 def _task_manager():
     """lm-eval's task index over the three task folders only (indexing all ~14k configs takes ~40 s)."""
-    import lm_eval.tasks as tasks_pkg
-    from lm_eval.tasks import TaskManager
+    tasks_pkg = require("lm_eval.tasks", "eval", "lm-eval tasks")  # deferred: optional extra
+    TaskManager = tasks_pkg.TaskManager
 
     root = Path(tasks_pkg.__file__).parent
     return TaskManager(include_defaults=False, include_path=[root / "mmlu" / "default", root / "hellaswag", root / "arc"])
@@ -156,7 +154,7 @@ def _layout(task: str) -> LocalLayout:
 
 def local_config(task: str, tm, data_dir: Path, num_fewshot: int) -> dict:
     """lm-eval's config of ``task`` with its dataset replaced by the files under ``data_dir``."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    load_yaml = require("lm_eval.tasks._yaml_loader", "eval", "lm-eval tasks").load_yaml  # deferred: optional extra
 
     layout = _layout(task)
     needed = [layout.eval_split] + ([layout.fewshot_split] if num_fewshot > 0 else [])
@@ -195,13 +193,10 @@ def run_harness(model, tokenizer, tasks: Sequence[str], num_fewshot: int = 0, li
     ``limit``: the first N items of each (sub)task. ``data_dir``: local files (module docstring).
     ``mmlu`` is reported as the item-weighted mean over its subjects plus ``subjects`` (count)."""
     if num_fewshot < 0:
-        raise DupqError(f"--num-fewshot {num_fewshot} must be 0 or more")
+        raise UsageError(f"--num-fewshot {num_fewshot} must be 0 or more")
     if limit is not None and limit < 1:
-        raise DupqError(f"--limit {limit} must be at least 1")
-    try:
-        import lm_eval
-    except ImportError as e:  # pragma: no cover - dependency
-        raise DupqError(f"lm-eval is needed for {', '.join(tasks)} ({e}); pip install lm-eval") from None
+        raise UsageError(f"--limit {limit} must be at least 1")
+    lm_eval = require("lm_eval", "eval", f"the tasks {', '.join(tasks)}")  # deferred: optional extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tm = _task_manager()
     groups = expand(tasks, tm)
@@ -251,6 +246,6 @@ def split_tasks(spec: str) -> tuple[list[str], list[str]]:
     names = list(dict.fromkeys(t.strip().lower() for t in spec.split(",") if t.strip()))
     bad = [t for t in names if t not in TASKS and not is_harness_task(t)]
     if bad or not names:
-        raise DupqError(f"unknown task {', '.join(bad) or repr(spec)}; use a comma-separated list of "
+        raise UsageError(f"unknown task {', '.join(bad) or repr(spec)}; use a comma-separated list of "
                         f"{', '.join(TASKS + HARNESS_TASKS)} or mmlu_<subject>")
     return [t for t in names if t in TASKS], [t for t in names if t not in TASKS]

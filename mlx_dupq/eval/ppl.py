@@ -33,7 +33,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..errors import DupqError
+from ..errors import DupqError, UsageError
 from ..metrics import CHUNK_BYTES, token_nll_sum  # noqa: F401  (re-exported)
 from .data import tokenize
 
@@ -52,7 +52,7 @@ def check_context(model, ctx: int) -> None:
     """Raise :class:`DupqError` when ``ctx`` exceeds the model's ``max_position_embeddings``."""
     n = max_context(model)
     if n is not None and ctx > n:
-        raise DupqError(f"--ctx {ctx} is longer than the model's context ({n} positions, max_position_embeddings); "
+        raise UsageError(f"--ctx {ctx} is longer than the model's context ({n} positions, max_position_embeddings); "
                         f"use --ctx {n} or less")
 
 
@@ -110,13 +110,13 @@ def perplexity(
     the length of the tokenized text, ``chunk`` the prefill step used (``ctx`` = one pass) and
     ``peak_memory_bytes`` MLX's allocator peak during the run (weights included)."""
     if ctx < 2:
-        raise DupqError(f"context length {ctx} is too short; use --ctx 2 or more (2048 is standard)")
+        raise UsageError(f"context length {ctx} is too short; use --ctx 2 or more (2048 is standard)")
     if windows is not None and windows < 1:
-        raise DupqError(f"--windows {windows} must be at least 1 (or left out for all windows)")
+        raise UsageError(f"--windows {windows} must be at least 1 (or left out for all windows)")
     if batch_size < 1:
-        raise DupqError(f"batch size {batch_size} must be at least 1")
+        raise UsageError(f"batch size {batch_size} must be at least 1")
     if chunk is not None and chunk < 1:
-        raise DupqError(f"--chunk {chunk} must be at least 1 token")
+        raise UsageError(f"--chunk {chunk} must be at least 1 token")
     check_context(model, ctx)
     step = chunk if chunk is not None else (ctx if ctx <= ONE_PASS_MAX else PREFILL_CHUNK)
     mx.reset_peak_memory()

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..errors import DupqError
+from ..errors import DupqError, UsageError
 from .data import Document, tokenize
 
 TASKS = ("cloze", "mc")
@@ -213,7 +213,7 @@ def parse_tasks(spec: str) -> list[str]:
     names = [t.strip().lower() for t in spec.split(",") if t.strip()]
     bad = [t for t in names if t not in TASKS]
     if bad or not names:
-        raise DupqError(f"unknown task {', '.join(bad) or spec!r}; use a comma-separated list of {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {', '.join(bad) or spec!r}; use a comma-separated list of {', '.join(TASKS)}")
     return list(dict.fromkeys(names))
 
 
@@ -229,6 +229,6 @@ def run_tasks(model, tokenizer, docs: Sequence[Document], tasks: Sequence[str] =
         elif t == "mc":
             res[t] = run_mc(model, tokenizer, build_mc(docs, n, seed), progress=cb)
         else:
-            raise DupqError(f"unknown task {t!r}; use {', '.join(TASKS)}")
+            raise UsageError(f"unknown task {t!r}; use {', '.join(TASKS)}")
     res["seconds"] = time.perf_counter() - t0
     return res

@@ -16,8 +16,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import DupqError
+from ..errors import DupqError, UsageError
 from . import pack as packio
+from .manifest import check_sizes
 from .source import Source, open_source
 from ..layers.cpu import use_dense_prefill
 from ..adapter import build_skeleton
@@ -39,8 +40,10 @@ def tokenizer_of(path: Path, config: dict):
 def load_model(model: str | Path, compute_dtype: str = "float32", lazy: bool = False) -> tuple[nn.Module, dict, Path]:
     """(model, config, tokenizer directory) for MODEL; see the module docstring."""
     if compute_dtype not in COMPUTE_DTYPES:
-        raise DupqError(f"compute dtype {compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+        raise UsageError(f"compute dtype {compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
     p = Path(str(model)).expanduser()
+    if p.is_dir():
+        check_sizes(p)  # a pack's manifest: every file there at its size (cheap; `verify` hashes)
     if p.is_dir() and packio.is_pack(p):
         m, config = packio.load_pack(p, compute_dtype=compute_dtype, lazy=lazy)
         return m, config, p

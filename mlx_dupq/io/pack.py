@@ -46,22 +46,10 @@ from ..layers.online_rotation import apply_online_rotations
 from ..layers.quant_linear import build_module
 from ..quant.bitpack import FORMAT_DUPQ, FORMAT_MLX
 from ..specs import ActSpec
+from .atomic import write_json_atomic  # noqa: F401 (re-exported: callers import it from here)
 
 PACK_FORMAT_VERSION = 1
 PROGRESS_FILE = "progress.json"
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write ``data`` as indented JSON through a temp file + rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def online_key(key: str, online: dict | None) -> str:

@@ -1,4 +1,4 @@
-"""Build and call kernels/cpu_harness.cpp: the GPU kernel bodies compiled as C++ for the CPU.
+"""Build and call mlx_dupq/kernels/src/cpu_harness.cpp: the GPU kernel bodies compiled as C++ for the CPU.
 
 :func:`load_harness` compiles the harness once per source content (g++ or ``$CXX``) into
 ``$MLX_DUPQ_CACHE/kernels/<hash>/libdq_cpu.so`` and loads it with ctypes; it raises
@@ -42,7 +42,7 @@ def load_harness() -> ctypes.CDLL:
     """Compile (once per source hash) and load the harness library."""
     missing = [s for s in SOURCES if not (KERNELS_DIR / s).exists()]
     if missing:
-        raise HarnessUnavailable(f"kernel sources {missing} not found under {KERNELS_DIR} (needs a source checkout)")
+        raise HarnessUnavailable(f"kernel sources {missing} not found under {KERNELS_DIR} (a broken install: reinstall mlx-dupq)")
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise HarnessUnavailable(f"no C++ compiler ({cxx!r} not on PATH); install g++ or set CXX")

@@ -1,5 +1,5 @@
-"""The Metal and CUDA backends: kernels/gqmv.body.h built with ``mx.fast.metal_kernel`` /
-``mx.fast.cuda_kernel`` (body only, kernels/dq_portable.h as the header).
+"""The Metal and CUDA backends: mlx_dupq/kernels/src/gqmv.body.h built with ``mx.fast.metal_kernel`` /
+``mx.fast.cuda_kernel`` (body only, mlx_dupq/kernels/src/dq_portable.h as the header).
 
 Building a kernel object does not touch a GPU; calling it does. The launch plan (rows per
 threadgroup, threads, row chunking to fit shared memory) lives here, the choice of backend in
@@ -27,7 +27,7 @@ PROLOGUE = {
     ),
     "cuda": "",
 }
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"  # the kernel sources (a source checkout)
+KERNELS_DIR = Path(__file__).resolve().parent / "src"  # the kernel sources (package data)
 TG = 128  # threads per threadgroup (power of two)
 LANES_MAX = 32  # threads sharing one output row (a warp / simdgroup's width)
 XS_MAX = 6144  # floats of x staged in shared memory (24 KiB)

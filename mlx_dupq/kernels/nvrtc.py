@@ -10,7 +10,7 @@ body. ``jit_module.cpp`` compiles that with NVRTC (``--device-as-default-executi
 runtime headers). :func:`cuda_source` rebuilds the same text and :func:`compile_cuda` runs the
 same NVRTC call here, on the CPU, from the pip wheels mlx's CUDA build depends on
 (``nvidia-cuda-nvrtc-cu12==12.9.*``, plus ``nvidia-cuda-runtime-cu12`` / ``nvidia-cuda-cccl-cu12``
-for the headers), with mlx's device headers vendored under ``kernels/mlx_cuda`` (mlx 0.32.2, MIT).
+for the headers), with mlx's device headers vendored under ``mlx_dupq/kernels/src/mlx_cuda`` (mlx 0.32.2, MIT).
 
 What a successful compile proves and does not: docs/kernels.md ("CUDA: compiled with NVRTC").
 :func:`compile_cuda` also returns ptxas' resource report (registers, spill and stack bytes,
@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .gpu import INPUTS, kernel_source
 
-MLX_HEADERS_DIR = Path(__file__).resolve().parents[2] / "kernels" / "mlx_cuda"
+MLX_HEADERS_DIR = Path(__file__).resolve().parent / "src" / "mlx_cuda"
 MLX_HEADERS = ("mlx/backend/cuda/device/utils.cuh", "mlx/backend/cuda/device/complex.cuh",
                "mlx/backend/cuda/device/config.h")
 DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'

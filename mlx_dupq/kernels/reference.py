@@ -60,7 +60,7 @@ def gather_qmv_ref(x: mx.array, experts: Sequence[tuple[dict, dict]], indices: m
 
 def gqmv_reference(x: mx.array, kp: KernelPack, idx: mx.array, coef: mx.array, summed: bool,
                    signs: mx.array | None = None, had: int = 0) -> mx.array:
-    """Twin of kernels/gqmv.body.h: x (M, in), idx/coef (M, J) -> (M, 1 if summed else J, out)."""
+    """Twin of mlx_dupq/kernels/src/gqmv.body.h: x (M, in), idx/coef (M, J) -> (M, 1 if summed else J, out)."""
     xf = x.astype(mx.float32)
     if had:
         xf = rotate_ref(xf, signs, had)

@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+from ..extras import require
+
 RESULTS = Path("bench/results")  # rebound by write_dup_report(root)
 QWEN = "qwen2.5-coder-0.5b"
 SMOL = "smollm2-135m"
@@ -266,10 +268,9 @@ def claims(q: dict | None, s: dict | None, q3: dict | None, q3w: dict | None = N
 
 
 def plots(q: dict | None, s: dict | None, q3w: dict | None = None) -> list[str]:
-    import matplotlib  # deferred: optional heavy dependency (plots only)
-
+    matplotlib = require("matplotlib", "plots", "plotting")  # deferred: optional extra
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: optional heavy dependency (plots only)
+    plt = require("matplotlib.pyplot", "plots", "plotting")  # deferred: optional extra
 
     made = []
     for name, d in ((QWEN, q), (SMOL, s), (QWEN + "-base3", q3w)):

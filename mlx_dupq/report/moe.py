@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .moe_dense import model_section
+from ..extras import require
 
 CONFIRMED, REFUTED, NOT_MEASURED = "confirmed", "refuted", "not measured"
 
@@ -224,10 +225,9 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _plots(r: dict, root: Path, prefix: str = "moe") -> list[str]:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plots", "plotting")  # deferred: optional extra
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "plots", "plotting")  # deferred: optional extra
 
     out = []
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ..errors import DupqError
+from ..extras import require
 from .collect import Results, collect
 
 
@@ -59,10 +60,9 @@ def _rel(src: str, root: Path) -> str:
 
 
 def _plt():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plots", "plotting")  # deferred: optional extra
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "plots", "plotting")  # deferred: optional extra
 
     return plt
 

@@ -38,6 +38,7 @@ from ..adapter import build_skeleton, layer_owner
 from ..config import QuantSpec, Recipe, load_recipe
 from ..dup.specs import CopySpec, DupPlan
 from ..errors import DupqError
+from ..extras import require
 from ..metrics import mean_nll
 from ..dup.build import quantize_with_plan
 from ..eval.data import calibration_batches, load_text
@@ -175,8 +176,7 @@ def tpe_search(ev: Evaluator, trials: int, seed: int = 0, enqueue: list[dict] | 
     """optuna's TPE sampler over the space's choices (categorical). ``enqueue``: parameters tried
     first; ``history``: trials already evaluated (e.g. a grid's), given to TPE as known results
     without spending the budget on them again."""
-    import optuna
-
+    optuna = require("optuna", "search", "the TPE search")  # deferred: optional extra
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     choices = ev.space.choices()
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build the CPU harness: kernels/build_cpu.sh OUT.so  (the tests call this via mlx_dupq.kernels.cpu)
+# Build the CPU harness: mlx_dupq/kernels/src/build_cpu.sh OUT.so  (the tests call this via mlx_dupq.kernels.cpu)
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/build/libdq_cpu.so"}

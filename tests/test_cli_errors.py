@@ -1,0 +1,66 @@
+"""Every bad command-line value is one `error:` line with exit code 2: never a traceback, never
+"internal error", never click's multi-line usage box."""
+
+from __future__ import annotations
+
+import pytest
+
+import mlx_dupq
+from mlx_dupq.extras import MissingExtra, require
+from tests.test_cli import assert_one_line_error, run
+
+BAD = [  # (arguments after the model or pack, words the one line must contain)
+    (["eval", "ppl", "{pack}", "--ctx", "0"], "--ctx"),
+    (["eval", "ppl", "{pack}", "--ctx", "abc"], "--ctx"),
+    (["eval", "ppl", "{pack}", "--windows", "0"], "--windows"),
+    (["eval", "ppl", "{pack}", "--chunk", "-1"], "--chunk"),
+    (["eval", "ppl", "{pack}", "--data", "no-such-set"], "no-such-set"),
+    (["eval", "ppl", "{pack}", "--data", "brown:nope"], "brown:nope"),
+    (["eval", "ppl", "{pack}", "--data", "{text}", "--compute-dtype", "int8"], "compute dtype"),
+    (["eval", "ppl", "{pack}", "--data", "{text}", "--ctx", "100000"], "--ctx 100000"),
+    (["eval", "agree", "{pack}", "{pack}", "--windows", "0"], "--windows"),
+    (["eval", "tasks", "{pack}", "--tasks", "nope"], "unknown task"),
+    (["eval", "tasks", "{pack}", "--n", "0"], "--n"),
+    (["eval", "tasks", "{pack}", "--data", "brown:calib"], "held-out"),
+    (["generate", "{pack}", "-p", "hi", "--max-tokens", "-3"], "--max-tokens"),
+    (["generate", "{pack}", "-p", "hi", "--temp", "-1"], "--temp"),
+    (["generate", "{pack}"], "--prompt"),
+    (["bench", "{pack}", "--gen-tokens", "0"], "--gen-tokens"),
+    (["bench", "{pack}", "--prompt-tokens", "-5"], "--prompt-tokens"),
+    (["bench", "{pack}", "--dup-base", "other"], "--dup-base"),
+    (["convert", "{model}"], "--output"),
+    (["convert", "{model}", "-o", "{out}", "--bits", "7"], "bit width 7"),
+    (["convert", "{model}", "-o", "{out}", "--bits", "two"], "bit width"),
+    (["convert", "{model}", "-o", "{out}", "--group-size", "48"], "group size"),
+    (["convert", "{model}", "-o", "{out}", "--no-such-option"], "--no-such-option"),
+    (["allocate", "{model}", "--budget", "0", "-o", "{out}"], "--budget"),
+    (["allocate", "{model}", "--budget", "3", "-o", "{out}", "--samples", "0"], "--samples"),
+    (["search-dup", "{model}", "-o", "{out}", "--trials", "0"], "--trials"),
+    (["no-such-command"], "no-such-command"),
+    (["models", "fetch"], "Missing argument"),
+]
+
+
+@pytest.fixture(scope="module")
+def pack(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_errors") / "pack"
+    mlx_dupq.convert(str(tiny_dirs["qwen2"]), out, bits=4, group_size=32)
+    return out
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_value_is_one_line_exit_2(args, needle, pack, tiny_dirs, tmp_path, monkeypatch, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    fill = {"pack": str(pack), "model": str(tiny_dirs["qwen2"]), "out": str(tmp_path / "out"), "text": str(text)}
+    code, o, e = run(monkeypatch, capsys, *[a.format(**fill) for a in args])
+    assert_one_line_error(code, e, needle, exit_code=2)
+    assert "internal error" not in e and "Usage:" not in e
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_extra_names_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"pip install 'mlx-dupq\[search\]'"):
+        require("optuna", "search", "the TPE search")
+    assert require("json", "eval", "x").dumps([]) == "[]"

@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+
+from mlx_dupq.io.manifest import verify_pack
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_dupq
@@ -244,6 +246,7 @@ def test_distill_lowers_kl_keeps_codes_and_records(e2e_env, tmp_path, which):
     assert rec["options"] == spec.to_dict() and rec["valid_kl_after"] == pytest.approx(res.valid_kl_after)
     assert meta["stored_bytes"] == json.loads((pack / "config.json").read_text())["mlx_dupq"]["stored_bytes"]
     assert not (tmp_path / "refined.e2e-work").exists() and not (tmp_path / "refined.tmp").exists()
+    verify_pack(out)  # the manifest is rewritten for the refined shards
 
 
 def test_never_worse_than_start(e2e_env, tmp_path):

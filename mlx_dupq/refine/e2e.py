@@ -56,6 +56,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint, iterate_batches
 from ..errors import DupqError
 from ..eval.data import load_text, tokenize
 from ..io import pack as packio
+from ..io.manifest import read_manifest, write_manifest
 from ..io.loader import load, load_model
 from ..layers.act_quant import ActQuantInput
 from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
@@ -312,6 +313,8 @@ def write_refined(pack: Path, out: Path, new: dict[str, mx.array], record: dict)
     config = packio.read_config(tmp)
     config["mlx_dupq"].setdefault("refine", {})["e2e"] = record
     packio.write_json_atomic(tmp / "config.json", config)
+    old_manifest = read_manifest(tmp)
+    write_manifest(tmp, old_manifest.get("recipe") if old_manifest else config["mlx_dupq"].get("recipe"))
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():

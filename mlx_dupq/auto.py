@@ -12,8 +12,8 @@
    error on its own float inputs; seconds, no extra forward passes) over 2-bit g64, 3/4-bit g128 and 8-bit g64 candidates,
    the embedding and head kept at >= 4 bits when that fits (else 3, else 2).
 4. **block reconstruction** (``[refine.block]``, :mod:`mlx_dupq.refine.block`) with its defaults.
-5. **end-to-end distillation** (``[refine.e2e]``) when this installation has it
-   (``mlx_dupq.refine.e2e``); otherwise the row says it is skipped.
+5. **end-to-end distillation** (``[refine.e2e]``): its place; skipped (and the row says so) until
+   the e2e stage is a convert stage (:mod:`mlx_dupq.refine.feature`).
 
 The budget is all-in (embeddings, head, norms, scales and biases count), as ``inspect`` reports it;
 the allocation plans with the real packed sizes, so the pack is at or below ``B``.
@@ -65,7 +65,7 @@ def _rotation(model: str) -> tuple[RotationSpec | None, Choice]:
 def _e2e() -> tuple[dict | None, Choice]:
     if importlib.util.find_spec(E2E_MODULE) is None:
         return None, Choice("e2e distillation", "skipped", f"{E2E_MODULE} is not in this installation")
-    return {}, Choice("e2e distillation", "on (defaults)", "KL to the float model's logits on calibration text")
+    return None, Choice("e2e distillation", "skipped", "not a convert stage yet: run `mlx-dupq refine PACK` after")
 
 
 def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", progress=None) -> tuple[Recipe, list[Choice]]:

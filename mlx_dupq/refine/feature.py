@@ -4,8 +4,10 @@
   (:class:`~mlx_dupq.refine.stage.BlockStage`) on every decoder layer after it is quantized and
   before the calibration states advance through it; :meth:`config_entries` records the options and
   each layer's held-out errors before / after in config.json (``mlx_dupq.refine.block``).
-- ``[refine.e2e]``: end-to-end distillation of the finished pack runs in :meth:`finish` when this
-  installation has :mod:`mlx_dupq.refine.e2e` (the e2e stage).
+- ``[refine.e2e]``: end-to-end distillation of the finished pack belongs in :meth:`finish`
+  (``mlx_dupq.refine.e2e.distill_pack(pack_dir, teacher, spec)``, issue 14 item 2); until that
+  stage is wired here, a recipe with ``[refine.e2e]`` is refused in one line that names
+  ``mlx-dupq refine PACK``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class RefineFeature(Feature):
     @classmethod
     def plan(cls, ctx: ConvertContext) -> "RefineFeature | None":
         spec: RefineSpec = ctx.recipe.refine
+        if spec.e2e is not None:  # the place of the e2e stage (see the module docstring)
+            raise DupqError("[refine.e2e] is not a convert stage yet; convert without it, then run "
+                            "`mlx-dupq refine PACK` on the pack")
         if spec.block is None:
             return None
         if ctx.recipe.duplication is not None or ctx.recipe.moe is not None:
@@ -51,3 +56,4 @@ class RefineFeature(Feature):
     def finish(self, ctx: ConvertContext, pack_dir: Path) -> None:
         if self.block is not None:
             self.block.cleanup()
+        # [refine.e2e] runs here, on the finished (still partial) pack, once it is wired (plan refuses it now)

@@ -91,11 +91,13 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
         cfg = json.loads((path / "config.json").read_text()).get("mlx_dupq", {})
         if "refine" in cfg:
             entry["refine"] = cfg["refine"]
+    plain_call = nn.QuantizedLinear.__call__
     nn.QuantizedLinear.__call__ = DensePrefillQuantizedLinear.__call__  # CPU prefill for mlx-lm's packs
     if row != "reference":
         n_params = sum(v.size for _, v in tree_flatten(load(str(float_dir))[0].parameters()))
         entry["bits_per_weight"] = weight_bits(path) / n_params
     entry.update(evaluate(path, load_text(args.data), args.ctx, args.windows))
+    nn.QuantizedLinear.__call__ = plain_call  # decoding calls the plain layer (the prefill one defers to it)
     entry["generation"] = "".join(stream(str(path), args.prompt, max_tokens=40))
     return entry
 

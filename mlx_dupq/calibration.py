@@ -34,6 +34,7 @@ class Calibration:
         self.tokens = calibration_batches(tok, text, spec.calib_samples, spec.calib_seq_len, spec.seed)
         self.root = root
         self.h: mx.array | None = None
+        self.hf: mx.array | None = None  # the float model's hidden states, when a stage keeps them (refine.block)
 
     def resume(self, done_indices: list[int], layer_indices: set[int]) -> None:
         """Reload ``h`` saved after the last finished group (if any layer was already done)."""
@@ -44,7 +45,8 @@ class Calibration:
         last = max(finished_layers)
         if last not in saved:
             raise DupqError(f"{self.root} has no calibration state for its finished layers; pass --force to start over")
-        self.h = mx.load(str(saved[last]))["h"]
+        state = mx.load(str(saved[last]))
+        self.h, self.hf = state["h"], state.get("hf")
 
     def start(self, weights: dict[str, mx.array]) -> None:
         """Begin the hidden states from the float embedding, when this group holds it."""
@@ -77,7 +79,7 @@ class Calibration:
         self.h = advance(layer, self.h)
         layer.update(tree_map(lambda a: mx.zeros((1,), a.dtype), layer.parameters()))
         tmp = self.root / f"tmp-calib-hidden-{group_index:05d}.safetensors"
-        mx.save_safetensors(str(tmp), {"h": self.h})
+        mx.save_safetensors(str(tmp), {"h": self.h, **({} if self.hf is None else {"hf": self.hf})})
         os.replace(tmp, self.root / f"calib-hidden-{group_index:05d}.safetensors")
 
     def prune(self, keep_index: int) -> None:

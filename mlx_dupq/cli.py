@@ -141,12 +141,26 @@ def convert(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of scales and float tensors (float16, bfloat16, float32)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion."),
+    bpw: Optional[float] = typer.Option(None, "--bpw", help="All-in bits/weight budget: the best pipeline at "
+                                        "that budget, chosen automatically (no --recipe)."),
 ):
     """Quantize MODEL into a self-describing MLX pack, streaming layer by layer."""
     parse_bits, parse_group_size, run = _lib("parse_bits", "parse_group_size", "convert")
 
     b = parse_bits(bits) if bits is not None else None
     g = parse_group_size(group_size) if group_size is not None else None
+    if bpw is not None:
+        plan_auto = _lib("plan_auto")
+        if recipe is not None or b is not None or g is not None:
+            raise DupqError("--bpw chooses the recipe, bits and group size itself; drop --recipe/--bits/--group-size")
+        with progress_bar() as cb:
+            recipe, choices = plan_auto(model, bpw, progress=cb)
+        table = Table(title=f"convert --bpw {bpw:g}: what was chosen and why", show_lines=False)
+        for col in ("step", "choice", "why"):
+            table.add_column(col, overflow="fold")
+        for c in choices:
+            table.add_row(c.step, escape(c.choice), escape(c.why))
+        out.print(table)
     with progress_bar() as cb:
         res = run(model, output, recipe, bits=b, group_size=g, symmetric=symmetric, dtype=dtype,
                   force=force, resume=resume, progress=cb)
@@ -155,6 +169,9 @@ def convert(
         f"[green]wrote[/green] {res.path}  {res.bits_per_weight:.3f} bits/weight all-in, "
         f"{res.stored_bytes / 2**20:.1f} MiB, {res.n_params / 1e6:.1f}M params, {res.seconds:.1f}s{resumed}"
     )
+    if bpw is not None and res.bits_per_weight > bpw:
+        raise DupqError(f"the pack came out at {res.bits_per_weight:.4f} bits/weight, above --bpw {bpw:g} "
+                        "(please report it); convert with a lower --bpw")
 
 
 # ------------------------------------------------------------------------------------ allocate

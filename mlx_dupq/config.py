@@ -23,6 +23,7 @@ from typing import Any
 from .dup.specs import DupPlan
 from .errors import DupqError
 from .moe.spec import MoESpec
+from .refine.spec import RefineSpec
 from .specs import (  # noqa: F401  (re-exported: the option types were defined here before)
     ACT_BITS,
     ACT_CLIPS,
@@ -79,6 +80,7 @@ class Recipe:
     activations: ActSpec | None = None  # fake-quantize linear inputs at run time (docs/quality.md, F3)
     duplication: DupPlan | None = None  # parallel / residual copies of decoder layers' linears (docs/duplication.md, F5)
     moe: MoESpec | None = None  # expert-wise mixed precision of MoE switch layers (docs/moe.md, F6.4)
+    refine: RefineSpec | None = None  # training stages: [refine.block] per layer, [refine.e2e] after (docs/learned.md)
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -100,6 +102,8 @@ class Recipe:
                 object.__setattr__(self, "duplication", DupPlan.from_dict(self.duplication))
             if not isinstance(self.duplication, DupPlan):
                 raise DupqError(f"recipe duplication {self.duplication!r} is not a DupPlan or a dict")
+        if isinstance(self.refine, dict):
+            object.__setattr__(self, "refine", RefineSpec.from_dict(self.refine))
         if self.moe is not None:
             if isinstance(self.moe, dict):
                 object.__setattr__(self, "moe", MoESpec.from_dict(self.moe))
@@ -150,6 +154,8 @@ class Recipe:
             d["duplication"] = self.duplication.to_dict()
         if self.moe is not None:  # likewise
             d["moe"] = self.moe.to_dict()
+        if self.refine is not None:  # likewise
+            d["refine"] = self.refine.to_dict()
         return d
 
     @classmethod

@@ -250,7 +250,7 @@ def convert(
     state = packio.PartialState.open(partial, src.fingerprint(), rec.to_dict(), len(groups), resume)
     resumed = len(state.done)
     calib = None
-    if rec.quantizer.calibrated:
+    if rec.quantizer.calibrated or any(f.calibrates for f in features):
         say(f"calibration: {rec.quantizer.calib_samples} x {rec.quantizer.calib_seq_len} tokens of "
             f"{rec.quantizer.calib_data}", 0, len(groups))
         calib = Calibration(rec.quantizer, src.tokenizer_dir(), partial)

@@ -18,7 +18,7 @@ MAX_DEFERRED = 10
 #: bottom-up; a module may import from its own layer or any layer below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("mlx_dupq.errors", "mlx_dupq._env", "mlx_dupq.cache", "mlx_dupq.extras", "mlx_dupq._version")),
-    ("specs", ("mlx_dupq.specs", "mlx_dupq.dup.specs", "mlx_dupq.moe.spec")),
+    ("specs", ("mlx_dupq.specs", "mlx_dupq.dup.specs", "mlx_dupq.moe.spec", "mlx_dupq.refine.spec")),
     ("recipe", ("mlx_dupq.config",)),
     ("math", ("mlx_dupq.quant", "mlx_dupq.rotation", "mlx_dupq.metrics")),
     ("adapter", ("mlx_dupq.adapter", "mlx_dupq.testing", "mlx_dupq.weight_stats")),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("features", ("mlx_dupq.features", "mlx_dupq.dup", "mlx_dupq.moe", "mlx_dupq.refine")),
     ("convert", ("mlx_dupq.pipeline",)),
     ("runtime", ("mlx_dupq.distributed",)),
-    ("application", ("mlx_dupq.eval", "mlx_dupq.search", "mlx_dupq.report", "mlx_dupq.studies",
+    ("application", ("mlx_dupq.auto", "mlx_dupq.eval", "mlx_dupq.search", "mlx_dupq.report", "mlx_dupq.studies",
                      "mlx_dupq.dup.study", "mlx_dupq.moe.train", "mlx_dupq.moe.from_dense", "mlx_dupq.moe.router",
                      "mlx_dupq.moe.topk",
                      "mlx_dupq.inspect_model", "mlx_dupq.bench_run", "mlx_dupq.generate",

@@ -123,6 +123,9 @@ class Feature:
     section: str = ""
     #: calibration should record per-expert statistics of switch layers (MoE)
     switch_stats: bool = False
+    #: the feature needs the calibration states (``LayerStep.calib``) even when the quantizer is not
+    #: calibrated (block reconstruction after round to nearest)
+    calibrates: bool = False
 
     @classmethod
     def plan(cls, ctx: ConvertContext) -> "Feature | None":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..dup.feature import DupFeature
 from ..moe.feature import MoEFeature
+from ..refine.feature import RefineFeature
 from .act_ranges import ActRangesFeature
 from .protocol import ConvertContext, Feature
 
@@ -17,6 +18,7 @@ FEATURES: dict[str, type[Feature]] = {
     "moe": MoEFeature,
     "duplication": DupFeature,
     "activations": ActRangesFeature,
+    "refine": RefineFeature,
 }
 
 

@@ -1,0 +1,108 @@
+"""``mlx-dupq convert MODEL --bpw B``: the best pipeline we have at an all-in budget, chosen for the user.
+
+:func:`plan_auto` decides, in this order, and says why (:class:`Choice` rows):
+
+1. **rotation** (block Hadamard residual + online Hadamard on ``down_proj``) only when it adds no
+   stored parameters: a model whose tied embedding would have to be untied by the fold (its final
+   norm is not all ones) pays a second vocabulary-sized matrix, which at a fixed budget costs more
+   than rotation recovers (SmolLM2-135M: rotation + GPTQ 325 PPL at 5.56 bpw against the allocated
+   GPTQ recipe's 260 at 3.0, ``bench/results/ladder_smollm2-135m*.json``).
+2. **GPTQ** on calibration text (``brown:calib``, 16 x 512 tokens), the head included when separate.
+3. **bit allocation** to ``B`` with the cheap ``proxy`` sensitivity (each module's relative output
+   error on its own float inputs; seconds, no extra forward passes) over 2-bit g64, 3/4-bit g128 and 8-bit g64 candidates,
+   the embedding and head kept at >= 4 bits when that fits (else 3, else 2).
+4. **block reconstruction** (``[refine.block]``, :mod:`mlx_dupq.refine.block`) with its defaults.
+5. **end-to-end distillation** (``[refine.e2e]``): its place; skipped (and the row says so) until
+   the e2e stage is a convert stage (:mod:`mlx_dupq.refine.feature`).
+
+The budget is all-in (embeddings, head, norms, scales and biases count), as ``inspect`` reports it;
+the allocation plans with the real packed sizes, so the pack is at or below ``B``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .config import Recipe
+from .errors import DupqError
+from .eval.data import calibration_batches, load_text
+from .io.loader import load_model, tokenizer_of
+from .io.source import open_source
+from .refine.spec import BlockSpec, RefineSpec
+from .rotation.plan import plan_rotation
+from .search.allocate import allocate
+from .search.sensitivity import measure_sensitivity, rotate_float_model
+from .specs import QuantizerSpec, QuantSpec, RotationSpec
+
+CANDIDATES = ((2, 64), (3, 128), (4, 128), (8, 64))  # 3/4 bits in groups of 128 where rows allow
+EMBED_FLOORS = (4, 3, 2)
+E2E_MODULE = "mlx_dupq.refine.e2e"
+
+
+@dataclass(frozen=True)
+class Choice:
+    step: str
+    choice: str
+    why: str
+
+
+def _rotation(model: str) -> tuple[RotationSpec | None, Choice]:
+    spec = RotationSpec(kind="block_hadamard", online_down=True)
+    src = open_source(model)
+    try:
+        plan = plan_rotation(spec, src.config, src.keys(), lambda k: src.get(k).astype(mx.float32))
+    except DupqError as e:
+        return None, Choice("rotation", "none", f"not applicable ({e})")
+    if plan.config_update.get("tie_word_embeddings") is False and src.config.get("tie_word_embeddings", False):
+        return None, Choice("rotation", "none", "it would untie the tied embedding: a second "
+                            "vocabulary-sized matrix costs more bits than rotation saves")
+    return spec, Choice("rotation", "block Hadamard + online down_proj", "no extra stored parameters")
+
+
+def _e2e() -> tuple[dict | None, Choice]:
+    if importlib.util.find_spec(E2E_MODULE) is None:
+        return None, Choice("e2e distillation", "skipped", f"{E2E_MODULE} is not in this installation")
+    return None, Choice("e2e distillation", "skipped", "not a convert stage yet: run `mlx-dupq refine PACK` after")
+
+
+def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", progress=None) -> tuple[Recipe, list[Choice]]:
+    """The recipe ``convert --bpw`` runs for ``model`` at ``bpw`` all-in bits/weight, and why."""
+    if not bpw > 0:
+        raise DupqError(f"--bpw {bpw!r} must be a positive number of bits per weight, e.g. 2.5 or 3")
+    rotation, rot_choice = _rotation(model)
+    quantizer = QuantizerSpec(method="gptq", calib_data=calib_data, calib_samples=16, calib_seq_len=512,
+                              calib_head=True)
+    base = Recipe(name=f"auto-{bpw:g}", default=QuantSpec(2, 64), embed=QuantSpec(4, 64), lm_head=QuantSpec(4, 64),
+                  rotation=rotation, quantizer=quantizer)
+    m, config, tok_dir = load_model(model)
+    tokens = calibration_batches(tokenizer_of(tok_dir, config), load_text(calib_data), 4, 128, 0)
+    if rotation is not None:
+        m = rotate_float_model(m, config, rotation)
+    table = measure_sensitivity(m, tokens, base, bits=CANDIDATES, measures=("proxy",), progress=progress)
+    del m
+    rec, floor, err = None, None, None
+    for floor in EMBED_FLOORS:
+        try:
+            rec = allocate(table, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
+            break
+        except DupqError as e:
+            err = e
+    if rec is None:
+        lowest = str(err).split("smallest reachable ")[-1].split(" ")[0]
+        raise DupqError(f"--bpw {bpw:g} is below the smallest all-in budget reachable for {model} "
+                        f"({lowest} bits/weight with 2-bit layers and a 2-bit embedding); raise --bpw")
+    e2e, e2e_choice = _e2e()
+    rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(), e2e=e2e).to_dict()})
+    choices = [
+        rot_choice,
+        Choice("quantizer", "GPTQ, 16 x 512 tokens", f"{calib_data}; lm_head calibrated on the final states"),
+        Choice("allocation", rec.description.split("; ")[-1],
+               f"proxy sensitivity, embedding/head >= {floor} bits; {rec.description.split(' (')[1].split(')')[0]}"),
+        Choice("block refine", "scales, biases, norms", "reproduce each float layer; keep only if held-out error drops"),
+        e2e_choice,
+    ]
+    desc = f"convert --bpw {bpw:g}: " + "; ".join(f"{c.step}: {c.choice}" for c in choices)
+    return Recipe.from_dict({**rec.to_dict(), "description": desc}), choices

@@ -20,7 +20,7 @@ BPW=${BPW:-}
 WINDOWS=${WINDOWS:-4}
 OUT=${OUT:-packs/${MODEL}-${BPW:+bpw}${BPW:-$RECIPE}}
 PROMPT=${PROMPT:-"Write one sentence about the sea."}
-MLX_DUPQ_CUDA_CHECK=0 bash scripts/setup.sh  # (no NVRTC: only the tests need it)
+MLX_DUPQ_EXTRAS= MLX_DUPQ_CUDA_CHECK=0 bash scripts/setup.sh  # the library alone (no test extras, no NVRTC: only the tests need them)
 mlx-dupq models fetch "$MODEL"
 if [ -n "$BPW" ]; then
   mlx-dupq convert "$MODEL" -o "$OUT" --bpw "$BPW" --force

@@ -23,7 +23,6 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
 

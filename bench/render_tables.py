@@ -16,7 +16,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
 
 from mlx_dupq.report.recipes import MEASURED, measured_index  # noqa: E402
 

@@ -14,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_dupq.eval.code_text import CODE_LICENSE, CODE_PACKAGE, CODE_VERSION  # noqa: E402
 from mlx_dupq.eval.data import DOC_SEP, documents, tokenize  # noqa: E402

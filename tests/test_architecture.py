@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("mlx_dupq.distributed",)),
     ("application", ("mlx_dupq.auto", "mlx_dupq.eval", "mlx_dupq.search", "mlx_dupq.report", "mlx_dupq.studies",
                      "mlx_dupq.dup.study", "mlx_dupq.moe.train", "mlx_dupq.moe.from_dense", "mlx_dupq.moe.router",
-                     "mlx_dupq.moe.topk",
+                     "mlx_dupq.moe.topk", "mlx_dupq.moe.study",
                      "mlx_dupq.inspect_model", "mlx_dupq.bench_run", "mlx_dupq.generate",
                      "mlx_dupq.serve", "mlx_dupq.export")),
     ("cli", ("mlx_dupq.api", "mlx_dupq.cli")),

@@ -1,0 +1,65 @@
+"""The MoE study class (mlx_dupq/moe/study.py, the logic of bench/moe_study.py) on a tiny random
+DeepSeek-MoE: parts run through the package and write the JSON the report reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_dupq.errors import DupqError, UsageError
+from mlx_dupq.moe.study import PARTS, Study, StudySettings, check_packs, check_parts, default_prefix, pack_recipe
+from mlx_dupq.testing import make_hf_dir
+
+WORDS = ("the quick brown fox jumps over the lazy dog while a farmer walks to the field and "
+         "the river runs past the old mill where children play near the bridge ").split()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    src = make_hf_dir(tmp / "ds", "deepseek")
+    text = tmp / "text.txt"
+    text.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(3000)))
+    settings = StudySettings(model=str(src), ctx=32, windows=2, calib_samples=2, sens_samples=2, seq_len=32,
+                             packs="", eval_data=str(text), calib_data=str(text))
+    return Study(settings, tmp / "results", prefix="t", command="python bench/moe_study.py --prefix t")
+
+
+def test_contribution_part_writes_its_json(study):
+    data = study.run_part("contribution")
+    written = json.loads((study.results / "t_contribution.json").read_text())
+    assert set(written) == {"fp_ppl", "rows", "meta"}
+    assert written["fp_ppl"] == pytest.approx(data["fp_ppl"])
+    names = [r["name"] for r in written["rows"]]
+    assert names[0] == "float (full MoE blocks)" and names[-1] == "top-1 instead of top-2"
+    assert all(set(r) == {"name", "ppl", "increase"} for r in written["rows"])
+    assert written["rows"][0]["increase"] == 0.0
+    assert any(r["increase"] != 0.0 for r in written["rows"][1:])  # dropping experts changes the model
+    meta = written["meta"]
+    assert {"model", "path", "ctx", "windows", "eval", "calib", "experts", "k", "moe_layers", "command",
+            "seconds"} <= set(meta)
+    assert (meta["experts"], meta["k"], meta["moe_layers"]) == (8, 2, [1, 2])
+    assert meta["command"] == "python bench/moe_study.py --prefix t"
+    assert study.load_part("contribution") == written
+
+
+def test_topk_part_without_packs_restores_the_float_model(study):
+    fp = study.fp_ppl()
+    data = study.run_part("topk")
+    assert {"fp_ppl", "rows", "dynamic_k", "fallback", "fallback_experts", "mean_top1_prob", "meta"} <= set(data)
+    assert [r["config"] for r in data["rows"]] == ["float k=2", "float k=1"]
+    assert study.ppl() == pytest.approx(fp)  # the routing hooks are back to plain top-k
+
+
+def test_names_are_checked_in_one_line():
+    check_parts(list(PARTS))
+    check_packs("")
+    with pytest.raises(UsageError, match="unknown part 'nope'"):
+        check_parts(["stats", "nope"])
+    with pytest.raises(UsageError, match="unknown pack recipe"):
+        check_packs("rtn4,bogus")
+    with pytest.raises(DupqError, match="not a named model"):
+        Study(StudySettings(model="smollm2-135m-moe-not-a-model"), "/tmp")
+    assert default_prefix("smollm2-135m-moe") == "moe_smollm2" and default_prefix("x") == "moe"
+    assert pack_recipe("moe-w2-rot").moe.rotation == "hadamard"

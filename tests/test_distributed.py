@@ -293,7 +293,7 @@ def test_a_dead_or_frozen_rank_makes_the_others_exit_with_one_line(packs, how):
             errors = [ln for ln in err.splitlines() if ln.strip()]
             assert len(errors) == 1 and errors[0].startswith(f"error: rank {r}: "), err
             assert ("a peer is gone" if how == "kill" else "no progress for 4s") in errors[0]
-            assert waited < (10 if how == "kill" else 30), waited
+            assert waited < (20 if how == "kill" else 30), waited  # bounded, with room for a loaded 2-core CI box
     finally:
         for p in procs:
             if p.poll() is None:

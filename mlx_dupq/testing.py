@@ -10,6 +10,7 @@ Families: :data:`CONFIGS` (dense qwen2 / llama; MoE deepseek, qwen2_moe, qwen3_m
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import mlx.core as mx
@@ -151,3 +152,28 @@ def logits(model, tokens: mx.array = TOKENS) -> mx.array:
 def rel_err(a: mx.array, b: mx.array) -> float:
     """||a - b|| / ||b||."""
     return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
+
+
+def free_base_port(n: int) -> int:
+    """A port p with p .. p+n-1 free on 127.0.0.1 (mlx's ring backend listens on base + rank).
+
+    Raises RuntimeError when 50 tries find no such run."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free ports")

@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from mlx_dupq.dup.specs import CopySpec, DupPlan
 from mlx_dupq.errors import DupqError
 from mlx_dupq.eval.data import load_text
 from mlx_dupq.eval.ppl import perplexity
+from mlx_dupq.testing import free_base_port
 from tests.tiny import TOKENS, make_hf_dir
 
 
@@ -160,27 +160,6 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 300  # seconds for one mlx.launch of tiny packs (process start-up dominates)
 
 
-def _free_base_port(n: int) -> int:
-    """A port p with p .. p+n-1 free on 127.0.0.1 (the ring backend listens on one port per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            socks = []
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free ports")
 
 
 def _env() -> dict:
@@ -190,7 +169,7 @@ def _env() -> dict:
 def _launch(n: int, cmd: list[str]) -> subprocess.CompletedProcess:
     launcher = shutil.which("mlx.launch")
     assert launcher, "mlx.launch (shipped with mlx) is not on PATH"
-    args = [launcher, "-n", str(n), "--backend", "ring", "-p", str(_free_base_port(n)), "--", *cmd]
+    args = [launcher, "-n", str(n), "--backend", "ring", "-p", str(free_base_port(n)), "--", *cmd]
     return subprocess.run(args, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=REPO)
 
 
@@ -253,7 +232,7 @@ def test_cli_generate_and_ppl_with_pipeline_print_what_one_process_prints(packs)
 def _spawn(n: int, cmd: list[str]) -> list[subprocess.Popen]:
     """``n`` ranks started the way mlx.launch starts them (MLX_RANK, MLX_HOSTFILE), without its
     supervision, so the test decides which one dies and the others must notice on their own."""
-    base = _free_base_port(n)
+    base = free_base_port(n)
     hostfile = Path(tempfile.mkdtemp()) / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base + i}"] for i in range(n)]))
     return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from mlx_dupq.io.manifest import verify_pack
+from mlx_dupq.testing import free_base_port
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_dupq
@@ -287,26 +287,10 @@ def test_resume_gives_identical_pack(e2e_env, tmp_path):
 
 
 def _free_port(n: int = 2) -> int:
-    """A base port with ``n`` consecutive free ports (the ring backend uses base + rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        try:
-            socks = []
-            for i in range(n):
-                t = socket.socket()
-                t.bind(("127.0.0.1", base + i))
-                socks.append(t)
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    pytest.skip("no free consecutive ports on localhost")
+    try:
+        return free_base_port(n)
+    except RuntimeError:
+        pytest.skip("no free consecutive ports on localhost")
 
 
 def test_two_ranks_equal_one_process(e2e_env, tmp_path):

@@ -35,7 +35,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "mlx_dupq.moe.topk", "mlx_dupq.moe.study",
                      "mlx_dupq.inspect_model", "mlx_dupq.bench_run", "mlx_dupq.generate",
                      "mlx_dupq.serve", "mlx_dupq.export")),
-    ("cli", ("mlx_dupq.api", "mlx_dupq.cli")),
+    ("cli", ("mlx_dupq.api", "mlx_dupq.cli", "mlx_dupq.cli_common", "mlx_dupq.cli_measure", "mlx_dupq.cli_use",
+             "mlx_dupq.cli_catalog")),
 ]
 ROOT_LAYER = "cli"  # mlx_dupq/__init__.py: the public convert / load
 
@@ -169,3 +170,4 @@ def test_the_checker_sees_cycles_layers_and_deferred_imports(tmp_path):
     assert layer_of("mlx_dupq.refine.block") == layer_of("mlx_dupq.dup")  # new modules of a listed package
     assert layer_of("mlx_dupq.io.manifest") == layer_of("mlx_dupq.io")
     assert layer_of("mlx_dupq.eval.data") < layer_of("mlx_dupq.input_stats") < layer_of("mlx_dupq.eval.ppl")
+    assert layer_of("mlx_dupq.cli_measure") == layer_of("mlx_dupq.cli") > layer_of("mlx_dupq.eval.ppl")

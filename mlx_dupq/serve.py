@@ -16,12 +16,19 @@ cache, streaming, sampling, stop words, logprobs). Four things differ, each a sm
 
 Endpoints (mlx-lm's): ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``"stream": true``), ``GET /v1/models``, ``GET /health``.
+
+mlx-lm has no public way to build a request's prompt before the request is queued, so the context
+check calls its private ``ResponseGenerator._tokenize`` (the one mlx-lm's generation thread calls);
+the 400s are written with ``APIHandler._set_completion_headers``. pyproject pins mlx-lm to
+:data:`MLX_LM_RANGE`, :func:`check_mlx_lm` refuses in one line an mlx-lm without them, and
+tests/test_serve_mlx_lm.py fails when either changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import logging
 import signal
@@ -29,6 +36,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +47,24 @@ from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 from .errors import DupqError
 from .eval.ppl import max_context
 from .io.loader import load
+
+#: the mlx-lm versions whose server has :data:`PRIVATE_API` (also the requirement in pyproject.toml)
+MLX_LM_RANGE = ">=0.32,<0.33"
+#: mlx-lm's private methods used here, with their parameters
+PRIVATE_API = {
+    (mlx_server.ResponseGenerator, "_tokenize"): ("self", "tokenizer", "request", "args"),
+    (mlx_server.APIHandler, "_set_completion_headers"): ("self", "status_code"),
+}
+
+
+def check_mlx_lm() -> None:
+    """Raise :class:`DupqError` (one line) when the installed mlx-lm's server lacks a method of
+    :data:`PRIVATE_API` or takes other parameters."""
+    for (cls, name), params in PRIVATE_API.items():
+        fn = getattr(cls, name, None)
+        if not callable(fn) or tuple(inspect.signature(fn).parameters) != params:
+            raise DupqError(f"mlx-lm {version('mlx-lm')}'s server has no {cls.__name__}.{name}({', '.join(params[1:])}), "
+                            f"which mlx-dupq serve uses; pip install 'mlx-lm{MLX_LM_RANGE}'")
 
 
 def server_options(model_name: str, **overrides) -> argparse.Namespace:
@@ -218,6 +244,7 @@ def make_server(model: str | Path, host: str = "127.0.0.1", port: int = 8080, na
     ``decode_concurrency``, ...). The model is loaded before the port is bound, so a bad MODEL
     fails with a one-line :class:`DupqError` and no socket.
     """
+    check_mlx_lm()
     name = name or str(model)
     cli_args = server_options(name, **options)
     m, tokenizer = load(model, compute_dtype=compute_dtype)

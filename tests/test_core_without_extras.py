@@ -37,6 +37,9 @@ def test_core_commands_need_no_extra(tiny_dirs, tmp_path):
                  ["bench", pack, "--no-tokens-per-sec"], ["inspect", pack], ["recipes", "list"]):
         res = cli(*args, cwd=tmp_path)
         assert res.returncode == 0, f"{args}: {res.stderr[-2000:]}"
+    # eval ppl's default text (no --data) is held-out real text the core install fetches: brown:eval
+    res = cli("eval", "ppl", pack, "--ctx", "32", "--windows", "2", cwd=tmp_path)
+    assert res.returncode == 0 and "(brown:eval, ctx 32, 2 windows, 62 tokens" in res.stdout, res.stderr[-2000:]
 
 
 def test_missing_extra_is_one_line_naming_it(tiny_dirs, tmp_path):

@@ -24,7 +24,7 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model (perplexity,
 def eval_ppl(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option("brown:eval", "--data", "-d", help="brown[:calib|:eval], lee[:calib|:eval], code[:calib|:eval], "
-                             "mix[:calib|:eval], a text file, or from the hub: wikitext2, c4, ptb (the [eval] extra)."),
+                             "mix[:calib|:eval], a text file, or from the hub: wikitext2, c4, ptb (the \\[eval] extra)."),
     ctx: int = typer.Option(2048, "--ctx", min=2, help="Context length of each window."),
     windows: Optional[int] = typer.Option(None, "--windows", "-n", min=1, help="Use only the first N windows."),
     chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Prefill step through the KV cache (default: one pass up to 2048, else 1024)."),

@@ -4,20 +4,23 @@ layer, at most 10 deferred (function-level) imports of the package, each with a 
 Every import of ``mlx_dupq`` counts, at module level and inside functions (``if TYPE_CHECKING:``
 blocks excepted). A module's layer is the one of the longest prefix in :data:`LAYERS` that names
 it, so a new module inside a listed package is checked without being listed; a new top-level
-module or package must be added here (and to docs/architecture.md).
+module or package must be added here (and to docs/architecture.md). The graph is
+:mod:`mlx_dupq.import_graph`'s (bench/architecture_stats.py counts with the same walk).
 """
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
+
+from mlx_dupq.import_graph import cycles, import_graph
 
 PKG = Path(__file__).resolve().parent.parent / "mlx_dupq"
 MAX_DEFERRED = 10
 
 #: bottom-up; a module may import from its own layer or any layer below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("mlx_dupq.errors", "mlx_dupq._env", "mlx_dupq.cache", "mlx_dupq.extras", "mlx_dupq._version")),
+    ("base", ("mlx_dupq.errors", "mlx_dupq._env", "mlx_dupq.cache", "mlx_dupq.extras", "mlx_dupq._version",
+              "mlx_dupq.import_graph")),
     ("specs", ("mlx_dupq.specs", "mlx_dupq.dup.specs", "mlx_dupq.moe.spec", "mlx_dupq.refine.spec")),
     ("recipe", ("mlx_dupq.config",)),
     ("math", ("mlx_dupq.quant", "mlx_dupq.rotation", "mlx_dupq.metrics")),
@@ -54,101 +57,19 @@ def layer_of(module: str) -> int:
     return found
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str, str]]]:
-    """({module: modules it imports}, [(module, line, target, source line) of each deferred import])."""
-    files = {_module_name(p): p for p in PKG.rglob("*.py")}
-    edges: dict[str, set[str]] = {m: set() for m in files}
-    deferred = []
-    for mod, path in files.items():
-        text = path.read_text(encoding="utf-8")
-        lines = text.splitlines()
-        tree = ast.parse(text)
-        skip, inside = set(), set()
-        for n in ast.walk(tree):
-            if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
-                skip.update(id(x) for b in n.body for x in ast.walk(b))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                inside.update(id(x) for x in ast.walk(n) if x is not n)
-        for n in ast.walk(tree):
-            if id(n) in skip or not isinstance(n, (ast.Import, ast.ImportFrom)):
-                continue
-            if isinstance(n, ast.Import):
-                targets = [a.name for a in n.names]
-            else:
-                base = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
-                if n.level:
-                    base = base[: len(base) - (n.level - 1)]
-                    base_name = ".".join(base + ([n.module] if n.module else []))
-                else:
-                    base_name = n.module or ""
-                targets = [base_name] + [f"{base_name}.{a.name}" for a in n.names]
-            hit = False
-            for t in targets:
-                if not (t == "mlx_dupq" or t.startswith("mlx_dupq.")):
-                    continue
-                while t and t not in files:
-                    t = t.rpartition(".")[0]
-                if t and t != mod and not mod.startswith(t + "."):  # a package's own __init__ is no edge
-                    edges[mod].add(t)
-                    hit = True
-            if hit and id(n) in inside:
-                deferred.append((mod, n.lineno, ast.unparse(n), lines[n.lineno - 1]))
-    return edges, deferred
-
-
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in edges[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(edges):
-        if v not in index:
-            visit(v)
-    return out
-
-
 def test_every_module_has_a_layer():
-    edges, _ = import_graph()
+    edges, _ = import_graph(PKG)
     for m in edges:
         layer_of(m)
 
 
 def test_no_import_cycle():
-    edges, _ = import_graph()
+    edges, _ = import_graph(PKG)
     assert cycles(edges) == []
 
 
 def test_no_import_from_a_higher_layer():
-    edges, _ = import_graph()
+    edges, _ = import_graph(PKG)
     names = [n for n, _ in LAYERS]
     bad = [f"{m} ({names[layer_of(m)]}) imports {t} ({names[layer_of(t)]})"
            for m, ts in sorted(edges.items()) for t in sorted(ts) if layer_of(t) > layer_of(m)]
@@ -156,7 +77,7 @@ def test_no_import_from_a_higher_layer():
 
 
 def test_few_deferred_imports_each_with_a_reason():
-    _, deferred = import_graph()
+    _, deferred = import_graph(PKG)
     assert len(deferred) <= MAX_DEFERRED, [f"{m}:{line} {imp}" for m, line, imp, _ in deferred]
     unexplained = [f"{m}:{line} {imp}" for m, line, imp, src in deferred if "# deferred:" not in src]
     assert unexplained == []
@@ -164,6 +85,19 @@ def test_few_deferred_imports_each_with_a_reason():
 
 def test_the_checker_sees_cycles_layers_and_deferred_imports(tmp_path):
     """The graph code itself: a made-up package with a cycle and a deferred import."""
+    pkg = tmp_path / "fake"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fake import c\n")
+    (pkg / "sub" / "b.py").write_text("import os\n\ndef f():\n    from .. import a  # deferred: why\n    return a\n")
+    (pkg / "c.py").write_text("import fake.a\n")
+    edges, deferred = import_graph(pkg)
+    assert edges == {"fake": set(), "fake.a": {"fake.sub", "fake.sub.b"}, "fake.sub": set(), "fake.sub.b": {"fake.a"},
+                     "fake.c": {"fake.a"}}
+    assert cycles(edges) == [["fake.a", "fake.sub.b"]]
+    assert [(d.module, d.line, d.statement, d.source.strip()) for d in deferred] == [
+        ("fake.sub.b", 4, "from .. import a", "from .. import a  # deferred: why")]
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     assert layer_of("mlx_dupq.dup.specs") < layer_of("mlx_dupq.config") < layer_of("mlx_dupq.dup.plans")

@@ -28,6 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import DupqError
+from ..specs import check_fields
 
 E2E_VERSION = 1
 TRAINABLE = ("scales", "biases", "norms")
@@ -98,10 +99,7 @@ class E2ESpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "E2ESpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DupqError(f"unknown e2e option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        check_fields(cls, d, "e2e option(s)")
         return cls(**d)
 
     @classmethod

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DupqError
+from ..specs import check_fields
 
 TRAINABLE = ("scales", "biases", "weights", "norms")
 TARGETS = ("float", "quantized")
@@ -92,10 +93,7 @@ class BlockSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DupqError(f"unknown refine.block option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        check_fields(cls, d, "refine.block option(s)")
         return cls(**d)
 
 

@@ -1,6 +1,6 @@
 """Everything the command line calls, in one module (docs/architecture.md, layer "cli").
 
-:mod:`mlx_dupq.cli` imports this module on first use, so that ``mlx-dupq --help`` does not pay for
+:func:`mlx_dupq.cli_common.lib` imports this module on first use, so that ``mlx-dupq --help`` does not pay for
 importing mlx-lm; the library itself is used through its own modules.
 """
 

@@ -221,11 +221,3 @@ def test_block_asking_for_more_calibration_fails_in_one_line(tiny_dirs, tmp_path
     assert "calib_samples" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
 
-
-def test_e2e_table_is_refused_in_one_line_until_wired(tiny_dirs, tmp_path, calib_file):
-    rec = Recipe(name="e", default=QuantSpec(bits=2, group_size=32), refine=RefineSpec(e2e={"steps": 1}),
-                 quantizer=QuantizerSpec(method="gptq", calib_data=calib_file, calib_samples=4, calib_seq_len=32))
-    with pytest.raises(DupqError) as e:
-        mlx_dupq.convert(tiny_dirs["llama"], tmp_path / "p", rec)
-    assert "mlx-dupq refine" in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()

@@ -3,6 +3,7 @@ options, data parallel."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -313,3 +314,79 @@ def test_two_ranks_equal_one_process(e2e_env, tmp_path):
     a, b = _arrays(tmp_path / "one"), _arrays(tmp_path / "two")
     for k in a:
         assert np.allclose(np.array(a[k].astype(mx.float32)), np.array(b[k].astype(mx.float32)), rtol=1e-3, atol=1e-5), k
+
+
+# --------------------------------------------------------------------------- as a convert stage
+
+
+def _e2e_recipe(text, **e2e):
+    from mlx_dupq.config import Recipe
+    from mlx_dupq.refine.spec import RefineSpec
+
+    opts = dict(steps=12, lr=1e-4, samples=16, valid_samples=4, seq_len=32, batch=4, top_k=64, eval_every=4,
+                patience=0, trainable=["scales", "biases", "norms"], data=str(text))
+    opts.update(e2e)
+    return Recipe(name="e2e", default=QuantSpec(bits=2, group_size=32), refine=RefineSpec(e2e=opts))
+
+
+def test_convert_with_e2e_lowers_kl_and_records(e2e_env, tmp_path):
+    src, _, _, text = e2e_env
+    rec = _e2e_recipe(text, steps=20)
+    plain = tmp_path / "plain"  # the same conversion without the stage
+    mlx_dupq.convert(src, plain, dataclasses.replace(rec, refine=None))
+    out = tmp_path / "p"
+    seen = []
+    res = mlx_dupq.convert(src, out, rec, progress=lambda m, d, t: seen.append(m))
+    meta = json.loads((out / "config.json").read_text())["mlx_dupq"]
+    rec = meta["refine"]["e2e"]
+    assert rec["kept"] == "trained" and rec["valid_kl_after"] < 0.8 * rec["valid_kl_before"]
+    assert rec["options"]["steps"] == 20 and rec["teacher"] == str(src)
+    assert meta["recipe"]["refine"]["e2e"]["steps"] == 20
+    assert _teacher_kl(out, src, TEXT) < _teacher_kl(plain, src, TEXT)
+    assert res.bits_per_weight == json.loads((plain / "config.json").read_text())["mlx_dupq"]["bits_per_weight"]
+    assert any("ETA" in m for m in seen) and any("validation KL" in m and "->" in m for m in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "plain"]  # no work, tmp or partial directory left
+    assert not (out / "e2e-work").exists()
+    verify_pack(out)
+
+
+def test_convert_e2e_resume_continues_the_stage(e2e_env, tmp_path, monkeypatch):
+    src, _, _, text = e2e_env
+    rec = _e2e_recipe(text, steps=8)
+    mlx_dupq.convert(src, tmp_path / "fresh", rec)
+    import mlx_dupq.refine.e2e as e2e_mod
+
+    real = e2e_mod.distill_pack
+
+    def interrupted(*a, **kw):
+        outer = kw["progress"]
+
+        def die(phase, done, total, info):
+            outer(phase, done, total, info)
+            if phase == "train" and done == 6:
+                raise KeyboardInterrupt
+        return real(*a, **{**kw, "progress": die})
+
+    monkeypatch.setattr(e2e_mod, "distill_pack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mlx_dupq.convert(src, tmp_path / "p", rec)
+    work = tmp_path / "p.partial" / "e2e-work"
+    assert json.loads((work / "state.json").read_text())["step"] == 4
+    monkeypatch.setattr(e2e_mod, "distill_pack", real)
+    mlx_dupq.convert(src, tmp_path / "p", rec, resume=True)
+    a, b = _arrays(tmp_path / "fresh"), _arrays(tmp_path / "p")
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(steps=-1), "steps must be >= 0"),
+    (dict(lr=0), "lr must be > 0"),
+    (dict(trainable=["codes"]), "unknown trainable"),
+    (dict(stepz=3), "unknown e2e option"),
+])
+def test_convert_bad_e2e_options_fail_in_one_line_before_writing(e2e_env, tmp_path, bad, words):
+    src, _, _, text = e2e_env
+    with pytest.raises(DupqError) as e:
+        mlx_dupq.convert(src, tmp_path / "p", _e2e_recipe(text, **bad))
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -288,13 +288,14 @@ def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict, d
 # --------------------------------------------------------------------------- writing
 
 
-def write_refined(pack: Path, out: Path, new: dict[str, mx.array], record: dict) -> None:
+def write_refined(pack: Path, out: Path, new: dict[str, mx.array], record: dict, skip: tuple[str, ...] = ()) -> None:
     """Copy ``pack`` to ``out`` with the arrays in ``new`` replaced (stored dtype kept) and
-    ``record`` under ``mlx_dupq.refine.e2e`` in config.json; via ``OUT.tmp`` + rename."""
+    ``record`` under ``mlx_dupq.refine.e2e`` in config.json; via ``OUT.tmp`` + rename.
+    ``skip``: top-level entries of ``pack`` not copied (a work directory inside it)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(pack, tmp)
+    shutil.copytree(pack, tmp, ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == pack else [])
     left = set(new)
     for f in sorted(tmp.glob("model*.safetensors")):
         arrays = mx.load(str(f))
@@ -340,12 +341,13 @@ def _text_ids(tokenizer, data) -> tuple[np.ndarray, str]:
 
 def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2ESpec, data=None,
                  progress: Progress | None = None, out: str | Path | None = None, resume: bool = False,
-                 teacher_name: str | None = None) -> E2EResult:
+                 teacher_name: str | None = None, work: str | Path | None = None) -> E2EResult:
     """Distill the pack at ``pack_dir`` against ``teacher`` (a model name/path, or a loaded float
     model); write the refined pack to ``out`` (default: in place). See the module doc.
 
     data: a text name or file (default ``spec.data``) or a 1-D array of token ids.
     progress(phase, done, total, info): phases ``targets``, ``train`` (info: loss), ``valid`` (info: kl).
+    work: the work directory (default ``OUT.e2e-work``; convert puts it inside its partial pack).
     """
     t0 = time.perf_counter()
     pack = Path(pack_dir).expanduser()
@@ -373,7 +375,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     ids, data_name = _text_ids(tokenizer, spec.data if data is None else data)
     train_w, valid_w = calibration_windows(ids, spec)
 
-    work = out.with_name(out.name + ".e2e-work")
+    work = out.with_name(out.name + ".e2e-work") if work is None else Path(work)
     fp = _fingerprint(pack, t_name, spec, data_name, size)
     state = None
     if resume and (work / STATE_FILE).exists():
@@ -395,11 +397,11 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     chunk = max(1, spec.batch // size)
     t = spec.temperature
     train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, t, chunk, progress)
-    valid_t.build(t_model, valid_w, mine_valid, k, t, chunk, progress)
+    valid_t.build(t_model, valid_w, mine_valid, k, 1.0, chunk, progress)  # validation: the real distribution
 
-    def loss_fn(params, x, tl, ti):
+    def loss_fn(params, x, tl, ti, temperature=t):
         student.update(tree_unflatten(list(params.items())))
-        return kl_loss(student, x, tl, ti, spec.temperature)
+        return kl_loss(student, x, tl, ti, temperature)
 
     grad_fn = mx.value_and_grad(loss_fn)
 
@@ -408,7 +410,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
         for j in range(0, len(mine_valid), chunk):
             rows = valid_w[mine_valid[j : j + chunk]]
             tl, ti = valid_t.get(rows)
-            total = total + loss_fn(params, mx.array(rows[:, :-1]), tl, ti) * len(rows)
+            total = total + loss_fn(params, mx.array(rows[:, :-1]), tl, ti, 1.0) * len(rows)
             mx.eval(total)
         if size > 1:
             total = mx.distributed.all_sum(total, stream=mx.cpu)
@@ -488,7 +490,8 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     if rank == 0:
         record = {"options": spec.to_dict(), "teacher": t_name, "data": data_name, "processes": size,
                   **{k: v for k, v in result.to_dict().items() if k != "seconds"}}
-        write_refined(pack, out, {n: final[n] for n in names} if kept == "trained" else {}, record)
+        inside = (work.name,) if work.parent == pack else ()
+        write_refined(pack, out, {n: final[n] for n in names} if kept == "trained" else {}, record, skip=inside)
         shutil.rmtree(work, ignore_errors=True)
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others wait for rank 0's pack

@@ -4,42 +4,52 @@
   (:class:`~mlx_dupq.refine.stage.BlockStage`) on every decoder layer after it is quantized and
   before the calibration states advance through it; :meth:`config_entries` records the options and
   each layer's held-out errors before / after in config.json (``mlx_dupq.refine.block``).
-- ``[refine.e2e]``: end-to-end distillation of the finished pack belongs in :meth:`finish`
-  (``mlx_dupq.refine.e2e.distill_pack(pack_dir, teacher, spec)``, issue 14 item 2); until that
-  stage is wired here, a recipe with ``[refine.e2e]`` is refused in one line that names
-  ``mlx-dupq refine PACK``.
+- ``[refine.e2e]``: :meth:`finish` distills the finished (still partial) pack end to end against
+  the float source (:func:`mlx_dupq.refine.e2e.distill_pack`, the same stage as ``mlx-dupq refine``),
+  in place; its work directory (teacher targets, checkpoint) lives inside ``OUT.partial/``, so
+  ``convert --resume`` continues an interrupted e2e stage and a fresh convert starts it over. The
+  options are validated in :meth:`plan`, before anything is written; config.json records them and
+  the validation KL before / after (``mlx_dupq.refine.e2e``).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..errors import DupqError
 from ..features.protocol import ConvertContext, Feature, LayerStep
+from .e2e_spec import E2ESpec
 from .spec import RefineSpec
 from .stage import BlockStage, check_calibration
+
+E2E_WORK = "e2e-work"  # inside OUT.partial/
 
 
 class RefineFeature(Feature):
     section = "refine"
     calibrates = True  # the block stage trains on the calibration states, also after RTN
 
-    def __init__(self, spec: RefineSpec):
+    def __init__(self, spec: RefineSpec, e2e: E2ESpec | None = None):
         self.spec = spec
+        self.e2e = e2e
+        self.calibrates = spec.block is not None  # e2e alone needs no calibration states
         self.block: BlockStage | None = None
 
     @classmethod
     def plan(cls, ctx: ConvertContext) -> "RefineFeature | None":
         spec: RefineSpec = ctx.recipe.refine
-        if spec.e2e is not None:  # the place of the e2e stage (see the module docstring)
-            raise DupqError("[refine.e2e] is not a convert stage yet; convert without it, then run "
-                            "`mlx-dupq refine PACK` on the pack")
-        if spec.block is None:
+        e2e = E2ESpec.from_dict(spec.e2e) if spec.e2e is not None else None  # bad options: one line, nothing written
+        if spec.block is None and e2e is None:
             return None
-        if ctx.recipe.duplication is not None or ctx.recipe.moe is not None:
-            raise DupqError("refine.block does not support duplication or [moe] recipes yet; drop [refine.block]")
-        check_calibration(ctx.recipe.quantizer, spec.block)
-        return cls(spec)
+        if spec.block is not None:
+            if ctx.recipe.duplication is not None or ctx.recipe.moe is not None:
+                raise DupqError("refine.block does not support duplication or [moe] recipes yet; drop [refine.block]")
+            check_calibration(ctx.recipe.quantizer, spec.block)
+        if e2e is not None and ctx.recipe.activations is not None:
+            raise DupqError("[refine.e2e] cannot train a pack with [activations] (fake-quant has no gradient); "
+                            "drop one of them")
+        return cls(spec, e2e)
 
     def on_layer(self, ctx: ConvertContext, step: LayerStep) -> None:
         if step.layer is None or step.calib is None:
@@ -56,4 +66,34 @@ class RefineFeature(Feature):
     def finish(self, ctx: ConvertContext, pack_dir: Path) -> None:
         if self.block is not None:
             self.block.cleanup()
-        # [refine.e2e] runs here, on the finished (still partial) pack, once it is wired (plan refuses it now)
+        if self.e2e is not None:
+            self._distill(ctx, Path(pack_dir))
+
+    def _distill(self, ctx: ConvertContext, pack_dir: Path) -> None:
+        from ..io.loader import float_model
+        from .e2e import STATE_FILE, distill_pack
+
+        spec, work = self.e2e, pack_dir / E2E_WORK
+        ctx.progress(f"e2e distillation: {spec.steps} steps x {spec.batch} x {spec.seq_len} tokens of {spec.data}, "
+                     f"lr {spec.lr:g}, temperature {spec.temperature:g}", 0, spec.steps)
+        teacher = float_model(ctx.source)
+        t0, first = time.time(), {}
+
+        def progress(phase: str, done: int, total: int, info: dict) -> None:
+            if phase == "targets":
+                ctx.progress(f"e2e distillation: teacher targets ({info.get('split')}) {done}/{total}", done, total)
+                return
+            if phase == "train":
+                first.setdefault("step", (done - 1, time.time()))
+                s0, t1 = first["step"]
+                eta = (time.time() - t1) / max(done - s0, 1) * (total - done)
+                ctx.progress(f"e2e distillation: step {done}/{total}, loss {info['loss']:.4f}, "
+                             f"ETA {eta / 60:.1f} min", done, total)
+            else:
+                ctx.progress(f"e2e distillation: validation KL {info['kl']:.4f} at step {done}", done, total)
+
+        res = distill_pack(pack_dir, teacher, spec, progress=progress, resume=(work / STATE_FILE).exists(),
+                           teacher_name=ctx.source.name, work=work)
+        ctx.progress(f"e2e distillation: validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "
+                     f"({res.kept}, best step {res.best_step}/{res.steps_run}, {time.time() - t0:.0f}s)",
+                     spec.steps, spec.steps)

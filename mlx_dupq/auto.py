@@ -12,8 +12,10 @@
    error on its own float inputs; seconds, no extra forward passes) over 2-bit g64, 3/4-bit g128 and 8-bit g64 candidates,
    the embedding and head kept at >= 4 bits when that fits (else 3, else 2).
 4. **block reconstruction** (``[refine.block]``, :mod:`mlx_dupq.refine.block`) with its defaults.
-5. **end-to-end distillation** (``[refine.e2e]``): its place; skipped (and the row says so) until
-   the e2e stage is a convert stage (:mod:`mlx_dupq.refine.feature`).
+5. **end-to-end distillation** (``[refine.e2e]``, :mod:`mlx_dupq.refine.e2e`): the pack's scales,
+   biases and norms trained against the float model's next-token distribution on ``mix:calib``
+   (:data:`E2E_DEFAULTS`, chosen from the SmolLM2-135M measurements in docs/e2e.md);
+   ``e2e_steps`` sets its steps (0 skips it).
 
 The budget is all-in (embeddings, head, norms, scales and biases count), as ``inspect`` reports it;
 the allocation plans with the real packed sizes, so the pack is at or below ``B``.
@@ -40,6 +42,10 @@ from .specs import QuantizerSpec, QuantSpec, RotationSpec
 CANDIDATES = ((2, 64), (3, 128), (4, 128), (8, 64))  # 3/4 bits in groups of 128 where rows allow
 EMBED_FLOORS = (4, 3, 2)
 E2E_MODULE = "mlx_dupq.refine.e2e"
+#: the e2e stage of ``convert --bpw`` (docs/e2e.md, "What moves a 3-bit SmolLM2 pack")
+E2E_DEFAULTS = dict(steps=200, lr=1e-3, batch=1, seq_len=256, samples=200, valid_samples=8, temperature=1.0,
+                    top_k=256, trainable=["scales", "biases", "norms"], eval_every=25, patience=0, data="mix:calib")
+E2E_WHY = "provisional"
 
 
 @dataclass(frozen=True)
@@ -62,16 +68,31 @@ def _rotation(model: str) -> tuple[RotationSpec | None, Choice]:
     return spec, Choice("rotation", "block Hadamard + online down_proj", "no extra stored parameters")
 
 
-def _e2e() -> tuple[dict | None, Choice]:
+def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
+    if steps == 0:
+        return None, Choice("e2e distillation", "skipped", "--e2e-steps 0")
     if importlib.util.find_spec(E2E_MODULE) is None:
         return None, Choice("e2e distillation", "skipped", f"{E2E_MODULE} is not in this installation")
-    return None, Choice("e2e distillation", "skipped", "not a convert stage yet: run `mlx-dupq refine PACK` after")
+    from .refine.e2e_spec import E2ESpec
+
+    opts = dict(E2E_DEFAULTS, steps=E2E_DEFAULTS["steps"] if steps is None else steps)
+    opts["samples"] = max(opts["samples"], opts["steps"] * opts["batch"])  # every window seen once
+    spec = E2ESpec.from_dict(opts)  # validates (a bad --e2e-steps: one line, before anything runs)
+    return spec.to_dict(), Choice(
+        "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens, lr {spec.lr:g}, "
+        f"temperature {spec.temperature:g}, {', '.join(spec.trainable)}",
+        f"{spec.data}; {E2E_WHY}; --e2e-steps N changes the steps (0 skips)")
 
 
-def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", progress=None) -> tuple[Recipe, list[Choice]]:
-    """The recipe ``convert --bpw`` runs for ``model`` at ``bpw`` all-in bits/weight, and why."""
+def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", e2e_steps: int | None = None,
+              progress=None) -> tuple[Recipe, list[Choice]]:
+    """The recipe ``convert --bpw`` runs for ``model`` at ``bpw`` all-in bits/weight, and why.
+    ``e2e_steps``: steps of the end-to-end stage (None: :data:`E2E_DEFAULTS`; 0: no e2e stage)."""
     if not bpw > 0:
         raise DupqError(f"--bpw {bpw!r} must be a positive number of bits per weight, e.g. 2.5 or 3")
+    if e2e_steps is not None and (isinstance(e2e_steps, bool) or not isinstance(e2e_steps, int) or e2e_steps < 0):
+        raise DupqError(f"--e2e-steps {e2e_steps!r} must be an integer >= 0 (0 skips end-to-end distillation)")
+    e2e, e2e_choice = _e2e(e2e_steps)
     rotation, rot_choice = _rotation(model)
     quantizer = QuantizerSpec(method="gptq", calib_data=calib_data, calib_samples=16, calib_seq_len=512,
                               calib_head=True)
@@ -94,7 +115,6 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", progre
         lowest = str(err).split("smallest reachable ")[-1].split(" ")[0]
         raise DupqError(f"--bpw {bpw:g} is below the smallest all-in budget reachable for {model} "
                         f"({lowest} bits/weight with 2-bit layers and a 2-bit embedding); raise --bpw")
-    e2e, e2e_choice = _e2e()
     rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(), e2e=e2e).to_dict()})
     choices = [
         rot_choice,

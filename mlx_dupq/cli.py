@@ -49,18 +49,22 @@ def convert(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion."),
     bpw: Optional[float] = typer.Option(None, "--bpw", help="All-in bits/weight budget: the best pipeline at "
                                         "that budget, chosen automatically (no --recipe)."),
+    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="With --bpw: steps of end-to-end "
+                                            "distillation (0 skips it) [default: the plan's]."),
 ):
     """Quantize MODEL into a self-describing MLX pack, streaming layer by layer."""
     parse_bits, parse_group_size, run = lib("parse_bits", "parse_group_size", "convert")
 
     b = parse_bits(bits) if bits is not None else None
     g = parse_group_size(group_size) if group_size is not None else None
+    if e2e_steps is not None and (bpw is None or e2e_steps < 0):
+        raise DupqError("--e2e-steps needs --bpw and an integer >= 0 (a recipe sets its own [refine.e2e] steps)")
     if bpw is not None:
         plan_auto = lib("plan_auto")
         if recipe is not None or b is not None or g is not None:
             raise DupqError("--bpw chooses the recipe, bits and group size itself; drop --recipe/--bits/--group-size")
         with progress_bar() as cb:
-            recipe, choices = plan_auto(model, bpw, progress=cb)
+            recipe, choices = plan_auto(model, bpw, e2e_steps=e2e_steps, progress=cb)
         table = Table(title=f"convert --bpw {bpw:g}: what was chosen and why", show_lines=False)
         for col in ("step", "choice", "why"):
             table.add_column(col, overflow="fold")

@@ -250,6 +250,25 @@ def test_distill_lowers_kl_keeps_codes_and_records(e2e_env, tmp_path, which):
     verify_pack(out)  # the manifest is rewritten for the refined shards
 
 
+def test_relative_units_train_the_same_parameters(e2e_env, tmp_path):
+    """relative=True: Adam moves scales / biases in units of the group's initial |scale|; the
+    stored layout and the codes are unchanged, the record says so, and KL falls."""
+    src, pack, _, text = e2e_env
+    out = tmp_path / "rel"
+    spec = small_spec(text, steps=20, lr=1e-2, relative=True, trainable="scales,biases,norms")
+    res = distill_pack(pack, src, spec, out=out)
+    assert res.kept == "trained" and res.valid_kl_after < 0.8 * res.valid_kl_before
+    a, b = _arrays(pack), _arrays(out)
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    assert all(mx.array_equal(a[k], b[k]) for k in a if a[k].dtype == mx.uint32)
+    # relative steps: each scale moved by at most ~steps x lr of its own magnitude
+    for k in a:
+        if k.endswith(".scales"):
+            s0, s1 = a[k].astype(mx.float32), b[k].astype(mx.float32)
+            assert (mx.abs(s1 - s0) <= 20 * 1e-2 * mx.abs(s0) * 1.05 + 1e-3).all().item(), k
+    assert json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]["options"]["relative"] is True
+
+
 def test_never_worse_than_start(e2e_env, tmp_path):
     src, pack, _, text = e2e_env
     out = tmp_path / "refined"

@@ -399,8 +399,14 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, t, chunk, progress)
     valid_t.build(t_model, valid_w, mine_valid, k, 1.0, chunk, progress)  # validation: the real distribution
 
+    flat = dict(tree_flatten(student.trainable_parameters()))
+    unit = _units(student, flat) if spec.relative else {}
+
+    def absolute(params: dict) -> dict:
+        return {n: v * unit[n] if n in unit else v for n, v in params.items()}
+
     def loss_fn(params, x, tl, ti, temperature=t):
-        student.update(tree_unflatten(list(params.items())))
+        student.update(tree_unflatten(list(absolute(params).items())))
         return kl_loss(student, x, tl, ti, temperature)
 
     grad_fn = mx.value_and_grad(loss_fn)
@@ -416,10 +422,9 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
             total = mx.distributed.all_sum(total, stream=mx.cpu)
         return float(total.item()) / len(valid_w)
 
-    flat = dict(tree_flatten(student.trainable_parameters()))
     stored = _stored_dtypes(pack)
-    params = {n: v.astype(mx.float32) for n, v in flat.items()}
-    initial = {n: v for n, v in params.items()}
+    initial = {n: v.astype(mx.float32) for n, v in flat.items()}
+    params = {n: v / unit[n] if n in unit else v for n, v in initial.items()}  # what Adam moves
     opt = optim.Adam(learning_rate=spec.lr, bias_correction=True)
     opt.init(params)
     saved_call = None
@@ -472,8 +477,9 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
                 if progress:
                     progress("valid", step, spec.steps, {"kl": v})
         # the kept parameters: the best, rounded to the stored dtype, and only if better than the start
-        rounded = {n: best[n].astype(stored.get(n, mx.float32)).astype(mx.float32) for n in best}
-        v_after = validate(rounded) if state["best_step"] > 0 else state["valid_before"]
+        rounded = {n: v.astype(stored.get(n, mx.float32)).astype(mx.float32) for n, v in absolute(best).items()}
+        back = {n: v / unit[n] if n in unit else v for n, v in rounded.items()}
+        v_after = validate(back) if state["best_step"] > 0 else state["valid_before"]
         kept = "trained" if state["best_step"] > 0 and v_after < state["valid_before"] else "initial"
         final = rounded if kept == "trained" else initial
         if kept == "initial":
@@ -496,6 +502,21 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others wait for rank 0's pack
     return result
+
+
+def _units(model: nn.Module, trainable: dict[str, mx.array]) -> dict[str, mx.array]:
+    """``{name: unit}`` of the relative parametrisation: a quantized layer's ``scales`` and
+    ``biases`` train in units of the group's initial ``|scale|`` (Adam's step is then a fraction of
+    a quantization step whatever the layer's magnitude: SmolLM2's folded scales span 30x); norms
+    train in absolute units (they start near 1)."""
+    allp = dict(tree_flatten(model.parameters()))
+    out = {}
+    for n in trainable:
+        if n.endswith(".scales") or n.endswith(".biases"):
+            s = allp.get(n[: -len("scales")] + "scales" if n.endswith(".scales") else n[: -len("biases")] + "scales")
+            if s is not None and s.shape == trainable[n].shape:
+                out[n] = mx.maximum(mx.abs(s.astype(mx.float32)), 1e-8)
+    return out
 
 
 def _stored_dtypes(pack: Path) -> dict[str, mx.Dtype]:

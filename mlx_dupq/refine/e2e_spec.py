@@ -19,6 +19,8 @@ patience       validations without improvement before stopping early (0 = never 
 seed           windows and batch order
 data           calibration text: a name ``mlx_dupq.eval.data.load_text`` knows (never ``:eval``)
                or a file; training and validation windows are disjoint windows of it
+relative       scales and biases train in units of each group's initial |scale| (``lr`` is then
+               a fraction of a quantization step per step); False: absolute units, as DWQ
 grad_checkpoint  recompute each decoder layer in the backward pass (mlx-lm's ``grad_checkpoint``)
 """
 
@@ -50,6 +52,7 @@ class E2ESpec:
     seed: int = 0
     data: str = "mix:calib"
     grad_checkpoint: bool = False
+    relative: bool = False
     version: int = E2E_VERSION
 
     def __post_init__(self):
@@ -76,6 +79,7 @@ class E2ESpec:
         if self.patience < 0:
             raise DupqError(f"e2e patience must be >= 0, got {self.patience}")
         object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
+        object.__setattr__(self, "relative", bool(self.relative))
         for name in ("lr", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):

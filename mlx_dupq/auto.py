@@ -76,7 +76,7 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
     from .refine.e2e_spec import E2ESpec
 
     opts = dict(E2E_DEFAULTS, steps=E2E_DEFAULTS["steps"] if steps is None else steps)
-    opts["samples"] = max(opts["samples"], opts["steps"] * opts["batch"])  # every window seen once
+    opts["samples"] = max(opts["steps"], 1) * opts["batch"]  # every training window seen once
     spec = E2ESpec.from_dict(opts)  # validates (a bad --e2e-steps: one line, before anything runs)
     return spec.to_dict(), Choice(
         "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens, lr {spec.lr:g}, "

@@ -9,7 +9,15 @@ Rows (each converted and evaluated in its own child process, so its peak RSS is 
   mlxlm:...                 as in ``bench/w2_compare.py`` (``mlxlm:rtn:2:64``: mlx-lm RTN 2-bit g64)
   dupq:RECIPE               a recipe as shipped
   dupq:RECIPE+block         that recipe with ``[refine.block]`` = ``--block`` (JSON; defaults otherwise)
-  auto:B                    ``mlx-dupq convert --bpw B`` (:func:`mlx_dupq.auto.plan_auto`)
+  auto:B                    ``mlx-dupq convert --bpw B`` (:func:`mlx_dupq.auto.plan_auto`; ``--e2e-steps N``
+                            sets its end-to-end stage, 0 skips it)
+  refine:ROW                the end-to-end stage of ``convert --bpw`` (the plan's ``[refine.e2e]`` options,
+                            ``--e2e-steps``) run on the pack an earlier row ``ROW`` left in ``--work``
+                            (e.g. ``refine:auto:3.0`` after ``auto:3.0 --e2e-steps 0``); its convert time is
+                            the stage's own (the base row's is in that row)
+
+``--data`` may list several texts (``brown:eval,code:eval``): each row is evaluated on each
+(``eval``: {text: ppl, tokens, ...}; the top-level ``ppl`` is the first text's).
 
 Each row: all-in bits/weight, PPL on ``--data`` (ctx, windows, tokens), convert wall time, peak RSS of
 the row's process (convert + eval) and its CPU time (wall times on a shared machine are inflated by
@@ -37,13 +45,15 @@ reexec_with_fast_blas()
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from mlx_dupq.auto import plan_auto  # noqa: E402
+from mlx_dupq.auto import _e2e, plan_auto  # noqa: E402
 from mlx_dupq.config import load_recipe  # noqa: E402
 from mlx_dupq.eval.data import load_text  # noqa: E402
 from mlx_dupq.generate import stream  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.source import open_source, write_hf_dir  # noqa: E402
-from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear  # noqa: E402
+from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear, _dense  # noqa: E402
+from mlx_dupq.refine.e2e import distill_pack  # noqa: E402
+from mlx_dupq.refine.e2e_spec import E2ESpec  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
 from mlx_dupq.refine.spec import RefineSpec  # noqa: E402
 from rtn_table import evaluate, weight_bits  # noqa: E402  (bench/, same protocol)
@@ -78,11 +88,24 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
             convert(float_dir, path, rec, force=True, progress=_say(t0))
             entry.update(method=f"mlx-dupq {parts[1]}", recipe_dict=rec.to_dict())
         elif parts[0] == "auto":
-            rec, choices = plan_auto(str(float_dir), float(parts[1]))
+            rec, choices = plan_auto(str(float_dir), float(parts[1]), e2e_steps=args.e2e_steps)
             entry["plan_seconds"] = time.time() - t0
             convert(float_dir, path, rec, force=True, progress=_say(t0))
             entry.update(method=f"mlx-dupq convert --bpw {parts[1]}", recipe_dict=rec.to_dict(),
                          choices=[dataclasses.asdict(c) for c in choices])
+        elif parts[0] == "refine":
+            base = work / parts[1].replace(":", "_").replace("+", "_")
+            opts, choice = _e2e(args.e2e_steps)
+            spec = E2ESpec.from_dict(opts)
+            t1 = time.time()
+
+            def log(phase, done, total, info):
+                if phase != "targets" or done == total:
+                    print(f"  [{time.time() - t1:7.1f}s] e2e {phase} {done}/{total} {info}", flush=True)
+
+            res = distill_pack(base, float_dir, spec, out=path, progress=log, teacher_name=args.model)
+            entry.update(method=f"mlx-dupq e2e stage of convert --bpw on {parts[1]}", base=str(base),
+                         e2e_choice=dataclasses.asdict(choice), e2e=res.to_dict())
         else:
             entry.update(mlxlm_row(parts[1].split(":"), float_dir, path, args), method=f"mlx-lm {parts[1]}")
         entry["convert_seconds"] = time.time() - t0
@@ -90,13 +113,27 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
         if "refine" in cfg:
             entry["refine"] = cfg["refine"]
     plain_call = nn.QuantizedLinear.__call__
-    nn.QuantizedLinear.__call__ = DensePrefillQuantizedLinear.__call__  # CPU prefill for mlx-lm's packs
+
+    def prefill_call(self, x):  # CPU prefill for mlx-lm's packs (the packed kernel for anything else:
+        # DensePrefillQuantizedLinear's own fallback is super().__call__, which is this patch itself)
+        if self.mode == "affine" and _dense(x, self):
+            return DensePrefillQuantizedLinear.__call__(self, x)
+        return plain_call(self, x)
+
+    nn.QuantizedLinear.__call__ = prefill_call
     if row != "reference":
         n_params = sum(v.size for _, v in tree_flatten(load(str(float_dir))[0].parameters()))
         entry["bits_per_weight"] = weight_bits(path) / n_params
-    entry.update(evaluate(path, load_text(args.data), args.ctx, args.windows))
-    nn.QuantizedLinear.__call__ = plain_call  # decoding calls the plain layer (the prefill one defers to it)
+    entry["eval"] = {}
+    for name in args.data.split(","):
+        t1 = time.time()
+        r = evaluate(path, load_text(name), args.ctx, args.windows)
+        entry["eval"][name] = {**r, "wall_seconds": time.time() - t1, "loadavg": os.getloadavg()}
+        print(f"  {row} {name}: PPL {r['ppl']:.3f} on {r['tokens']} tokens", flush=True)
+    entry.update(entry["eval"][args.data.split(",")[0]])
+    nn.QuantizedLinear.__call__ = plain_call
     entry["generation"] = "".join(stream(str(path), args.prompt, max_tokens=40))
+    entry["loadavg_end"] = os.getloadavg()
     return entry
 
 
@@ -113,6 +150,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dwq-lr", type=float, default=1e-5)
+    ap.add_argument("--e2e-steps", type=int, default=None, help="auto:B / refine:ROW rows: e2e steps (0 skips)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dupq-learned"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one row -> JSON on stdout's last line

@@ -33,6 +33,7 @@ from .errors import DupqError
 from .eval.data import calibration_batches, load_text
 from .io.loader import load_model, tokenizer_of
 from .io.source import open_source
+from .refine.e2e_spec import E2ESpec
 from .refine.spec import BlockSpec, RefineSpec
 from .rotation.plan import plan_rotation
 from .search.allocate import allocate
@@ -73,8 +74,6 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
         return None, Choice("e2e distillation", "skipped", "--e2e-steps 0")
     if importlib.util.find_spec(E2E_MODULE) is None:
         return None, Choice("e2e distillation", "skipped", f"{E2E_MODULE} is not in this installation")
-    from .refine.e2e_spec import E2ESpec
-
     opts = dict(E2E_DEFAULTS, steps=E2E_DEFAULTS["steps"] if steps is None else steps)
     opts["samples"] = max(opts["steps"], 1) * opts["batch"]  # every training window seen once
     spec = E2ESpec.from_dict(opts)  # validates (a bad --e2e-steps: one line, before anything runs)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from ..errors import DupqError
 from ..features.protocol import ConvertContext, Feature, LayerStep
+from ..io.loader import float_model
+from . import e2e as e2e_stage
 from .e2e_spec import E2ESpec
 from .spec import RefineSpec
 from .stage import BlockStage, check_calibration
@@ -70,9 +72,6 @@ class RefineFeature(Feature):
             self._distill(ctx, Path(pack_dir))
 
     def _distill(self, ctx: ConvertContext, pack_dir: Path) -> None:
-        from ..io.loader import float_model
-        from .e2e import STATE_FILE, distill_pack
-
         spec, work = self.e2e, pack_dir / E2E_WORK
         ctx.progress(f"e2e distillation: {spec.steps} steps x {spec.batch} x {spec.seq_len} tokens of {spec.data}, "
                      f"lr {spec.lr:g}, temperature {spec.temperature:g}", 0, spec.steps)
@@ -92,8 +91,9 @@ class RefineFeature(Feature):
             else:
                 ctx.progress(f"e2e distillation: validation KL {info['kl']:.4f} at step {done}", done, total)
 
-        res = distill_pack(pack_dir, teacher, spec, progress=progress, resume=(work / STATE_FILE).exists(),
-                           teacher_name=ctx.source.name, work=work)
+        res = e2e_stage.distill_pack(pack_dir, teacher, spec, progress=progress,
+                                     resume=(work / e2e_stage.STATE_FILE).exists(),
+                                     teacher_name=ctx.source.name, work=work)
         ctx.progress(f"e2e distillation: validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "
                      f"({res.kept}, best step {res.best_step}/{res.steps_run}, {time.time() - t0:.0f}s)",
                      spec.steps, spec.steps)

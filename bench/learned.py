@@ -11,6 +11,8 @@ Rows (each converted and evaluated in its own child process, so its peak RSS is 
   dupq:RECIPE+block         that recipe with ``[refine.block]`` = ``--block`` (JSON; defaults otherwise)
   auto:B                    ``mlx-dupq convert --bpw B`` (:func:`mlx_dupq.auto.plan_auto`; ``--e2e-steps N``
                             sets its end-to-end stage, 0 skips it)
+  pack:ROW                  evaluate the pack an earlier row ``ROW`` left in ``--work`` as it is (no convert;
+                            its convert figures are that row's)
   refine:ROW                the end-to-end stage of ``convert --bpw`` (the plan's ``[refine.e2e]`` options,
                             ``--e2e-steps``) run on the pack an earlier row ``ROW`` left in ``--work``
                             (e.g. ``refine:auto:3.0`` after ``auto:3.0 --e2e-steps 0``); its convert time is
@@ -77,6 +79,14 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
     if row == "reference":
         path = float_dir
         entry.update(method="reference (fp32)", bits_per_weight=32.0)
+    elif parts[0] == "pack":
+        path = work / parts[1].replace(":", "_").replace("+", "_")
+        cfg = json.loads((path / "config.json").read_text()).get("mlx_dupq", {})
+        entry.update(method=f"the pack of row {parts[1]} as it is", path=str(path),
+                     recipe_description=json.loads(cfg["recipe"]).get("description") if isinstance(cfg.get("recipe"), str)
+                     else (cfg.get("recipe") or {}).get("description"))
+        if "refine" in cfg:
+            entry["refine"] = cfg["refine"]
     else:
         path = work / row.replace(":", "_").replace("+", "_")
         shutil.rmtree(path, ignore_errors=True)

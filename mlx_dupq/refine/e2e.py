@@ -20,10 +20,13 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
 - loss: ``KL(teacher || student)`` over the teacher's top-k tokens plus one bucket for the rest
   of the vocabulary, at ``temperature`` (DWQ's cached loss renormalises over the top-k and misses
   student mass outside it), averaged over positions; Adam on float32 copies of the trained arrays;
-- validation KL before training, every ``eval_every`` steps and at the end decides early stopping
+- relative (option): scales and biases train in units of each group's initial ``|scale|``;
+- validation KL (always at temperature 1: the teacher's validation targets are kept at 1 whatever
+  the training temperature, so runs at different temperatures compare and early stopping follows
+  what PPL sees) before training, every ``eval_every`` steps and at the end decides early stopping
   (``patience``) and which parameters are kept: the best validation ones, measured after rounding
   to the stored dtype, and never worse than the start (then the pack is left as it was);
-- ``OUT.e2e-work/`` holds the teacher targets and a checkpoint (parameters, Adam state, best so far)
+- ``OUT.e2e-work/`` (or ``work``; convert puts it inside ``OUT.partial/``) holds the teacher targets and a checkpoint (parameters, Adam state, best so far)
   written at every validation; ``resume=True`` continues from it and gives the identical pack;
 - data parallel: under ``mx.distributed.init()`` with ``size > 1`` (``mlx.launch``), each rank takes
   ``batch / size`` windows of every batch, gradients are averaged (``nn.average_gradients``), and

@@ -50,7 +50,7 @@ def convert(
     bpw: Optional[float] = typer.Option(None, "--bpw", help="All-in bits/weight budget: the best pipeline at "
                                         "that budget, chosen automatically (no --recipe)."),
     e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="With --bpw: steps of end-to-end "
-                                            "distillation (0 skips it) [default: the plan's]."),
+                                            "distillation (0 skips it) \\[default: the plan's]."),
 ):
     """Quantize MODEL into a self-describing MLX pack, streaming layer by layer."""
     parse_bits, parse_group_size, run = lib("parse_bits", "parse_group_size", "convert")

@@ -18,7 +18,9 @@ Each SwiGLU MLP ``down(silu(gate x) * up x)`` of a dense llama-family model is a
    weight is then divided by a temperature (from ``temperatures``; a higher one flattens the scores
    towards ``1/E`` without changing which experts are picked) and one scalar per layer is folded
    into the routed experts' ``down_proj``, both chosen so that the top-k output matches the sum of
-   all routed experts in least squares (:func:`fit_scale`, :func:`fit_temperature`).
+   all routed experts in least squares (:func:`fit_scale`, :func:`fit_temperature`);
+5. optionally (``finetune_steps > 0``) a short fine-tune of every MLP block of the whole MoE on
+   calibration windows, by distillation from the dense model's logits (:mod:`.finetune`).
 
 Attention, norms and embeddings are copied unchanged; ``lm_head`` is the tied embedding where the
 dense model ties them (mlx-lm's ``deepseek`` always has its own). With every expert active and a
@@ -30,6 +32,7 @@ smollm2-135m-moe`` builds it from SmolLM2-135M (:data:`SMOLLM2_135M_MOE`).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -44,12 +47,13 @@ from ..cache import sha256_file
 from ..errors import DupqError
 from ..eval.data import calibration_batches, load_text
 from ..io.loader import _tokenizer, load_model
+from .finetune import FinetuneConfig, finetune
 from .train import WEIGHTS_FILE, save
 
 #: progress(done_layers, total_layers, message)
 Progress = Callable[[int, int, str], None]
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,23 @@ class SplitConfig:
     router_steps: int = 150
     router_lr: float = 0.02
     temperatures: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)  # router logits divided by the best of these
+    finetune_steps: int = 0  # 0: no fine-tune (see .finetune; ~140 s per 4x256-token step on 2 loaded cores)
+    finetune_lr: float = 1e-4
+    finetune_batch: int = 4  # windows of seq_len tokens per step
+    finetune_samples: int = 64  # calibration windows drawn for the fine-tune (seed + 1)
+    finetune_loss: str = "kl"  # kl: distillation from the dense logits; ce: next-token cross-entropy
     seed: int = 0
     save_dtype: str = "float16"
     version: int = VERSION
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The fine-tune stage's settings (checked)."""
+        ft = FinetuneConfig(steps=self.finetune_steps, lr=self.finetune_lr, batch=self.finetune_batch,
+                            loss=self.finetune_loss, seed=self.seed + 1)
+        ft.check()
+        if self.finetune_samples < 1:
+            raise DupqError(f"finetune_samples must be >= 1 window (got {self.finetune_samples})")
+        return ft
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # JSON-equal
@@ -97,8 +115,11 @@ class SplitConfig:
 
 
 #: The recipe of the named model ``smollm2-135m-moe``: 1536 neurons -> 4 shared + 12 routed experts
-#: of 96, top-8 (three quarters of the MLP active per token), layer 0 dense.
-SMOLLM2_135M_MOE = SplitConfig()
+#: of 96, top-10 (7/8 of the MLP active per token), layer 0 dense. Top-8 (3/4 active) costs 1.44x
+#: the dense perplexity: per layer, even an oracle router (the 8 experts with the largest outputs)
+#: loses ~0.3 of the MLP output's norm, whatever the clustering features or router budget
+#: (bench/results/moe_smollm2_build.json, docs in MOE_REPORT_smollm2.md).
+SMOLLM2_135M_MOE = SplitConfig(top_k=10)
 
 
 @dataclass
@@ -252,6 +273,36 @@ def fit_temperature(x: mx.array, w: mx.array, k: int, acts: mx.array, down: mx.a
     return best
 
 
+def gated_activations(x: mx.array, split: LayerSplit, k: int, acts: mx.array) -> mx.array:
+    """The MoE block's neuron activations as the block weighs them: (T, n_shared*unit + E*unit),
+    shared neurons first (weight 1), then each routed expert's neurons times its top-k gate score
+    (0 where not picked) -> ``Z`` with ``block(x) = Z @ down_cat`` (:func:`down_cat`)."""
+    probs = mx.softmax(x @ split.gate.T, axis=-1, precise=True)
+    E = probs.shape[-1]
+    kth = mx.sort(probs, axis=-1)[:, E - k : E - k + 1]
+    w = mx.where(probs >= kth, probs, 0.0)  # (T, E)
+    routed = acts[:, mx.array(split.experts.reshape(-1))].reshape(x.shape[0], E, -1) * w[..., None]
+    parts = [acts[:, mx.array(split.shared)]] if len(split.shared) else []
+    return mx.concatenate(parts + [routed.reshape(x.shape[0], -1)], axis=1)
+
+
+def down_cat(down: mx.array, split: LayerSplit) -> mx.array:
+    """The block's output projections stacked like :func:`gated_activations`' columns: (n, hidden)."""
+    cols = np.concatenate([split.shared, split.experts.reshape(-1)])
+    d = down[:, mx.array(cols)].T
+    n_sh = len(split.shared)
+    return mx.concatenate([d[:n_sh], split.scale * d[n_sh:]], axis=0)
+
+
+def refit_down(z: mx.array, target: mx.array, d0: mx.array, ridge: float) -> mx.array:
+    """Ridge least squares of the output projections: ``argmin_D ||z D - target||^2 +
+    lam ||D - d0||^2`` with ``lam = ridge * mean(diag(z^T z))`` -> (n, hidden)."""
+    g = z.T @ z
+    lam = ridge * float(mx.mean(mx.diagonal(g)))
+    a = g + lam * mx.eye(g.shape[0])
+    return mx.linalg.solve(a, z.T @ target + lam * d0, stream=mx.cpu)
+
+
 # --------------------------------------------------------------------------- model assembly
 
 
@@ -396,27 +447,62 @@ def _split_weights(mlp: nn.Module, split: LayerSplit) -> list[tuple[str, mx.arra
 # --------------------------------------------------------------------------- build
 
 
+def _eta(t0: float, done: int, total: int) -> str:
+    if done <= 0:
+        return ""
+    left = (time.perf_counter() - t0) / done * (total - done)
+    return f", ETA {int(left // 60)}m{int(left % 60):02d}s"
+
+
 def build(out: str | Path, cfg: SplitConfig = SMOLLM2_135M_MOE, progress: Progress | None = None) -> dict:
-    """Cut ``cfg.dense`` into a DeepSeek-MoE on ``cfg.calib``, save it to ``out`` (HF directory,
-    ``cfg.save_dtype``); return the result dict (config, per-layer statistics, seconds, sha256, path)."""
+    """Cut ``cfg.dense`` into a DeepSeek-MoE on ``cfg.calib`` (then fine-tune it if
+    ``cfg.finetune_steps``), save it to ``out`` (HF directory, ``cfg.save_dtype``); return the result
+    dict (config, per-layer statistics, fine-tune losses, seconds, CPU seconds, sha256, path).
+    ``progress`` messages carry an ETA for the stage running."""
+    ft = cfg.finetune_config()  # bad options fail before any work
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     dense, dense_config, tok_dir = load_model(cfg.dense)
     tok = _tokenizer(Path(tok_dir), dense_config)
-    batches = calibration_batches(tok, load_text(cfg.calib), cfg.calib_samples, cfg.seq_len, cfg.seed)
+    text = load_text(cfg.calib)
+    batches = calibration_batches(tok, text, cfg.calib_samples, cfg.seq_len, cfg.seed)
+    n_layers = len(dense.model.layers)
     if progress:
-        progress(0, len(dense.model.layers), f"{batches.size} calibration tokens from {cfg.calib}")
-    moe, config, stats = split_model(dense, dense_config, batches, cfg, progress)
+        progress(0, n_layers, f"{batches.size} calibration tokens from {cfg.calib}")
+    t1 = time.perf_counter()
+    layer_progress = (lambda d, t, m: progress(d, t, m + _eta(t1, d - cfg.first_k_dense, t - cfg.first_k_dense))) if progress else None
+    moe, config, stats = split_model(dense, dense_config, batches, cfg, layer_progress)
+    split_seconds = time.perf_counter() - t0
+    tuned = None
+    if ft.steps:
+        windows = calibration_batches(tok, text, cfg.finetune_samples, cfg.seq_len, cfg.seed + 1)
+        t2 = time.perf_counter()
+        step_progress = (lambda s, n, loss: progress(s, n, f"fine-tune step {s}/{n}: loss {loss:.4f}{_eta(t2, s, n)}")) \
+            if progress else None
+        tuned = finetune(moe, windows, ft, teacher=dense, progress=step_progress)
     path = save(moe, config, Path(tok_dir), out, cfg.save_dtype)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "config": cfg.to_dict(),
         "model_config": config,
         "calib_tokens": int(batches.size),
         "layers": {str(i): s for i, s in stats.items()},
+        "finetune": tuned,
+        "split_seconds": round(split_seconds, 1),
         "seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
+        "loadavg": _loadavg(),
         "weights": WEIGHTS_FILE,
         "sha256": sha256_file(path / WEIGHTS_FILE),
         "path": str(path),
     }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def named_recipe() -> dict:

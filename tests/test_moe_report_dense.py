@@ -27,3 +27,28 @@ def test_prefixed_report_states_what_the_model_is_and_the_targets(tmp_path):
     md = out.read_text()
     assert "not a pretrained MoE" in md and "1.20x (met)" in md and "4.50x (met)" in md
     assert "moe_smollm2_*.json" in md and "carry over" in md
+
+
+def test_report_shows_the_split_probe_and_the_pack_targets(tmp_path):
+    build = {"model": "smollm2-135m-moe", "settings": {"ctx": 512, "windows": 2},
+             "build": {"config": {"unit": 96, "first_k_dense": 1, "finetune_steps": 0},
+                       "model_config": {"n_routed_experts": 12, "n_shared_experts": 4, "num_experts_per_tok": 10}},
+             "rows": [{"name": "dense", "ppl": 30.0, "tokens": 1022}]}
+    probe = {"command": "python bench/moe_split_probe.py", "calib": "brown:calib", "fit_tokens": 4096,
+             "held_out_tokens": 2048,
+             "layers": {"4": {"neuron_oracle": {"0.75": 0.04},
+                              "configs": [{"unit": 96, "n_shared": 4, "experts": 12, "k": 8, "router_steps": 150,
+                                           "active_share": 0.75, "err_router": 0.42, "err_oracle": 0.35}]}}}
+    meta = {"model": "smollm2-135m-moe", "ctx": 512, "windows": 2, "experts": 12, "k": 10}
+    ladder = {"fp_ppl": 35.0, "simulated": [], "duplication": {"plan": {}, "groups": {}, "bits": {"extra_share": 0.0}},
+              "packs": [{"name": "float", "ppl": 35.0, "bpw": 16.0, "increase": 0.0},
+                        {"name": "moe-w2", "ppl": 49.0, "bpw": 2.98, "increase": 0.4},
+                        {"name": "moe-w2-2.5", "ppl": 70.0, "bpw": 2.49, "increase": 1.0}], "meta": meta}
+    (tmp_path / "moe_smollm2_build.json").write_text(json.dumps(build))
+    (tmp_path / "moe_smollm2_split_probe.json").write_text(json.dumps(probe))
+    (tmp_path / "moe_smollm2_ladder.json").write_text(json.dumps(ladder))
+    md = write_report(tmp_path, "moe_smollm2").read_text()
+    assert "14 of 16 expert units run: 87.5%" in md and "No fine-tune after the cut" in md
+    assert "| 4 | 96 x 4 + top-8 / 12 | 150 | 75.0% | 0.420 | 0.350 | 0.040 |" in md
+    assert "moe-w2 2.980 bpw: PPL 49.000 = 1.40x float 35.000 | confirmed (<= 1.5x)" in md
+    assert "moe-w2-2.5 2.490 bpw: PPL 70.000 = 2.00x float 35.000 | refuted (<= 1.5x)" in md

@@ -27,6 +27,7 @@ from ..specs import QuantSpec
 from ..quant.qtensor import dequantize
 from ..quant.rtn import rtn_quantize
 from ..rotation import Rotation, make_rotation
+from ..rotation.hadamard import hadamard_supported
 from .routing import MoEBlock
 from ..dup.copies import effective_weight, make_copies
 from ..dup.specs import CopySpec
@@ -64,6 +65,10 @@ def copies_fake_quant(w: mx.array, spec: QuantSpec, n: int, rot: Rotation | None
 
 
 def expert_rotation(kind: str, n: int, seed: int = 0) -> Rotation:
+    """A rotation of an expert input of width ``n``; ``hadamard`` on a width with no Hadamard transform
+    (SmolLM2's 576 = 9 x 64) is the block Hadamard with the largest block that tiles it (192)."""
+    if kind == "hadamard" and not hadamard_supported(n):
+        kind = "block_hadamard"
     return make_rotation({"kind": kind, "seed": seed}, n)
 
 

@@ -54,7 +54,7 @@ from .topk import active_weights, entropy_thresholds, mean_dynamic_k
 PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers", "contribution")  # priority order
 PREFIX = "moe"  # result files are <prefix>_<part>.json
 PREFIXES = {"smollm2-135m-moe": "moe_smollm2"}  # default prefix per model; others: PREFIX
-PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
+PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-3.0", "moe-w2-2.5", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
                 "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot")
 INT2 = QuantSpec(2, 64)
 
@@ -103,6 +103,15 @@ def pack_recipe(name: str) -> Recipe:
     if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup", "moe-gptq2", "moe-gptq2-quarot"):
         return load_recipe(name)
     rec = load_recipe("moe-w2")
+    if name in ("moe-w2-3.0", "moe-w2-2.5"):  # moe-w2's policy where its widths overshoot the budget (SmolLM2's
+        # 96-neuron experts take groups of 32): shared experts 3-bit, lm_head 2-bit; at 2.5 also attention 2-bit
+        # and the experts (and layer 0's dense MLP) with one scale and offset per output channel
+        low = QuantSpec(2, 128, symmetric=False)
+        if name == "moe-w2-3.0":
+            return dataclasses.replace(rec, name=name, lm_head=low, moe=dataclasses.replace(rec.moe, shared_bits=3))
+        return dataclasses.replace(rec, name=name, default=QuantSpec(2, 0), embed=low, lm_head=low,
+                                   rules=(dataclasses.replace(rec.rules[0], spec=QuantSpec(2, 64, symmetric=False)),),
+                                   moe=dataclasses.replace(rec.moe, budget=2.5, shared_bits=3))
     if name == "moe-w2-quarot":  # the residual stream rotated as in moe-gptq2-quarot, RTN
         return dataclasses.replace(rec, name=name, rotation=load_recipe("moe-gptq2-quarot").rotation)
     if name == "moe-awq2":  # moe-gptq2's calibration with the activation-weighted scale search instead

@@ -19,6 +19,9 @@ from ..extras import require
 CONFIRMED, REFUTED, NOT_MEASURED = "confirmed", "refuted", "not measured"
 
 
+PACK_TARGET = 1.5  # a moe pack at <= 3.0 bpw all-in: PPL at most this times the float MoE's (issue 18)
+
+
 def _load(root: Path, part: str, prefix: str = "moe") -> dict | None:
     p = root / f"{prefix}_{part}.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -148,6 +151,14 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
                 rows.append((f"Packed {what} beat moe-w2 within the same 3.0 bpw budget (F6.5, 000 §7.3.3)", "(no number)",
                              f"{name} {p['bpw']:.3f} bpw PPL {p['ppl']:.3f} vs moe-w2 {w2['bpw']:.3f} bpw PPL {w2['ppl']:.3f}",
                              _verdict(p["ppl"] < w2["ppl"])))
+        for name, budget in (("moe-w2", 3.0), ("moe-w2-3.0", 3.0), ("moe-w2-2.5", 2.5)):  # issue 18's target: <= 1.5x at <= 3.0 bpw
+            p = packs.get(name)
+            if p:
+                ratio = p["ppl"] / la["fp_ppl"]
+                rows.append((f"Expert-wise mixed precision at <= {budget:g} bpw all-in stays within {PACK_TARGET:g}x of "
+                             "the float MoE (002; issue 18 target)", "(prediction)",
+                             f"{name} {p['bpw']:.3f} bpw: PPL {p['ppl']:.3f} = {ratio:.2f}x float {la['fp_ppl']:.3f}",
+                             _verdict(ratio <= PACK_TARGET and p["bpw"] <= budget + 1e-6, f"<= {PACK_TARGET:g}x")))
         r8 = packs.get("rtn8")
         if r8:
             rows.append(("INT8 costs +13.7 % PPL (000 §7.3.3)", "+13.7 %", f"rtn8: {_pct(r8['increase'], 2)}",
@@ -340,7 +351,7 @@ def render(r: dict, plots: list[str]) -> str:
           "every number below is in those files. The seed's numbers are for DeepSeek-67B on WikiText-2; verdicts judge the qualitative "
           "statement, never the absolute value. *Simulated* rows replace float weights by their dequantized "
           "values (same arithmetic as a pack); *packs* are real conversions with all-in bits per weight.", "",
-          *(model_section(r["build"]) if r.get("build") else []),
+          *(model_section(r["build"], r.get("split_probe")) if r.get("build") else []),
           *_caveat(r),
           "## Seed claims", "",
           _table(["claim", "seed", "ours", "verdict"], [list(c) for c in claims(r)]), ""]
@@ -427,7 +438,8 @@ def write_report(root: str | Path, prefix: str = "moe") -> Path:
     (``moe_smollm2``) reads ``<prefix>_*.json`` (with ``<prefix>_build.json``, the model's own
     section) and writes ``MOE_REPORT_<prefix without moe_>.md``."""
     root = Path(root)
-    parts = ("stats", "sensitivity", "router", "ladder", "layers", "topk", "agreement", "contribution", "build")
+    parts = ("stats", "sensitivity", "router", "ladder", "layers", "topk", "agreement", "contribution", "build",
+             "split_probe")
     r = {p: _load(root, p, prefix) for p in parts}
     for v in r.values():
         if v and "meta" in v:

@@ -4,7 +4,8 @@
     python bench/moe_from_dense.py --ks 2,4,6,9,18 --windows 8
     python bench/moe_from_dense.py --build /tmp/smollm2-135m-moe   # the same recipe built into a directory
 
-Perplexity on brown:eval (non-overlapping windows of --ctx tokens, the first --windows of them,
+The build record (``result.json`` beside the cached model) brings wall and CPU seconds and the load
+average of the build. Perplexity on brown:eval (non-overlapping windows of --ctx tokens, the first --windows of them,
 float32 on the CPU) of the dense model, of the MoE at each top-k (the router's choice, mlx-lm's
 DeepSeek gate), with the routed experts dropped (shared experts only) and with k experts drawn at
 random (router scores kept: what the router's choice is worth). Each row is written as soon as
@@ -72,7 +73,8 @@ def main() -> None:
         data = {"settings": settings, "model": "smollm2-135m-moe" if args.build else args.model, "path": str(path),
                 "dense": args.dense,
                 "command": "python bench/moe_from_dense.py " + " ".join(sys.argv[1:]),
-                "build": {k: info[k] for k in ("config", "model_config", "calib_tokens", "seconds", "layers") if k in info},
+                "build": {k: info[k] for k in ("config", "model_config", "calib_tokens", "seconds", "split_seconds",
+                                                 "cpu_seconds", "loadavg", "finetune", "layers") if k in info},
                 "rows": rows}
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -89,7 +91,8 @@ def main() -> None:
         finally:
             if knobs:
                 R.install(model, R.Routing())
-        rows.append({"name": name, **knobs, "ppl": r["ppl"], "tokens": r["tokens"], "seconds": round(r["seconds"], 1)})
+        rows.append({"name": name, **knobs, "ppl": r["ppl"], "tokens": r["tokens"], "seconds": round(r["seconds"], 1),
+                     "loadavg": [round(v, 2) for v in os.getloadavg()]})
         log(f"{name}: ppl {r['ppl']:.3f} ({r['tokens']} tokens)")
         save()
 

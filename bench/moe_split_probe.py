@@ -112,7 +112,7 @@ def main() -> None:
                                              for c in res[str(i)]["configs"]), flush=True)
     data = {"command": "python bench/moe_split_probe.py " + " ".join(sys.argv[1:]), "dense": args.dense,
             "calib": "brown:calib", "fit_tokens": args.tokens, "held_out_tokens": args.held_out, "layers": res,
-            "seconds": round(time.perf_counter() - t0, 1), "loadavg": open("/proc/loadavg").read().split()[:3]}
+            "seconds": round(time.perf_counter() - t0, 1), "loadavg": [round(v, 2) for v in os.getloadavg()]}
     out = Path(args.out)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1))

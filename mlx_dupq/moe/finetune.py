@@ -33,6 +33,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.models.deepseek import DeepseekMoE
+from mlx_lm.tuner.losses import kl_div_loss
+from mlx_lm.tuner.trainer import default_loss
 
 from ..errors import DupqError
 
@@ -87,8 +90,6 @@ def masked_moe_call(self, x: mx.array) -> mx.array:
 @contextmanager
 def masked_moe(model: nn.Module):
     """Run every DeepSeek MoE block of ``model`` through :func:`masked_moe_call` inside the block."""
-    from mlx_lm.models.deepseek import DeepseekMoE
-
     blocks = [layer.mlp for layer in model.model.layers if type(layer.mlp) is DeepseekMoE]
     if not blocks:
         raise DupqError("the fine-tune needs a DeepSeek MoE model (mlx-lm's deepseek with MoE layers)")
@@ -114,12 +115,8 @@ def trainable(model: nn.Module, part: str) -> list[str]:
 def loss_fn(model: nn.Module, teacher: nn.Module | None, batch: mx.array, loss: str) -> mx.array:
     """Mean per-token loss of ``model`` on ``batch`` (B, L): KL from ``teacher`` or cross-entropy."""
     if loss == "ce":
-        from mlx_lm.tuner.trainer import default_loss
-
         lengths = mx.broadcast_to(mx.array([[0, batch.shape[1]]]), (batch.shape[0], 2))
         return default_loss(model, batch, lengths)[0]
-    from mlx_lm.tuner.losses import kl_div_loss
-
     target = mx.stop_gradient(teacher(batch))
     return kl_div_loss(model(batch).astype(mx.float32), target.astype(mx.float32)).mean()
 

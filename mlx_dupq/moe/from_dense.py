@@ -32,6 +32,7 @@ smollm2-135m-moe`` builds it from SmolLM2-135M (:data:`SMOLLM2_135M_MOE`).
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -500,8 +501,8 @@ def build(out: str | Path, cfg: SplitConfig = SMOLLM2_135M_MOE, progress: Progre
 
 def _loadavg() -> list[float] | None:
     try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
         return None
 
 

@@ -66,11 +66,11 @@ def test_names_are_checked_in_one_line():
 
 
 def test_the_2_5_bpw_variant_and_block_hadamard_for_widths_without_a_hadamard():
-    from mlx_dupq.moe.experts import expert_rotation
+    from mlx_dupq.moe.experts import simulated_rotation
 
     r = pack_recipe("moe-w2-2.5")
     assert r.moe.budget == 2.5 and r.default.bits == 2 and r.lm_head.bits == 2 and r.rules[0].spec.bits == 2
     r = pack_recipe("moe-w2-3.0")
     assert r.moe.budget == 3.0 and r.moe.shared_bits == 3 and r.lm_head.bits == 2 and r.rules[0].spec.bits == 3
-    assert expert_rotation("hadamard", 576).kind == "block_hadamard" and expert_rotation("hadamard", 576).block == 192
-    assert expert_rotation("hadamard", 64).kind == "hadamard"
+    assert simulated_rotation("hadamard", 576).kind == "block_hadamard" and simulated_rotation("hadamard", 576).block == 192
+    assert simulated_rotation("hadamard", 64).kind == "hadamard"

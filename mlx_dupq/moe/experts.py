@@ -65,11 +65,16 @@ def copies_fake_quant(w: mx.array, spec: QuantSpec, n: int, rot: Rotation | None
 
 
 def expert_rotation(kind: str, n: int, seed: int = 0) -> Rotation:
-    """A rotation of an expert input of width ``n``; ``hadamard`` on a width with no Hadamard transform
-    (SmolLM2's 576 = 9 x 64) is the block Hadamard with the largest block that tiles it (192)."""
+    return make_rotation({"kind": kind, "seed": seed}, n)
+
+
+def simulated_rotation(kind: str, n: int) -> Rotation:
+    """The rotation a simulated treatment uses: :func:`expert_rotation`, except that ``hadamard`` on a
+    width with no Hadamard transform (SmolLM2's 576 = 9 x 64) is the block Hadamard with the largest
+    block that tiles it (192). Packs stay strict (``[moe] rotation`` names the kind that fits)."""
     if kind == "hadamard" and not hadamard_supported(n):
         kind = "block_hadamard"
-    return make_rotation({"kind": kind, "seed": seed}, n)
+    return expert_rotation(kind, n)
 
 
 def fake_quantize_experts(block: MoEBlock, specs: list[QuantSpec | None], *, rotation: str | dict | None = None,
@@ -88,7 +93,7 @@ def fake_quantize_experts(block: MoEBlock, specs: list[QuantSpec | None], *, rot
         n_in = w.shape[-1]
         rot = None
         if isinstance(rotation, str):
-            rot = expert_rotation(rotation, n_in)
+            rot = simulated_rotation(rotation, n_in)
         elif isinstance(rotation, dict):
             rot = rotation.get(p)
         rows = []
@@ -113,7 +118,7 @@ def fake_quantize_shared(block: MoEBlock, spec: QuantSpec | None, copies: int = 
     mlp = block.block[block.shared]
     for p in PROJS:
         w = mlp[p]["weight"]
-        rot = None if rotation is None else expert_rotation(rotation, w.shape[-1])
+        rot = None if rotation is None else simulated_rotation(rotation, w.shape[-1])
         if copies > 1:
             new = copies_fake_quant(w, spec, copies, rot)
         else:

@@ -77,6 +77,12 @@ def probe_layer(mlp, xtr: mx.array, xte: mx.array, seed: int) -> dict:
     return out
 
 
+def fail(msg: str) -> None:
+    """Bad input: one line on stderr, exit status 2, nothing written."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", default="smollm2-135m")
@@ -88,13 +94,13 @@ def main() -> None:
     try:
         layers = sorted({int(v) for v in args.layers.split(",")})
     except ValueError:
-        sys.exit(f"error: --layers takes comma-separated layer numbers, got {args.layers!r}")
+        fail(f"--layers takes comma-separated layer numbers, got {args.layers!r}")
     if args.tokens < 256 or args.held_out < 256:
-        sys.exit("error: --tokens and --held-out must be at least 256 (one window)")
+        fail("--tokens and --held-out must be at least 256 (one window)")
     t0 = time.perf_counter()
     dense, conf, tok_dir = load_model(args.dense)
     if not layers or layers[0] < 0 or layers[-1] >= len(dense.model.layers):
-        sys.exit(f"error: --layers must be in 0..{len(dense.model.layers) - 1}")
+        fail(f"--layers must be in 0..{len(dense.model.layers) - 1}")
     tok = _tokenizer(Path(tok_dir), conf)
     n = -(-(args.tokens + args.held_out) // 256)
     h = dense.model.embed_tokens(calibration_batches(tok, load_text("brown:calib"), n, 256, 0))

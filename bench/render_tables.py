@@ -24,6 +24,7 @@ SUMMARY_FILES = [
     "rtn_*.json",       # python bench/rtn_table.py: mlx-dupq vs mlx-lm round-to-nearest, same run
     "w2_*.json",        # python bench/w2_compare.py: <= 2.5 bpw, mlx-dupq recipes vs mlx-lm's quantizers
     "ladder_*.json",    # python bench/recipe_ladder.py: mlx-dupq recipes
+    "learned_*.json",   # python bench/learned.py: convert --bpw (+ the e2e stage); rows with eval["brown:eval"]
 ]
 SUMMARY_PROTOCOL = ("brown:eval", 512)
 # memory budgets of the README table: the best point at or under each (all-in bits per weight)
@@ -171,10 +172,22 @@ def summary_points() -> tuple[dict, list[dict]]:
                 continue
             seen.add(path)
             r = json.loads(path.read_text())
-            if not isinstance(r, dict) or (r.get("data"), r.get("ctx")) != SUMMARY_PROTOCOL or "rows" not in r:
+            if not isinstance(r, dict) or "rows" not in r or r.get("ctx") != SUMMARY_PROTOCOL[1]:
+                continue
+            texts = str(r.get("data", "")).split(",")
+            multi = len(texts) > 1  # bench/learned.py: several texts per row, each under eval[name]
+            if SUMMARY_PROTOCOL[0] not in texts:
                 continue
             cmds = r.get("commands", [r.get("command", "")])
             for x in r["rows"]:
+                if multi:
+                    ev = (x.get("eval") or {}).get(SUMMARY_PROTOCOL[0])
+                    if not ev or "bits_per_weight" not in x:
+                        continue
+                    row = x["row"].replace("refine:auto:", "--bpw ", 1).replace("auto:", "--bpw ", 1)
+                    label = row + (" + e2e" if x["row"].startswith("refine:") else "")
+                    x = {**x, "ppl": ev["ppl"], "tokens": ev.get("tokens"), "row": "dupq:" + x["row"],
+                         "method": "mlx-dupq " + label}
                 if "ppl" not in x:
                     continue
                 label = str(x.get("row") or x.get("recipe") or x.get("method"))
@@ -190,7 +203,7 @@ def summary_points() -> tuple[dict, list[dict]]:
                     family, label = "mlx-dupq", Path(str(x["recipe"])).stem
                 points.append({"model": r["model"], "family": family, "label": label, "bpw": x["bits_per_weight"],
                                "ppl": x["ppl"], "tokens": x.get("tokens"), "file": path.name,
-                               "command": next((c for c in cmds if label in c), cmds[-1])})
+                               "command": x.get("command") or next((c for c in cmds if label in c), cmds[-1])})
     return refs, points
 
 

@@ -4,13 +4,12 @@
 # prompt.
 #
 # The model is Qwen2.5-Coder-0.5B with the `w2-t3` recipe (block-Hadamard rotation, GPTQ 3-bit groups
-# of 128 on the decoder, ternary embedding and head: 2.60 bits/weight all-in, PPL 56.76 against the
-# reference's 41.58 = 1.36x on brown:eval, 4 x 512 tokens: bench/results/w2_qwen2.5-coder-0.5b.json),
-# not the built-in default SmolLM2-135M: at <= 3 bits/weight SmolLM2's best pack is ~9x its
-# reference (260 vs 29.3, bench/results/ladder_smollm2-135m-mixed.json) and answers the prompt below
-# with nothing (issue 14); block reconstruction lowers a SmolLM2 layer's output error by a few percent
-# at the training budget a CPU affords (bench/results/block_sweep_smollm2-135m.json), far from what
-# that gap needs. `MODEL=default RECIPE=smollm2-gptq-mixed-3.0` shows SmolLM2 anyway;
+# of 128 on the decoder, ternary embedding and head: 2.60 bits/weight all-in, PPL 59.10 against the
+# reference's 41.58 = 1.42x on brown:eval, 4 x 512 tokens: bench/results/quickstart_qwen2.5-coder-0.5b.json),
+# not the built-in default SmolLM2-135M: at <= 3 bits/weight SmolLM2's best pack, `convert --bpw 3.0`
+# with its end-to-end distillation stage, is 3.3x its reference (96.2 vs 29.3,
+# bench/results/learned_smollm2-135m_bpw3.0_e2e.json) and answers the prompt below with nothing
+# (issue 14). `MODEL=default RECIPE=smollm2-gptq-mixed-3.0` shows SmolLM2 anyway;
 # `BPW=3.0` converts with the automatic pipeline (`convert --bpw 3.0`) instead of RECIPE.
 set -euo pipefail
 cd "$(dirname "$0")/.."

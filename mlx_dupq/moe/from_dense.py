@@ -36,7 +36,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,6 +46,7 @@ import numpy as np
 
 from ..cache import sha256_file
 from ..errors import DupqError
+from ..specs import check_fields
 from ..eval.data import calibration_batches, load_text
 from ..io.loader import _tokenizer, load_model
 from .finetune import FinetuneConfig, finetune
@@ -97,10 +98,7 @@ class SplitConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SplitConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DupqError(f"unknown split config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_fields(cls, d, "split config field(s)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def n_routed(self, intermediate: int) -> int:

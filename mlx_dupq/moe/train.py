@@ -30,7 +30,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -45,6 +45,7 @@ from ..eval.data import load_text, tokenize
 from ..eval.ppl import token_nll_sum, windows_of
 from ..io.loader import tokenizer_of
 from ..io.source import open_source, TOKENIZER_FILES
+from ..specs import check_fields
 
 #: progress(done_steps, total_steps, message)
 Progress = Callable[[int, int, str], None]
@@ -91,10 +92,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DupqError(f"unknown training config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_fields(cls, d, "training config field(s)")
         return cls(**d)
 
     def model_config(self, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:

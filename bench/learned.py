@@ -16,7 +16,7 @@ Rows (each converted and evaluated in its own child process, so its peak RSS is 
   refine:ROW                the end-to-end stage of ``convert --bpw`` (the plan's ``[refine.e2e]`` options,
                             ``--e2e-steps``) run on the pack an earlier row ``ROW`` left in ``--work``
                             (e.g. ``refine:auto:3.0`` after ``auto:3.0 --e2e-steps 0``); its convert time is
-                            the stage's own (the base row's is in that row)
+                            the stage's own (the base row's is in that row); ``--e2e-lr`` sets its lr
 
 ``--data`` may list several texts (``brown:eval,code:eval``): each row is evaluated on each
 (``eval``: {text: ppl, tokens, ...}; the top-level ``ppl`` is the first text's).
@@ -106,7 +106,7 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
         elif parts[0] == "refine":
             base = work / parts[1].replace(":", "_").replace("+", "_")
             opts, choice = _e2e(args.e2e_steps)
-            spec = E2ESpec.from_dict(opts)
+            spec = E2ESpec.from_dict(opts if args.e2e_lr is None else dict(opts, lr=args.e2e_lr))
             t1 = time.time()
 
             def log(phase, done, total, info):
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dwq-lr", type=float, default=1e-5)
     ap.add_argument("--e2e-steps", type=int, default=None, help="auto:B / refine:ROW rows: e2e steps (0 skips)")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="refine:ROW rows: the e2e stage's lr (default: convert --bpw's)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dupq-learned"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one row -> JSON on stdout's last line

@@ -409,3 +409,43 @@ def test_convert_bad_e2e_options_fail_in_one_line_before_writing(e2e_env, tmp_pa
         mlx_dupq.convert(src, tmp_path / "p", _e2e_recipe(text, **bad))
     assert words in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_restart_with_other_lr_reuses_the_interrupted_runs_targets(e2e_env, tmp_path):
+    """A run stopped (e.g. its loss diverged) and started over with another lr / steps keeps the
+    teacher targets in its work directory; the pack equals a run that computed them itself."""
+    src, pack, _, text = e2e_env
+
+    def die(phase, done, total, info):
+        if phase == "train" and done == 2:
+            raise KeyboardInterrupt
+
+    def computed(run) -> int:  # teacher windows a run computed (targets progress: done of total to do)
+        seen = {}
+
+        def progress(phase, done, total, info):
+            if phase == "targets":
+                seen[info["split"]] = total
+        run(progress)
+        return sum(seen.values())
+
+    out, work = tmp_path / "p", tmp_path / "p.e2e-work"
+    with pytest.raises(KeyboardInterrupt):
+        distill_pack(pack, src, small_spec(text, lr=1e-2), out=out, progress=die)
+    kept = {f.name: f.stat().st_mtime_ns for f in work.glob("*-*.safetensors")}
+    assert kept and (work / "state.json").exists()
+    spec = small_spec(text, lr=1e-4, steps=8, samples=12)
+    results = {}
+    n_reused = computed(lambda p: results.setdefault("reused", distill_pack(pack, src, spec, out=out, progress=p)))
+    n_fresh = computed(lambda p: results.setdefault("fresh", distill_pack(pack, src, spec, out=tmp_path / "f",
+                                                                         progress=p)))
+    assert n_fresh >= 12 and n_reused < n_fresh - 8  # most windows were the interrupted run's
+    assert results["reused"].history == results["fresh"].history
+    a, b = _arrays(out), _arrays(tmp_path / "f")
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    # targets made another way (top_k) are not reused
+    with pytest.raises(KeyboardInterrupt):
+        distill_pack(pack, src, small_spec(text), out=tmp_path / "q", progress=die)
+    n_other = computed(lambda p: distill_pack(pack, src, small_spec(text, top_k=32, steps=2), out=tmp_path / "q",
+                                              progress=p))
+    assert n_other >= 16

@@ -27,7 +27,9 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
   (``patience``) and which parameters are kept: the best validation ones, measured after rounding
   to the stored dtype, and never worse than the start (then the pack is left as it was);
 - ``OUT.e2e-work/`` (or ``work``; convert puts it inside ``OUT.partial/``) holds the teacher targets and a checkpoint (parameters, Adam state, best so far)
-  written at every validation; ``resume=True`` continues from it and gives the identical pack;
+  written at every validation; ``resume=True`` continues from it and gives the identical pack; a
+  run started over (other lr, steps, samples ...) keeps the targets an interrupted run left there
+  when the teacher, data, seq_len, seed, valid_samples, top_k and temperature are the same;
 - data parallel: under ``mx.distributed.init()`` with ``size > 1`` (``mlx.launch``), each rank takes
   ``batch / size`` windows of every batch, gradients are averaged (``nn.average_gradients``), and
   rank 0 writes; the result equals one process with the same global batch up to float rounding.
@@ -68,7 +70,7 @@ from .e2e_spec import E2ESpec
 QUANT_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, DupqLinear, DupqEmbedding,
                  DupqSwitchLinear)
 NORM_CLASSES = (nn.RMSNorm, nn.LayerNorm)
-STATE_FILE, CKPT_FILE = "state.json", "checkpoint.safetensors"
+STATE_FILE, CKPT_FILE, TARGETS_FILE = "state.json", "checkpoint.safetensors", "targets.json"
 MEMORY_TARGETS_BYTES = 1 << 30  # keep the teacher targets in memory below this size
 
 Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, info)
@@ -258,6 +260,29 @@ def _fingerprint(pack: Path, teacher_name: str, spec: E2ESpec, data_name: str, s
     return h.hexdigest()[:16]
 
 
+def _targets_fingerprint(teacher_name: str, spec: E2ESpec, data_name: str) -> str:
+    """What the teacher targets of window ``i`` depend on (not lr, steps, samples or what trains:
+    :func:`calibration_windows` gives window ``i`` the same tokens for any ``samples``)."""
+    keys = [teacher_name, data_name, spec.seq_len, spec.seed, spec.valid_samples, spec.top_k, spec.temperature]
+    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+
+
+def _fresh_work(work: Path, targets_fp: str) -> None:
+    """Start ``work`` over, keeping the teacher targets of an interrupted run whose targets were made
+    the same way (a run stopped to change lr or steps does not pay the teacher's passes again)."""
+    try:
+        same = json.loads((work / TARGETS_FILE).read_text()).get("fingerprint") == targets_fp
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if work.exists() and not same:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for f in work.iterdir():
+        if f.name != TARGETS_FILE and not (f.suffix == ".safetensors" and f.name.startswith(("train-", "valid-"))):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    (work / TARGETS_FILE).write_text(json.dumps({"fingerprint": targets_fp}))
+
+
 def _save_ckpt(work: Path, state: dict, params: dict, best: dict, opt: optim.Adam) -> None:
     arrays = {f"p:{k}": v for k, v in params.items()}
     arrays.update({f"b:{k}": v for k, v in best.items()})
@@ -387,9 +412,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
             raise DupqError(f"{work} was started with another pack, teacher, data or options; "
                             "run without --resume to start over")
     elif rank == 0:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+        _fresh_work(work, _targets_fingerprint(t_name, spec, data_name))
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # rank 0 has prepared the work directory
         work.mkdir(parents=True, exist_ok=True)  # (another machine's ranks have their own)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -166,7 +166,7 @@ def main() -> None:
         print(table(args.table))
         return
     if args.stage:
-        rows = STAGES[args.stage](args)
+        rows = [{**r, "machine": machine_record()} for r in STAGES[args.stage](args)]
         print("ROWS " + json.dumps(rows), flush=True)
         return
     out = args.out or Path(__file__).parent / "results" / f"e2e_{args.model}.json"

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -74,7 +74,7 @@ def main() -> None:
         print(row, flush=True)
     out = Path(__file__).parent / "results" / "e2e_steptime_smollm2-135m.json"
     out.write_text(json.dumps({"pack": PACK, "command": "OPENBLAS_NUM_THREADS=1 python bench/e2e_steptime.py "
-                               + " ".join(sys.argv[1:]), "rows": rows}, indent=1) + "\n")
+                               + " ".join(sys.argv[1:]), "rows": rows, "machine": machine_record()}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

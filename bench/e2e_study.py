@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -60,7 +60,7 @@ def main() -> None:
 
         r = distill_pack(pack, teacher, spec, out=f"/tmp/e2e/exp_{name}", progress=log, teacher_name=model)
         row = dict(name=name, options=json.loads(opts), spec=spec.to_dict(), wall=time.time() - t0, cpu=_cpu() - c0,
-                   load=os.getloadavg(), command=command, pack=pack, **r.to_dict())
+                   load=os.getloadavg(), command=command, pack=pack, **r.to_dict(), machine=machine_record())
         data = json.loads(out.read_text()) if out.exists() else {"model": model, "base": BASE, "rows": []}
         data["rows"] = [x for x in data["rows"] if x["name"] != name] + [row]
         out.write_text(json.dumps(data, indent=1) + "\n")

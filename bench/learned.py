@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -170,7 +170,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     float_dir = work / "float"
     if args.one is not None:
-        print("ROW " + json.dumps(one_row(args.one, args, float_dir, work)), flush=True)
+        print("ROW " + json.dumps({**one_row(args.one, args, float_dir, work), "machine": machine_record()}), flush=True)
         return
     if not (float_dir / "config.json").exists():
         write_hf_dir(open_source(args.model), float_dir, dtype="float32")

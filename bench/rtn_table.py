@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -77,6 +77,7 @@ def main() -> None:
     result = {
         "command": "python bench/rtn_table.py " + " ".join(sys.argv[1:]),
         "model": args.model, "data": args.data, "ctx": args.ctx, "windows": args.windows, "rows": [],
+        "machine": machine_record(),
     }
 
     def save():

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -203,6 +203,7 @@ def main() -> None:
             entry["method"] = ("mlx-dupq " if parts[0] == "dupq" else "mlx-lm ") + ":".join(parts[1:])
             entry["bits_per_weight"] = weight_bits(path) / n_params
         entry.update(evaluate(path, text, args.ctx, args.windows))
+        entry["machine"] = machine_record()
         mine[row] = entry
         save()
         print(f"{row}: bpw {entry['bits_per_weight']:.3f} ppl {entry['ppl']:.3f}", flush=True)

@@ -8,12 +8,22 @@ current process once with ``LD_PRELOAD`` set. It is a no-op when
 - the library is not installed (then everything still works, only slower),
 - ``LD_PRELOAD`` already names it, or the re-exec already happened,
 - ``MLX_DUPQ_NO_PRELOAD=1`` is set, or the platform is not Linux.
+
+:func:`machine_record` says what a result was measured with (CPU, BLAS, versions, device): the
+``machine`` entry of result files, so that two numbers that differ can be traced to their machines.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
+import platform
+import subprocess
 import sys
+from pathlib import Path
+
+from ._version import __version__
 
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -60,3 +70,104 @@ def reexec_with_fast_blas(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env)
     except OSError:
         return  # keep running without the preload
+
+
+#: environment variables that change which BLAS runs and how (recorded when set)
+BLAS_ENV = ("LD_PRELOAD", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MLX_DUPQ_NO_PRELOAD")
+_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def _cpu(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, list[str]]:
+    """(CPU model name, the SIMD flags of :data:`_CPU_FLAGS` it has) from /proc/cpuinfo, else platform."""
+    name, flags = "", set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "hardware") and not name:
+                    name = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), [f for f in _CPU_FLAGS if f in flags]
+
+
+def _version_of(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """Commit of the mlx_dupq checkout this code runs from (``+dirty`` with uncommitted changes), or None."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed package (another repository may hold site-packages)
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "mlx_dupq"], capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def blas_record() -> dict:
+    """The BLAS libraries mapped into this process, the one whose symbols win (a preloaded one),
+    OpenBLAS's kernel set and threads when it is in use, and the BLAS environment variables set."""
+    mapped: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if "blas" in Path(path).name and path not in mapped:
+                    mapped.append(path)
+    except OSError:
+        pass
+    real = {os.path.realpath(p): p for p in mapped}
+    preload = [os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+    # a preloaded BLAS's symbols win over the one mlx links; else the libblas mlx links
+    in_use = next((real[p] for p in preload if p in real), None) or next(
+        (p for p in mapped if Path(p).name.startswith("libblas")), mapped[0] if mapped else None)
+    rec: dict = {"in_use": in_use, "mapped": mapped, "fast_blas_path": fast_blas_path(),
+                 "env": {k: os.environ[k] for k in BLAS_ENV if k in os.environ}}
+    if in_use:
+        try:  # an OpenBLAS says which kernels it picked (DYNAMIC_ARCH) and its thread count
+            lib = ctypes.CDLL(in_use)
+            lib.openblas_get_corename.restype = ctypes.c_char_p
+            lib.openblas_get_config.restype = ctypes.c_char_p
+            rec["openblas_core"] = lib.openblas_get_corename().decode()
+            rec["openblas_config"] = lib.openblas_get_config().decode()
+            rec["openblas_threads"] = int(lib.openblas_get_num_threads())
+        except (OSError, AttributeError):
+            pass  # not an OpenBLAS (the reference BLAS of MLX's wheel)
+    return rec
+
+
+def machine_record() -> dict:
+    """What produced a result, for its JSON (``"machine"``): CPU model and SIMD flags, logical cores
+    (and those this process may use), load average, OS, Python, mlx / mlx-lm / mlx-dupq versions
+    (and the commit of the checkout at the time of the record), the device mlx computes on and the BLAS
+    in use (:func:`blas_record`)."""
+    import mlx.core as mx  # deferred: _env runs before mlx is loaded (cli's re-exec, `--help`)
+
+    cpu, flags = _cpu()
+    wheels = [d for d in ("mlx-cpu", "mlx-metal", "mlx-cuda") if _version_of(d)]
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_avg": load, "os": platform.platform(), "python": platform.python_version(),
+        "mlx": mx.__version__ + (f" ({', '.join(wheels)})" if wheels else ""), "mlx_lm": _version_of("mlx-lm"),
+        "mlx_dupq": __version__, "mlx_dupq_commit": _git_commit(),
+        "device": str(mx.default_device()), "blas": blas_record(),
+    }

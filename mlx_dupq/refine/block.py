@@ -19,7 +19,10 @@ error ``|layer_q(x) - y|^2`` over minibatches of calibration sequences. The last
 sequences are not trained on (the training set is the first ``samples`` other sequences, cut
 to their first ``seq_len`` tokens, so the training cost can be set apart from GPTQ's calibration): the trained layer is kept only if its error there, with the values
 exactly as stored (storage dtype, re-rounded codes), is below the initialisation's; otherwise the
-initialisation is returned unchanged. Memory: the layer, ``x``, ``x_f``, ``y`` and Adam's two
+initialisation is returned unchanged. Switch (MoE expert) layers do not train: they are held at
+their quantized values (``fixed``, the weights the converter dequantized), so the attention, the
+shared experts and the norms learn around the quantized experts (the router stays float and frozen).
+Memory: the layer, ``x``, ``x_f``, ``y`` and Adam's two
 moments of the trainable parameters.
 """
 
@@ -63,11 +66,11 @@ class LayerReport:
 
 
 def check_block_supported(entries: dict[str, dict]) -> None:
-    """Refuse, in one line, layers block reconstruction cannot train (switch / duplicated linears)."""
+    """Refuse, in one line, layers block reconstruction cannot train (duplicated linears). Switch
+    (MoE expert) layers of any format are held fixed at their quantized values, not trained."""
     for path, e in entries.items():
         if e.get("kind") == "switch_linear":
-            raise DupqError(f"refine.block does not support switch (MoE expert) layers yet ({path}); "
-                            "drop [refine.block] from the recipe for this model")
+            continue
         if e.get("format") not in FORMATS:
             raise DupqError(f"refine.block cannot train {path} stored as {e.get('format')!r} "
                             "(duplicated copies); drop [refine.block] or the duplication plan")
@@ -117,16 +120,30 @@ def _error(layer: nn.Module, x: mx.array, y: mx.array) -> float:
 
 def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], entries: dict[str, dict],
                  x: mx.array, y: mx.array, spec: BlockSpec, storage: mx.Dtype, wrapped: set[str] = frozenset(),
-                 say: Say | None = None) -> tuple[dict[str, mx.array], dict[str, mx.array], LayerReport]:
+                 say: Say | None = None, fixed: dict[str, mx.array] | None = None
+                 ) -> tuple[dict[str, mx.array], dict[str, mx.array], LayerReport]:
     """Train decoder layer ``prefix`` (loaded with its float weights) from its packed initialisation.
 
     arrays, entries: what the pipeline packed for this layer (full key names; quantized linears as
     ``<path>.weight/scales/biases`` with ``entries[path]``); x, y: (n, L, d) inputs and targets;
-    ``wrapped``: layer-relative paths behind an online rotation (their linear is ``<rel>.linear``).
+    ``wrapped``: layer-relative paths behind an online rotation (their linear is ``<rel>.linear``);
+    ``fixed``: {``<path>.weight``: float32 dequantized weight} of the layer's switch (expert) layers,
+    required for each one, held at those values while the rest trains and returned unchanged.
     Returns (arrays to store, dequantized float weights and norms to run the layer with, report);
-    the layer is left with its original linear modules.
+    the layer is left with its original linear modules and weights.
     """
     check_block_supported(entries)
+    fixed = dict(fixed or {})
+    held = {}  # switch weight key -> (module slot, its float weight, to put back)
+    for path, e in entries.items():
+        if e.get("kind") == "switch_linear" and path.startswith(prefix + "."):
+            key = f"{path}.weight"
+            if key not in fixed:
+                raise DupqError(f"refine.block needs the quantized weights of the switch layer {path} to hold it fixed")
+            rel = path[len(prefix) + 1 :]
+            slot = _module(layer, f"{rel}.linear" if rel in wrapped else rel)
+            held[key] = (slot, slot.weight)
+            slot.weight = fixed[key].astype(mx.float32)
     t0 = time.time()
     say = say or (lambda m: None)
     n = x.shape[0]
@@ -217,6 +234,9 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
     if not keep_trained:
         trained, trained_norms = init, norms0
     dequantized = load_dequantized(trained, trained_norms)
+    for key, (slot, w_float) in held.items():
+        slot.weight = w_float
+        dequantized[key] = fixed[key]
 
     out = dict(arrays)
     if keep_trained:

@@ -60,7 +60,8 @@ class RefineFeature(Feature):
             self.block = BlockStage(self.spec.block, Path(step.calib.root), resume=True)
         wrapped = {p[len(step.prefix) + 1:] for p in ctx.online if p.startswith(step.prefix + ".")}
         step.arrays, step.dequantized = self.block(step.layer, step.prefix, step.arrays, step.entries, step.calib,
-                                                   wrapped, ctx.storage, lambda m: ctx.say(m, step.index))
+                                                   wrapped, ctx.storage, lambda m: ctx.say(m, step.index),
+                                                   dequantized=step.dequantized)
 
     def config_entries(self) -> dict:
         return {} if self.block is None else {"refine": {"block": self.block.record()}}

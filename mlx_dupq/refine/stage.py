@@ -46,12 +46,17 @@ class BlockStage:
 
     def __call__(self, layer: nn.Module, prefix: str, arrays: dict[str, mx.array], entries: dict[str, dict],
                  calib, wrapped: set[str], storage: mx.Dtype,
-                 say: Callable[[str], None]) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
-        """Refine one layer: (arrays to store, dequantized weights to advance ``calib.h`` with)."""
+                 say: Callable[[str], None], dequantized: dict[str, mx.array] | None = None
+                 ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+        """Refine one layer: (arrays to store, dequantized weights to advance ``calib.h`` with).
+        ``dequantized``: the converter's dequantized weights of the layer; those of its switch (expert)
+        layers are held fixed while the rest trains (:func:`~mlx_dupq.refine.block.refine_layer`)."""
         check_block_supported(entries)
         y, x_float = block_targets(layer, calib.h, calib.hf, self.spec)
+        switch = {f"{p}.weight" for p, e in entries.items() if e.get("kind") == "switch_linear"}
+        fixed = {k: v for k, v in (dequantized or {}).items() if k in switch}
         out, dequantized, report = refine_layer(layer, prefix, arrays, entries, calib.h, y, self.spec, storage,
-                                                wrapped, say)
+                                                wrapped, say, fixed=fixed)
         calib.hf = x_float
         self.layers[prefix] = report.to_dict()
         write_json_atomic(self.path, {"layers": self.layers})

@@ -261,7 +261,9 @@ def convert(
                 if any(EMBED_KEY_RE.search(k) for k in keys):
                     w = {k: src.get(k).astype(mx.float32) for k in keys}
                     calib.start(plan.fold_group(gname, w) if plan is not None else w)
-    switch_stats = any(f.switch_stats for f in features)
+    # per-expert statistics of switch layers: a [moe] feature asks for them; a calibrated quantizer
+    # (gptq, awq) uses them for the experts of any recipe (quant.methods.quantize_weight, per expert)
+    switch_stats = any(f.switch_stats for f in features) or rec.quantizer.method in ("gptq", "awq")
     for gi, (gname, keys) in enumerate(groups):
         say(f"quantizing {gname}", gi, len(groups))
         if gname in state.done:

@@ -307,3 +307,40 @@ def test_moe_recipe_with_a_residual_rotation(tmp_path, random_text, family):
     assert cfg["recipe"]["rotation"]["kind"] == "randomized_hadamard"
     convert(src, tmp_path / "r2", dataclasses.replace(_recipe(random_text), rotation=rot))
     assert _logit_err(tmp_path / "r2", src) < 1.0
+
+
+def test_plain_gptq_recipe_quantizes_each_expert_with_its_own_hessian(tmp_path, random_text, monkeypatch):
+    """A recipe without [moe] (what ``convert --bpw`` plans) on a DeepSeek-MoE model: every routed
+    expert goes through GPTQ alone, (out, in), against its own rows' Hessian, instead of the whole
+    stack falling back to mse; the stored experts equal GPTQ of each expert with that Hessian."""
+    from mlx_dupq.config import Recipe
+    from mlx_dupq.pipeline import convert
+    from mlx_dupq.quant import methods
+
+    src = make_hf_dir(tmp_path / "deepseek", "deepseek")
+    calls = []
+    real = methods.gptq_quantize
+
+    def spy(w, h, spec, dtype, **kw):
+        calls.append(tuple(w.shape))
+        return real(w, h, spec, dtype, **kw)
+
+    monkeypatch.setattr(methods, "gptq_quantize", spy)
+    rec = Recipe(name="g", default=QuantSpec(bits=2, group_size=32),
+                 quantizer=QuantizerSpec(method="gptq", calib_data=random_text, calib_samples=16, calib_seq_len=64))
+    convert(src, tmp_path / "p", rec)
+    # 2 MoE layers x (8 routed experts + 1 shared expert): gate/up (32, 64) and down (64, 32) each once
+    assert calls.count((32, 64)) == 2 * 9 * 2 and calls.count((64, 32)) == 2 * 9
+    # and the unit: a stack with per-expert statistics = each expert quantized with its own statistics
+    w = mx.random.normal((3, 8, 64), key=mx.random.key(1))
+    xs = [mx.random.normal((40, 64), key=mx.random.key(2 + e)) * (1 + 3 * e) for e in range(3)]
+    from mlx_dupq.input_stats import LinearStats
+
+    st = {e: LinearStats(hessian=x.T @ x / x.shape[0], mean_abs=mx.abs(x).mean(0), tokens=x.shape[0])
+          for e, x in enumerate(xs) if e != 2}
+    sw = SwitchStats(experts=st, tokens=[40, 40, 0])
+    q = QuantizerSpec(method="gptq")
+    qt = methods.quantize_weight(w, QuantSpec(2, 32), mx.float16, q, sw)
+    for e in range(3):
+        one = methods.quantize_weight(w[e], QuantSpec(2, 32), mx.float16, q, st.get(e))  # e = 2: mse
+        assert mx.array_equal(qt.codes[e], one.codes).item() and mx.array_equal(qt.scales[e], one.scales).item()

@@ -21,6 +21,10 @@ Parts (one JSON each, ``bench/results/moe_<part>.json``):
   agreement    routing agreement of each pack with the float model (F6.7)
   contribution how much the float model leans on its MoE blocks: PPL without the routed experts, with
                k experts drawn at random (router scores kept), without the shared experts, without both
+  packs        only convert and evaluate --packs (bpw, PPL, ratio to the float model); auto-<bpw> is the
+               plan of `mlx-dupq convert MODEL --bpw <bpw> --e2e-steps 0`
+  pack_parts   the modules of one pack (--parts-pack) swapped into the float model one part at a time
+               (embedding, lm_head, attention, dense MLP, shared experts, routed experts)
 
 Simulated treatments replace float weights by their dequantized values (:mod:`mlx_dupq.moe.experts`):
 same numbers the packed layers compute with, without a conversion per variant. Perplexity: brown:eval,
@@ -62,6 +66,7 @@ def main() -> None:
     ap.add_argument("--dfrot-tokens", type=int, default=d.dfrot_tokens)
     ap.add_argument("--pack-dir", default=None, help="where packs are converted (default /tmp/<prefix>_packs)")
     ap.add_argument("--packs", default=",".join(PACK_RECIPES), help="pack recipes of the ladder / top-k / agreement parts")
+    ap.add_argument("--parts-pack", default=d.parts_pack, help="the pack of the pack_parts part")
     ap.add_argument("--prefix", default=None, help="result files <prefix>_<part>.json (default: moe, moe_smollm2 for "
                     "smollm2-135m-moe)")
     ap.add_argument("--report-only", action="store_true")
@@ -78,7 +83,8 @@ def main() -> None:
                 model=args.model, ctx=args.ctx, windows=args.windows, calib_samples=args.calib_samples,
                 sens_samples=args.sens_samples, seq_len=args.seq_len, genre_tokens=args.genre_tokens,
                 dup_budget=args.dup_budget, dfrot_steps=args.dfrot_steps, dfrot_tokens=args.dfrot_tokens,
-                pack_dir=args.pack_dir or f"/tmp/{prefix}_packs", packs=args.packs)
+                pack_dir=args.pack_dir or f"/tmp/{prefix}_packs", packs=args.packs,
+                parts_pack=args.parts_pack)
             st = Study(settings, results, prefix, command="python bench/moe_study.py " + " ".join(sys.argv[1:]))
             for part in parts:
                 log(f"part {part}")

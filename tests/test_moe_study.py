@@ -74,3 +74,34 @@ def test_the_2_5_bpw_variant_and_block_hadamard_for_widths_without_a_hadamard():
     assert r.moe.budget == 3.0 and r.moe.shared_bits == 3 and r.lm_head.bits == 2 and r.rules[0].spec.bits == 3
     assert simulated_rotation("hadamard", 576).kind == "block_hadamard" and simulated_rotation("hadamard", 576).block == 192
     assert simulated_rotation("hadamard", 64).kind == "hadamard"
+
+
+def test_packs_and_pack_parts_parts(study, tmp_path):
+    """``packs`` converts and evaluates packs (an auto-<bpw> one is the plan of convert --bpw);
+    ``pack_parts`` swaps one part of a pack at a time into the float model; the report renders both."""
+    import dataclasses
+
+    from mlx_dupq.report.moe import write_report
+
+    check_packs("auto-3.0,auto-2.75")
+    with pytest.raises(UsageError, match="unknown pack recipe"):
+        check_packs("auto-x")
+    with pytest.raises(UsageError, match="give the model"):
+        pack_recipe("auto-3.0")
+    old = study.settings
+    study.settings = dataclasses.replace(old, packs="rtn4", pack_dir=str(tmp_path / "packs"), parts_pack="rtn4")
+    try:
+        data = study.run_part("packs")
+        p = data["packs"]["rtn4"]
+        assert p["bpw"] < 16 and p["vs_float"] == pytest.approx(p["ppl"] / data["fp_ppl"])
+        parts = study.run_part("pack_parts")
+    finally:
+        study.settings = old
+    rows = {r["part"]: r for r in parts["rows"]}
+    assert rows["float"]["ppl"] == pytest.approx(data["fp_ppl"]) and rows["whole pack"]["ppl"] == p["ppl"]
+    assert rows["embedding"]["modules"] == 1 and rows["lm_head"]["modules"] == 1
+    assert rows["routed experts"]["modules"] == 2 * 3 and rows["shared experts"]["modules"] == 2 * 3
+    assert rows["attention"]["modules"] == 3 * 4 and rows["dense MLP (layer 0)"]["modules"] == 3
+    assert all(r["ppl"] != rows["float"]["ppl"] for r in parts["rows"][1:])
+    report = write_report(study.results, "t").read_text()
+    assert "## Packs at an all-in budget" in report and "What each part of the rtn4 pack costs" in report

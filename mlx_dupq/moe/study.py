@@ -13,7 +13,12 @@ temperature; F6.3), ``topk`` (top-k reduction vs quantization, dynamic k, fallba
 ``agreement`` (routing agreement of packs and simulated treatments with the float model; F6.7),
 ``sensitivity`` (the seed's expert score vs ablation importance, one class at 2 bits; F6.2),
 ``ladder`` (real packs and simulated INT2 expert treatments; F6.4-F6.5), ``layers`` (one layer's
-experts treated at a time; F6.6), ``contribution`` (PPL without parts of the MoE blocks).
+experts treated at a time; F6.6), ``contribution`` (PPL without parts of the MoE blocks), ``packs``
+(only convert and evaluate the pack recipes), ``pack_parts`` (each part of one pack -- embedding, head,
+attention, dense MLP, shared experts, routed experts -- swapped alone into the float model).
+
+Pack recipes (:data:`PACK_RECIPES`): shipped and study recipes, and ``auto-<bpw>``: the recipe
+``mlx-dupq convert MODEL --bpw <bpw> --e2e-steps 0`` plans (:func:`mlx_dupq.auto.plan_auto`).
 
 Simulated treatments replace float weights by their dequantized values (:mod:`mlx_dupq.moe.experts`):
 the numbers the packed layers compute with, without a conversion per variant. Perplexity: brown:eval
@@ -33,6 +38,7 @@ import mlx.core as mx
 import numpy as np
 
 from .._env import machine_record
+from ..auto import plan_auto
 from ..config import Recipe, load_recipe
 from ..errors import DupqError, UsageError
 from ..eval.data import calibration_batches, documents, load_text, tokenize
@@ -52,11 +58,13 @@ from .precision import stored_bits
 from .router import agreement, degradation_bias, router_quant_layer
 from .topk import active_weights, entropy_thresholds, mean_dynamic_k
 
-PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers", "contribution")  # priority order
+PARTS = ("stats", "router", "topk", "agreement", "sensitivity", "ladder", "layers", "contribution", "packs",
+         "pack_parts")  # priority order
 PREFIX = "moe"  # result files are <prefix>_<part>.json
 PREFIXES = {"smollm2-135m-moe": "moe_smollm2"}  # default prefix per model; others: PREFIX
 PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-3.0", "moe-w2-2.5", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
-                "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot")
+                "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot", "auto-3.0", "auto-2.5")
+AUTO = "auto-"  # auto-<bpw>: the plan of `convert --bpw <bpw> --e2e-steps 0`, any positive bpw
 INT2 = QuantSpec(2, 64)
 
 
@@ -75,6 +83,7 @@ class StudySettings:
     dfrot_steps: int = 30  # 0: no DFRot variants
     dfrot_tokens: int = 2048
     pack_dir: str = "/tmp/moe_packs"  # where packs are converted
+    parts_pack: str = "moe-w2-3.0"  # the pack whose parts pack_parts swaps into the float model
     packs: str = ",".join(PACK_RECIPES)  # comma-separated pack recipes of ladder / topk / agreement
     eval_data: str = "brown:eval"  # perplexity text (a name or a file, as mlx_dupq.eval.data.load_text)
     calib_data: str = "brown:calib"  # routing statistics; expert types per genre always read brown:calib
@@ -94,13 +103,30 @@ def check_parts(parts: list[str]) -> None:
 
 def check_packs(packs: str) -> None:
     """UsageError when a comma-separated pack list names a recipe not in :data:`PACK_RECIPES`."""
-    unknown = sorted(set(packs.split(",")) - set(PACK_RECIPES) - {""})
+    unknown = sorted(n for n in set(packs.split(",")) - set(PACK_RECIPES) - {""} if _auto_bpw(n) is None)
     if unknown:
         raise UsageError(f"unknown pack recipe(s) {', '.join(unknown)}; use {', '.join(PACK_RECIPES)}")
 
 
-def pack_recipe(name: str) -> Recipe:
-    """Shipped recipes, and moe-w2 variants at the same non-expert widths (matched baselines)."""
+def _auto_bpw(name: str) -> float | None:
+    """The budget of an ``auto-<bpw>`` pack name, None for any other name."""
+    if not name.startswith(AUTO):
+        return None
+    try:
+        bpw = float(name[len(AUTO):])
+    except ValueError:
+        return None
+    return bpw if bpw > 0 else None
+
+
+def pack_recipe(name: str, model: str | Path | None = None) -> Recipe:
+    """Shipped recipes, moe-w2 variants at the same non-expert widths (matched baselines), and
+    ``auto-<bpw>``: what ``convert MODEL --bpw <bpw> --e2e-steps 0`` plans for ``model``."""
+    bpw = _auto_bpw(name)
+    if bpw is not None:
+        if model is None:
+            raise UsageError(f"pack {name} is planned for a model; give the model")
+        return plan_auto(str(model), bpw, e2e_steps=0)[0]
     if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup", "moe-gptq2", "moe-gptq2-quarot"):
         return load_recipe(name)
     rec = load_recipe("moe-w2")
@@ -148,6 +174,23 @@ def json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o))
+
+
+#: pack_parts: (part, which module paths of the pack belong to it)
+PACK_PARTS = (
+    ("embedding", lambda p: p == "model.embed_tokens"),
+    ("lm_head", lambda p: p == "lm_head"),
+    ("attention", lambda p: ".self_attn." in p),
+    ("dense MLP (layer 0)", lambda p: ".mlp." in p and ".shared_experts" not in p and ".switch_mlp" not in p
+     and not p.endswith(".mlp.gate")),
+    ("shared experts", lambda p: ".shared_experts." in p),
+    ("routed experts", lambda p: ".switch_mlp." in p),
+)
+
+
+def _leaf(mod) -> bool:
+    """A module that holds a weight of its own (a linear, embedding or switch layer), not a container."""
+    return "weight" in mod or "groups" in mod or "scales" in mod
 
 
 class Study:
@@ -440,12 +483,60 @@ class Study:
                 out[name] = cache["packs"][name]
                 continue
             log(f"convert {name}")
-            res = convert(self.path, path, pack_recipe(name), force=True)
+            cpu0, t0 = time.process_time(), time.time()
+            recipe = pack_recipe(name, self.path)
+            res = convert(self.path, path, recipe, force=True)
+            info = {"bpw": res.bits_per_weight, "path": str(path), "seconds": time.time() - t0,
+                    "cpu_seconds": time.process_time() - cpu0, "loadavg": os.getloadavg()[0],
+                    "recipe": recipe.description}
             m, _ = load(path)
-            out[name] = {"bpw": res.bits_per_weight, "ppl": self.ppl(m), "path": str(path), "seconds": res.seconds}
+            out[name] = {**info, "ppl": self.ppl(m)}
             del m
-        self.save_part("packs", {"meta": self.meta(), "packs": out})
+            self.save_part("packs", {"meta": self.meta(), "packs": {**cache.get("packs", {}), **out}})
+        # the packs part's own keys (float PPL, tokens) stay when they were measured the same way
+        m, now = cache.get("meta", {}), self.meta()
+        same = all(m.get(k) == now[k] for k in ("model", "ctx", "windows", "eval"))
+        keep = {k: cache[k] for k in ("fp_ppl", "tokens") if same and k in cache}
+        self.save_part("packs", {**keep, "meta": now, "packs": out})
         return out
+
+    def part_packs(self) -> dict:
+        """Only the packs (converted once, cached): bpw, PPL and its ratio to the float model."""
+        packs = self.packs()
+        fp = self.fp_ppl()
+        return {"fp_ppl": fp, "tokens": self.tokens(),
+                "packs": {n: {**p, "vs_float": p["ppl"] / fp} for n, p in packs.items()}}
+
+    def tokens(self) -> int:
+        """Predicted tokens of one perplexity (windows x (ctx - 1), fewer if the text is shorter)."""
+        return self.settings.windows * (self.settings.ctx - 1)
+
+    def part_pack_parts(self) -> dict:
+        """One pack's modules swapped into the float model one part at a time (the rest float): which
+        part of the pack costs what. The pack is converted first when it is not there."""
+        name = self.settings.parts_pack
+        info = self.packs().get(name)
+        if info is None:
+            raise UsageError(f"pack_parts needs the pack {name} in --packs")
+        pack, _ = load(info["path"])
+        mods = dict(pack.named_modules())
+        fp = self.fp_ppl()
+        rows = [{"part": "float", "ppl": fp, "modules": 0}]
+        for part, match in PACK_PARTS:
+            model, _ = load(self.path)
+            own = dict(model.named_modules())
+            n = 0
+            for path, mod in mods.items():
+                if path and ".groups." not in path and _leaf(mod) and match(path):
+                    parent, _, leaf = path.rpartition(".")
+                    setattr(own[parent] if parent else model, leaf, mod)
+                    n += 1
+            rows.append({"part": part, "ppl": self.ppl(model), "modules": n})
+            del model
+        rows.append({"part": "whole pack", "ppl": info["ppl"], "modules": sum(r["modules"] for r in rows)})
+        for r in rows:
+            r["vs_float"] = r["ppl"] / fp
+        return {"pack": name, "pack_recipe": info.get("recipe"), "fp_ppl": fp, "rows": rows}
 
     def part_layers(self) -> dict:
         fp = self.fp_ppl()

@@ -428,6 +428,22 @@ def render(r: dict, plots: list[str]) -> str:
                _table(["model", "top-1", "top-2 set", "top-k overlap", "confidence change"],
                       [[k, _pct(v["mean"]["top1"]), _pct(v["mean"]["top2_set"]), _pct(v["mean"]["topk_overlap"]),
                         _pct(v["mean"]["confidence_change"])] for k, v in ag.items() if k != "meta"]), ""]
+    pk = r.get("packs")
+    if pk and "fp_ppl" in pk:
+        m = pk.get("meta", {})
+        md += ["## Packs at an all-in budget", "",
+               f"`{m.get('command', '?')}`; float MoE PPL {pk['fp_ppl']:.3f} on {pk.get('tokens', '?')} predicted "
+               f"tokens. `auto-B` is the plan of `mlx-dupq convert MODEL --bpw B --e2e-steps 0`.", "",
+               _table(["pack", "bpw all-in", "PPL", "x float", "convert s (CPU s)", "recipe"],
+                      [[n, _f(p.get("bpw"), 3), _f(p["ppl"], 2), _f(p.get("vs_float"), 2),
+                        f"{p['seconds']:.0f}" + (f" ({p['cpu_seconds']:.0f})" if "cpu_seconds" in p else ""),
+                        p.get("recipe", "")] for n, p in pk["packs"].items()]), ""]
+    pp = r.get("pack_parts")
+    if pp:
+        md += [f"## What each part of the {pp['pack']} pack costs", "",
+               "The pack's modules of one part swapped into the float model, everything else float:", "",
+               _table(["part", "modules", "PPL", "x float"],
+                      [[x["part"], str(x["modules"]), _f(x["ppl"], 2), _f(x["vs_float"], 2)] for x in pp["rows"]]), ""]
     if plots:
         md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(md)
@@ -439,7 +455,7 @@ def write_report(root: str | Path, prefix: str = "moe") -> Path:
     section) and writes ``MOE_REPORT_<prefix without moe_>.md``."""
     root = Path(root)
     parts = ("stats", "sensitivity", "router", "ladder", "layers", "topk", "agreement", "contribution", "build",
-             "split_probe")
+             "split_probe", "packs", "pack_parts")
     r = {p: _load(root, p, prefix) for p in parts}
     for v in r.values():
         if v and "meta" in v:

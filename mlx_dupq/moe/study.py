@@ -485,7 +485,13 @@ class Study:
             log(f"convert {name}")
             cpu0, t0 = time.process_time(), time.time()
             recipe = pack_recipe(name, self.path)
-            res = convert(self.path, path, recipe, force=True)
+            partial = path.with_name(path.name + ".partial")
+            try:  # an interrupted conversion of the same recipe continues where it stopped
+                res = convert(self.path, path, recipe, force=True, resume=partial.exists())
+            except DupqError:
+                if not partial.exists():
+                    raise
+                res = convert(self.path, path, recipe, force=True)  # another recipe's leftovers: start over
             info = {"bpw": res.bits_per_weight, "path": str(path), "seconds": time.time() - t0,
                     "cpu_seconds": time.process_time() - cpu0, "loadavg": os.getloadavg()[0],
                     "recipe": recipe.description}

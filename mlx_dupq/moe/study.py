@@ -519,12 +519,15 @@ class Study:
 
     def part_pack_parts(self) -> dict:
         """One pack's modules swapped into the float model one part at a time (the rest float): which
-        part of the pack costs what. The pack is converted first when it is not there."""
+        part of the pack costs what. The pack (``pack_dir/parts_pack``) is converted first when it is not
+        there; the whole pack is evaluated again, so every row is measured the same way."""
         name = self.settings.parts_pack
-        info = self.packs().get(name)
-        if info is None:
-            raise UsageError(f"pack_parts needs the pack {name} in --packs")
-        pack, _ = load(info["path"])
+        path = Path(self.settings.pack_dir) / name
+        recipe = pack_recipe(name, self.path)  # an unknown name fails here, before anything runs
+        if not (path / "config.json").exists():
+            log(f"convert {name}")
+            convert(self.path, path, recipe, force=True)
+        pack, _ = load(path)
         mods = dict(pack.named_modules())
         fp = self.fp_ppl()
         rows = [{"part": "float", "ppl": fp, "modules": 0}]
@@ -539,10 +542,10 @@ class Study:
                     n += 1
             rows.append({"part": part, "ppl": self.ppl(model), "modules": n})
             del model
-        rows.append({"part": "whole pack", "ppl": info["ppl"], "modules": sum(r["modules"] for r in rows)})
+        rows.append({"part": "whole pack", "ppl": self.ppl(pack), "modules": sum(r["modules"] for r in rows)})
         for r in rows:
             r["vs_float"] = r["ppl"] / fp
-        return {"pack": name, "pack_recipe": info.get("recipe"), "fp_ppl": fp, "rows": rows}
+        return {"pack": name, "path": str(path), "fp_ppl": fp, "tokens": self.tokens(), "rows": rows}
 
     def part_layers(self) -> dict:
         fp = self.fp_ppl()

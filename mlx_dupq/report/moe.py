@@ -429,19 +429,22 @@ def render(r: dict, plots: list[str]) -> str:
                       [[k, _pct(v["mean"]["top1"]), _pct(v["mean"]["top2_set"]), _pct(v["mean"]["topk_overlap"]),
                         _pct(v["mean"]["confidence_change"])] for k, v in ag.items() if k != "meta"]), ""]
     pk = r.get("packs")
-    if pk and "fp_ppl" in pk:
-        m = pk.get("meta", {})
+    if pk and pk.get("packs"):
+        m, fp = pk.get("meta", {}), pk.get("fp_ppl")
         md += ["## Packs at an all-in budget", "",
-               f"`{m.get('command', '?')}`; float MoE PPL {pk['fp_ppl']:.3f} on {pk.get('tokens', '?')} predicted "
-               f"tokens. `auto-B` is the plan of `mlx-dupq convert MODEL --bpw B --e2e-steps 0`.", "",
+               f"`{m.get('command', '?')}`; {m.get('eval', 'brown:eval')}, {m.get('windows', '?')} windows of "
+               f"{m.get('ctx', '?')} tokens; float MoE PPL {_f(fp)}. `auto-B` is the plan of "
+               "`mlx-dupq convert MODEL --bpw B --e2e-steps 0`.", "",
                _table(["pack", "bpw all-in", "PPL", "x float", "convert s (CPU s)", "recipe"],
-                      [[n, _f(p.get("bpw"), 3), _f(p["ppl"], 2), _f(p.get("vs_float"), 2),
+                      [[n, _f(p.get("bpw"), 3), _f(p["ppl"], 2), _f(p["ppl"] / fp if fp else None, 2),
                         f"{p['seconds']:.0f}" + (f" ({p['cpu_seconds']:.0f})" if "cpu_seconds" in p else ""),
                         p.get("recipe", "")] for n, p in pk["packs"].items()]), ""]
     pp = r.get("pack_parts")
     if pp:
         md += [f"## What each part of the {pp['pack']} pack costs", "",
-               "The pack's modules of one part swapped into the float model, everything else float:", "",
+               "The pack's modules of one part swapped into the float model, everything else float "
+               f"(`{pp.get('meta', {}).get('command', '?')}`; {pp.get('tokens', '?')} predicted tokens of "
+               f"{pp.get('meta', {}).get('eval', 'brown:eval')}):", "",
                _table(["part", "modules", "PPL", "x float"],
                       [[x["part"], str(x["modules"]), _f(x["ppl"], 2), _f(x["vs_float"], 2)] for x in pp["rows"]]), ""]
     if plots:

@@ -89,10 +89,11 @@ def test_packs_and_pack_parts_parts(study, tmp_path):
     with pytest.raises(UsageError, match="give the model"):
         pack_recipe("auto-3.0")
     old = study.settings
-    study.settings = dataclasses.replace(old, packs="rtn4", pack_dir=str(tmp_path / "packs"), parts_pack="rtn4")
+    study.settings = dataclasses.replace(old, packs="rtn4,auto-0.5", pack_dir=str(tmp_path / "packs"), parts_pack="rtn4")
     try:
         data = study.run_part("packs")
         p = data["packs"]["rtn4"]
+        assert list(data["packs"]) == ["rtn4"] and "below the smallest" in data["refused"]["auto-0.5"]
         assert p["bpw"] < 16 and p["vs_float"] == pytest.approx(p["ppl"] / data["fp_ppl"])
         parts = study.run_part("pack_parts")
     finally:
@@ -104,4 +105,5 @@ def test_packs_and_pack_parts_parts(study, tmp_path):
     assert rows["attention"]["modules"] == 3 * 4 and rows["dense MLP (layer 0)"]["modules"] == 3
     assert all(r["ppl"] != rows["float"]["ppl"] for r in parts["rows"][1:])
     report = write_report(study.results, "t").read_text()
+    assert "| auto-0.5 | n/a | refused |" in report
     assert "## Packs at an all-in budget" in report and "What each part of the rtn4 pack costs" in report

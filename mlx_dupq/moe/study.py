@@ -216,6 +216,7 @@ class Study:
         self._ppl_cache: dict = {}
         self._routes = None
         self._dfrot = None
+        self.refused: dict[str, str] = {}  # auto-<bpw> packs convert --bpw refused (see packs)
 
     # -- result files
     def part_path(self, part: str) -> Path:
@@ -474,9 +475,11 @@ class Study:
                                 "groups": groups, "bits": cb}}
 
     def packs(self) -> dict:
-        """Convert (once) and evaluate every pack recipe; cached in moe_packs.json."""
+        """Convert (once) and evaluate every pack recipe; cached in moe_packs.json. An ``auto-<bpw>`` pack
+        that ``convert --bpw`` refuses for this model (a budget below its floor) is recorded under
+        ``refused`` with the one-line reason, and left out of the returned packs."""
         cache = self.load_part("packs") or {}
-        out = {}
+        out, self.refused = {}, {}
         for name in [p for p in self.settings.packs.split(",") if p]:
             path = Path(self.settings.pack_dir) / name
             if name in cache.get("packs", {}) and path.exists():
@@ -484,7 +487,14 @@ class Study:
                 continue
             log(f"convert {name}")
             cpu0, t0 = time.process_time(), time.time()
-            recipe = pack_recipe(name, self.path)
+            try:
+                recipe = pack_recipe(name, self.path)
+            except DupqError as e:
+                if _auto_bpw(name) is None:
+                    raise
+                log(f"{name}: refused: {e}")
+                self.refused[name] = str(e)
+                continue
             partial = path.with_name(path.name + ".partial")
             try:  # an interrupted conversion of the same recipe continues where it stopped
                 res = convert(self.path, path, recipe, force=True, resume=partial.exists())
@@ -503,7 +513,8 @@ class Study:
         m, now = cache.get("meta", {}), self.meta()
         same = all(m.get(k) == now[k] for k in ("model", "ctx", "windows", "eval"))
         keep = {k: cache[k] for k in ("fp_ppl", "tokens") if same and k in cache}
-        self.save_part("packs", {**keep, "meta": now, "packs": out})
+        self.save_part("packs", {**keep, "meta": now, "packs": out,
+                                 **({"refused": self.refused} if self.refused else {})})
         return out
 
     def part_packs(self) -> dict:
@@ -511,7 +522,8 @@ class Study:
         packs = self.packs()
         fp = self.fp_ppl()
         return {"fp_ppl": fp, "tokens": self.tokens(),
-                "packs": {n: {**p, "vs_float": p["ppl"] / fp} for n, p in packs.items()}}
+                "packs": {n: {**p, "vs_float": p["ppl"] / fp} for n, p in packs.items()},
+                **({"refused": self.refused} if self.refused else {})}
 
     def tokens(self) -> int:
         """Predicted tokens of one perplexity (windows x (ctx - 1), fewer if the text is shorter)."""

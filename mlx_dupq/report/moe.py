@@ -438,7 +438,8 @@ def render(r: dict, plots: list[str]) -> str:
                _table(["pack", "bpw all-in", "PPL", "x float", "convert s (CPU s)", "recipe"],
                       [[n, _f(p.get("bpw"), 3), _f(p["ppl"], 2), _f(p["ppl"] / fp if fp else None, 2),
                         f"{p['seconds']:.0f}" + (f" ({p['cpu_seconds']:.0f})" if "cpu_seconds" in p else ""),
-                        p.get("recipe", "")] for n, p in pk["packs"].items()]), ""]
+                        p.get("recipe", "")] for n, p in pk["packs"].items()]
+                      + [[n, "n/a", "refused", "", "", why] for n, why in pk.get("refused", {}).items()]), ""]
     pp = r.get("pack_parts")
     if pp:
         md += [f"## What each part of the {pp['pack']} pack costs", "",

@@ -86,3 +86,17 @@ def test_bad_inputs():
         measure_sensitivity(model, tokens(), measures=("ppl",))
     with pytest.raises(DupqError, match=r"\(n, L\)"):
         measure_sensitivity(model, tokens()[0])
+
+
+def test_path_bits_give_some_modules_their_own_candidates():
+    """A ternary spec (taken as it is: symmetric) only for the embedding and head; the layers keep ``bits``."""
+    model, _ = build_model("llama")
+    ternary = QuantSpec(1.58, 128, symmetric=True)
+    s = measure_sensitivity(model, tokens(), bits=((2, 64), (4, 64)), measures=("proxy",),
+                            path_bits={r"embed_tokens$|lm_head$": (ternary, (2, 64))})
+    assert set(s.bits["model.embed_tokens"]) == set(s.bits["lm_head"]) == {"wtg128s", "w2g64"}
+    assert set(s.bits["model.layers.0.mlp.down_proj"]) == {"w2g64", "w4g64"}
+    assert s.specs["wtg128s"] == ternary
+    assert s.bits["lm_head"]["wtg128s"] < s.bits["lm_head"]["w2g64"]
+    assert s.proxy["lm_head"]["wtg128s"] > s.proxy["lm_head"]["w2g64"] > 0
+    assert s.extra["path_bits"][r"embed_tokens$|lm_head$"][0] == ternary.to_dict()

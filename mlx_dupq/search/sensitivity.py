@@ -120,15 +120,24 @@ class Sensitivity:
 
 
 def candidate_specs(base: QuantSpec, bits=DEFAULT_BITS) -> list[QuantSpec]:
-    """``base`` with each of ``bits``: a bit width (group size and symmetry kept) or a pair
-    ``(bits, group_size)`` (symmetry kept), e.g. ``(3, 128), (2, 64)``."""
+    """``base`` with each of ``bits``: a bit width (group size and symmetry kept), a pair
+    ``(bits, group_size)`` (symmetry kept), e.g. ``(3, 128), (2, 64)``, or a whole
+    :class:`~mlx_dupq.specs.QuantSpec` taken as it is (e.g. ternary, groups of 128, symmetric)."""
     out = []
     for b in bits:
-        if isinstance(b, (tuple, list)):
+        if isinstance(b, QuantSpec):
+            out.append(b)
+        elif isinstance(b, (tuple, list)):
             out.append(dataclasses.replace(base, bits=b[0], group_size=b[1]))
         else:
             out.append(dataclasses.replace(base, bits=b))
     return out
+
+
+def _candidates_json(bits) -> list:
+    """Candidates as JSON: bit widths, [bits, group size] pairs, or spec dicts."""
+    return [b.to_dict() if isinstance(b, QuantSpec) else [float(b[0]), int(b[1])] if isinstance(b, (tuple, list))
+            else float(b) for b in bits]
 
 
 def parse_candidates(text: str) -> tuple:
@@ -287,6 +296,7 @@ def measure_sensitivity(
     progress: Progress | None = None,
     *,
     only: str | None = None,
+    path_bits: dict[str, tuple] | None = None,
 ) -> Sensitivity:
     """Measure every quantizable module of the float ``model`` at each candidate bit width.
 
@@ -299,6 +309,9 @@ def measure_sensitivity(
     measures: any of ``kl`` (end-to-end, one tail forward per module and spec) and ``proxy``.
     only:    path regex: measure only these modules; the others stay at the recipe's spec, their
              packed size counted in ``fixed_bits`` (e.g. keep a ternary embedding and head fixed).
+    path_bits: {path regex: candidates}: the modules whose path matches (the first matching regex)
+             are measured at these candidates instead of ``bits`` (e.g. ternary for the embedding
+             and head only).
     """
     t0 = time.perf_counter()
     recipe = recipe or Recipe()
@@ -354,7 +367,8 @@ def measure_sensitivity(
         w = mod.weight
         sizes[path] = int(w.size)
         kl[path], proxy[path], bits_table[path] = {}, {}, {}
-        for spec in candidate_specs(base, bits):
+        cands = next((c for pat, c in (path_bits or {}).items() if re.search(pat, path)), bits)
+        for spec in candidate_specs(base, cands):
             label = spec.label()
             specs[label] = spec
             w_hat, nbits = fake_quantize(w, spec, storage)
@@ -383,7 +397,34 @@ def measure_sensitivity(
         proxy=proxy if "proxy" in measures else {},
         bits=bits_table, specs=specs, params=sizes, fixed_bits=int(fixed_bits), n_params=int(n_params),
         tokens=int(tokens.size), seconds=time.perf_counter() - t0, dtype=recipe.dtype,
-        extra={"bits": [[float(b[0]), int(b[1])] if isinstance(b, (tuple, list)) else float(b) for b in bits],
+        extra={"bits": _candidates_json(bits),
+               "path_bits": {pat: _candidates_json(c) for pat, c in (path_bits or {}).items()},
                "measures": list(measures), "only": only, "kept": sorted(kept),
                "tail_cached": bool(tail is not None and tail.hidden is not None)},
     )
+
+
+def planned_kl(model: nn.Module, tokens: mx.array, recipe: Recipe) -> float:
+    """Mean per-token KL(p_float || p_q) of the final logits when EVERY module ``recipe`` quantizes is
+    rounded to nearest at the recipe's spec for it at once (one float and one quantized forward pass;
+    the weights are put back afterwards). Ranks whole plans (e.g. two allocations of different
+    models of the same logits) where summed per-module sensitivities are not comparable."""
+    if tokens.ndim != 2:
+        raise DupqError(f"calibration tokens must be (n, L), got shape {tuple(tokens.shape)}")
+    model.eval()
+    storage = getattr(mx, recipe.dtype)
+    ref = model(tokens).astype(mx.float32)
+    ref_logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+    mx.eval(ref_logp)
+    del ref
+    mods = quantizable_modules(model, recipe)
+    saved = {}
+    try:
+        for path, (mod, _, spec) in mods.items():
+            saved[path] = mod.weight
+            mod.weight = fake_quantize(mod.weight, spec, storage)[0]
+            mx.eval(mod.weight)
+        return mean_kl(ref_logp, model(tokens))
+    finally:
+        for path, w in saved.items():
+            mods[path][0].weight = w

@@ -2,15 +2,36 @@
 
 :func:`plan_auto` decides, in this order, and says why (:class:`Choice` rows):
 
-1. **rotation** (block Hadamard residual + online Hadamard on ``down_proj``) only when it adds no
-   stored parameters: a model whose tied embedding would have to be untied by the fold (its final
-   norm is not all ones) pays a second vocabulary-sized matrix, which at a fixed budget costs more
-   than rotation recovers (SmolLM2-135M: rotation + GPTQ 325 PPL at 5.56 bpw against the allocated
-   GPTQ recipe's 260 at 3.0, ``bench/results/ladder_smollm2-135m*.json``).
+1. **rotation** (block Hadamard residual + online Hadamard on ``down_proj``). A model whose fold
+   adds no stored parameters (untied head, or a final norm of all ones) is rotated: on
+   Qwen2.5-Coder-0.5B (untied) rotation + GPTQ 2-bit measured 86.1 PPL against GPTQ's 99.5 at
+   5.09 bpw (``bench/results/ladder_qwen2.5-coder-0.5b*.json``), and every best pack of it is
+   rotated (``bench/results/w2_qwen2.5-coder-0.5b.json``). A tied embedding that the fold would
+   untie (its final norm is not all ones) makes rotation store a second vocabulary-sized matrix,
+   whose price depends on the budget and on how cheaply that head can be stored (a ternary one is
+   ~1.7 bits/weight). Measured both ways on SmolLM2-135M (tied): rotation + GPTQ 2-bit with
+   8-bit embeddings 325 PPL at 5.56 bpw against GPTQ's 385 at 3.77 (the rotation helps, the
+   untied head costs 1.8 bpw), and ``w2`` (rotation, untied ternary embedding, 3-bit head, 2-bit
+   layers) 630.5 at 3.11 bpw against the unrotated allocated GPTQ recipe's 260.2 at 3.00
+   (``bench/results/ladder_smollm2-135m*.json``, ``w2_smollm2-135m.json``). So no fixed rule:
+   such a model is **planned both ways** (steps 3, with the untied head allocated like any
+   module) and the plan with the lower whole-plan KL is kept (:func:`~mlx_dupq.search.sensitivity.planned_kl`:
+   every module rounded to nearest at its planned spec at once, KL of the logits against the
+   float model's on the calibration tokens; one forward pass per plan). Round to nearest is not
+   GPTQ: rotation helps GPTQ more than RTN (docs/quality.md), so this comparison leans against
+   rotation.
 2. **GPTQ** on calibration text (``brown:calib``, 16 x 512 tokens), the head included when separate.
 3. **bit allocation** to ``B`` with the cheap ``proxy`` sensitivity (each module's relative output
-   error on its own float inputs; seconds, no extra forward passes) over 2-bit g64, 3/4-bit g128 and 8-bit g64 candidates,
-   the embedding and head kept at >= 4 bits when that fits (else 3, else 2).
+   error on its own float inputs; seconds, no extra forward passes) over 2-bit g64 and g128, 3/4-bit
+   g128 and 8-bit g64 candidates (:data:`LAYER_CANDIDATES`), the embedding and head also ternary
+   (1.58 bits, groups of 128, symmetric: :data:`TERNARY_SPEC`, as ``recipes/w2-t3.toml`` stores
+   them); the embedding and head kept at >= 4 bits when that fits, else >= 3, else anything down to
+   ternary (:data:`EMBED_FLOORS`). Ternary replaces the old last floor of 2 bits: on
+   Qwen2.5-Coder-0.5B a ternary lm_head GPTQ'd against the final states costs PPL 46.97 alone
+   against 48.58 at 2 bits g128 and 42.58 at 3 bits, a ternary embedding 43.26 against 42.55 at 2
+   bits (reference 41.58; ``bench/results/head_sensitivity_qwen2.5-coder-0.5b.json``), and the
+   ternary head's bits bought 3-bit decoder layers in the best packs at <= 2.6 bpw (``w2-t3``
+   56.76 at 2.596, ``w2-t3a`` 61.50 at 2.499 against ``w2``'s 3-bit head 104.6 at 2.498).
 4. **block reconstruction** (``[refine.block]``, :mod:`mlx_dupq.refine.block`) with its defaults.
 5. **end-to-end distillation** (``[refine.e2e]``, :mod:`mlx_dupq.refine.e2e`): the pack's scales,
    biases and norms trained against the float model's next-token distribution on ``mix:calib``
@@ -23,12 +44,14 @@ the allocation plans with the real packed sizes, so the pack is at or below ``B`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .config import Recipe
+from .config import EMBED_PATTERN, LM_HEAD_PATTERN, Recipe
 from .errors import DupqError
 from .eval.data import calibration_batches, load_text
 from .io.loader import load_model, tokenizer_of
@@ -37,11 +60,19 @@ from .refine.e2e_spec import E2ESpec
 from .refine.spec import BlockSpec, RefineSpec
 from .rotation.plan import plan_rotation
 from .search.allocate import allocate
-from .search.sensitivity import measure_sensitivity, rotate_float_model
-from .specs import QuantizerSpec, QuantSpec, RotationSpec
+from .search.sensitivity import Sensitivity, measure_sensitivity, planned_kl, rotate_float_model
+from .specs import TERNARY, QuantizerSpec, QuantSpec, RotationSpec
 
-CANDIDATES = ((2, 64), (3, 128), (4, 128), (8, 64))  # 3/4 bits in groups of 128 where rows allow
-EMBED_FLOORS = (4, 3, 2)
+#: decoder-linear candidates: 2 bits in groups of 64 and 128 (the latter reaches 2.25 bpw budgets),
+#: 3/4 bits in groups of 128 where rows allow, 8 bits in groups of 64
+LAYER_CANDIDATES = ((2, 64), (2, 128), (3, 128), (4, 128), (8, 64))
+#: ternary {-1, 0, +1} x scale, groups of 128, symmetric: the embedding and head of recipes/w2-t3.toml
+TERNARY_SPEC = QuantSpec(TERNARY, 128, symmetric=True)
+#: embedding and lm_head candidates: the layers' and ternary
+HEAD_CANDIDATES = (TERNARY_SPEC, *LAYER_CANDIDATES)
+#: minimum bits of the embedding and head, the first that fits the budget wins
+EMBED_FLOORS = (4, 3, TERNARY)
+ROTATION_NAME = "block Hadamard + online down_proj"
 E2E_MODULE = "mlx_dupq.refine.e2e"
 #: the e2e stage of ``convert --bpw``: the settings measured on SmolLM2-135M's 3-bit pack (docs/e2e.md,
 #: "What moves a 3-bit SmolLM2 pack", bench/results/e2e_study_smollm2-135m.json): Adam lr 1e-4 on the
@@ -60,17 +91,65 @@ class Choice:
     why: str
 
 
-def _rotation(model: str) -> tuple[RotationSpec | None, Choice]:
+def _rotation(model: str) -> tuple[RotationSpec | None, str, bool]:
+    """(spec or None, why, whether the fold unties a tied embedding)."""
     spec = RotationSpec(kind="block_hadamard", online_down=True)
     src = open_source(model)
     try:
         plan = plan_rotation(spec, src.config, src.keys(), lambda k: src.get(k).astype(mx.float32))
     except DupqError as e:
-        return None, Choice("rotation", "none", f"not applicable ({e})")
-    if plan.config_update.get("tie_word_embeddings") is False and src.config.get("tie_word_embeddings", False):
-        return None, Choice("rotation", "none", "it would untie the tied embedding: a second "
-                            "vocabulary-sized matrix costs more bits than rotation saves")
-    return spec, Choice("rotation", "block Hadamard + online down_proj", "no extra stored parameters")
+        return None, f"not applicable ({e})", False
+    unties = plan.config_update.get("tie_word_embeddings") is False and src.config.get("tie_word_embeddings", False)
+    return spec, "no extra stored parameters; rotation + GPTQ beat GPTQ on Qwen2.5-Coder-0.5B (86.1 vs 99.5)", unties
+
+
+@dataclass
+class _Plan:
+    rotation: RotationSpec | None
+    recipe: Recipe | None  # None: the budget is below what this model's candidates reach
+    floor: float | None
+    lowest: float  # the smallest all-in bits/weight reachable with the candidates
+    table: Sensitivity
+
+
+def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
+    table = measure_sensitivity(m, tokens, base, bits=LAYER_CANDIDATES, measures=("proxy",), progress=progress,
+                                path_bits={f"{EMBED_PATTERN}|{LM_HEAD_PATTERN}": HEAD_CANDIDATES})
+    lowest = (table.fixed_bits + sum(min(b.values()) for b in table.bits.values())) / table.n_params
+    for floor in EMBED_FLOORS:
+        try:
+            rec = allocate(table, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
+            return _Plan(base.rotation, rec, floor, lowest, table)
+        except DupqError:
+            continue
+    return _Plan(base.rotation, None, None, lowest, table)
+
+
+def _head_specs(plan: _Plan) -> str:
+    """'embedding wtg128s, lm_head w3g128' of an allocated plan."""
+    out = []
+    for path in sorted(plan.table.bits):
+        if re.search(EMBED_PATTERN, path) or re.search(LM_HEAD_PATTERN, path):
+            out.append(f"{path.split('.')[-1]} {plan.recipe.spec_for(path).label()}")
+    return ", ".join(out)
+
+
+def _untying_rotation(plans, fits, tokens, bpw: float) -> tuple[_Plan, Choice]:
+    """Rotation that unties a tied head: the fitting plan, or of two the one with the lower whole-plan KL."""
+    if len(fits) == 1:
+        plan = fits[0][0]
+        other = next(p for p, _ in plans if p is not plan)
+        return plan, Choice("rotation", ROTATION_NAME + " (head untied)" if plan.rotation is not None else "none",
+                            f"the fold unties the tied embedding; only this plan fits --bpw {bpw:g} (the other "
+                            f"needs >= {other.lowest:.4f} bits/weight)")
+    kl_plain, kl_rot = (planned_kl(mm, tokens, p.recipe) for p, mm in fits)
+    plan = fits[1][0] if kl_rot < kl_plain else fits[0][0]
+    return plan, Choice(
+        "rotation", ROTATION_NAME + " (head untied)" if plan.rotation is not None else "none",
+        f"the fold unties the tied embedding, so both were planned at --bpw {bpw:g}: whole-plan RTN KL "
+        f"{kl_rot:.4g} rotated (untied head stored) vs {kl_plain:.4g} without on the calibration tokens, the "
+        "lower kept (RTN leans against rotation; SmolLM2-135M measured untied w2 630.5 at 3.11 bpw vs the "
+        "unrotated allocation's 260.2 at 3.00)")
 
 
 def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
@@ -96,34 +175,43 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", e2e_st
     if e2e_steps is not None and (isinstance(e2e_steps, bool) or not isinstance(e2e_steps, int) or e2e_steps < 0):
         raise DupqError(f"--e2e-steps {e2e_steps!r} must be an integer >= 0 (0 skips end-to-end distillation)")
     e2e, e2e_choice = _e2e(e2e_steps)
-    rotation, rot_choice = _rotation(model)
+    rotation, rot_why, unties = _rotation(model)
     quantizer = QuantizerSpec(method="gptq", calib_data=calib_data, calib_samples=16, calib_seq_len=512,
                               calib_head=True)
     base = Recipe(name=f"auto-{bpw:g}", default=QuantSpec(2, 64), embed=QuantSpec(4, 64), lm_head=QuantSpec(4, 64),
-                  rotation=rotation, quantizer=quantizer)
+                  rotation=None, quantizer=quantizer)
     m, config, tok_dir = load_model(model)
     tokens = calibration_batches(tokenizer_of(tok_dir, config), load_text(calib_data), 4, 128, 0)
+    plans = []  # (plan, its float model)
+    if rotation is None or unties:
+        plans.append((_allocate(m, tokens, base, bpw, progress), m))
     if rotation is not None:
-        m = rotate_float_model(m, config, rotation)
-    table = measure_sensitivity(m, tokens, base, bits=CANDIDATES, measures=("proxy",), progress=progress)
-    del m
-    rec, floor, err = None, None, None
-    for floor in EMBED_FLOORS:
-        try:
-            rec = allocate(table, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
-            break
-        except DupqError as e:
-            err = e
-    if rec is None:
-        lowest = str(err).split("smallest reachable ")[-1].split(" ")[0]
+        rm = rotate_float_model(m, config, rotation)
+        if not unties:
+            del m  # the unrotated model is not planned: free it (Qwen2.5-0.5B: 2.5 GB in float32)
+        plans.append((_allocate(rm, tokens, dataclasses.replace(base, rotation=rotation), bpw, progress), rm))
+    fits = [(p, mm) for p, mm in plans if p.recipe is not None]
+    if not fits:
+        lowest = min(p.lowest for p, _ in plans)
         raise DupqError(f"--bpw {bpw:g} is below the smallest all-in budget reachable for {model} "
-                        f"({lowest} bits/weight with 2-bit layers and a 2-bit embedding); raise --bpw")
+                        f"({lowest:.4f} bits/weight with 2-bit layers and a ternary embedding and head); "
+                        "raise --bpw")
+    if not unties:
+        plan = fits[0][0]
+        rot_choice = Choice("rotation", ROTATION_NAME if rotation is not None else "none", rot_why)
+    else:
+        plan, rot_choice = _untying_rotation(plans, fits, tokens, bpw)
+    del plans, fits
+    rec = plan.recipe
     rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(), e2e=e2e).to_dict()})
+    floor_why = {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",
+                 TERNARY: "embedding/head down to ternary (3 bits do not fit; a ternary GPTQ head measured "
+                          "46.97 vs 48.58 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)"}[plan.floor]
     choices = [
         rot_choice,
         Choice("quantizer", "GPTQ, 16 x 512 tokens", f"{calib_data}; lm_head calibrated on the final states"),
-        Choice("allocation", rec.description.split("; ")[-1],
-               f"proxy sensitivity, embedding/head >= {floor} bits; {rec.description.split(' (')[1].split(')')[0]}"),
+        Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
+               f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),
         Choice("block refine", "scales, biases, norms", "reproduce each float layer; keep only if held-out error drops"),
         e2e_choice,
     ]

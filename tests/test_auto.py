@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
-from mlx_dupq.auto import plan_auto
+from mlx_dupq.auto import TERNARY_SPEC, plan_auto
 from mlx_dupq.errors import DupqError
 from tests.test_cli import assert_one_line_error, run
 
@@ -60,9 +62,54 @@ def test_bpw_with_recipe_is_refused(monkeypatch, capsys, tiny_dirs, tmp_path):
     assert_one_line_error(code, e, "--bpw chooses")
 
 
-def test_rotation_is_skipped_when_it_would_untie_the_head(tiny_dirs):
-    """The tiny qwen2 ties its embedding and its final norm is random: no rotation."""
-    rec, choices = plan_auto(str(tiny_dirs["qwen2"]), 4.0)
-    assert rec.rotation is None and choices[0].choice == "none"
+def test_a_budget_below_2_bit_layers_is_reached_with_a_ternary_embedding_and_head(tiny_dirs):
+    """2.4 bits/weight is below 2-bit layers with a 2-bit embedding and head (the old candidates'
+    floor) on the tiny llama: only ternary embedding/head and 2-bit g128 layers reach it."""
+    rec, choices = plan_auto(str(tiny_dirs["llama"]), 2.4, e2e_steps=0)
+    alloc = next(c for c in choices if c.step == "allocation")
+    assert float(alloc.why.split("; ")[-1].split(" planned")[0]) <= 2.4
+    assert rec.spec_for("model.embed_tokens") == TERNARY_SPEC and rec.spec_for("lm_head") == TERNARY_SPEC
+    assert "down to ternary" in alloc.why and "embed_tokens wtg128s" in alloc.choice
+    assert "w2g128" in alloc.choice  # the down_proj's 128-wide rows take groups of 128
+
+
+def test_ternary_is_a_head_candidate_only(tiny_dirs):
+    """At a roomy budget the embedding and head stay >= 4 bits and no layer is ever ternary."""
+    rec, _ = plan_auto(str(tiny_dirs["llama"]), 2.4, e2e_steps=0)
+    layers = [r.spec for r in rec.rules if "layers" in r.pattern]
+    assert layers and all(s.bits >= 2 for s in layers)
+    rec, _ = plan_auto(str(tiny_dirs["llama"]), 4.0, e2e_steps=0)
+    assert rec.spec_for("model.embed_tokens").bits >= 4 and rec.spec_for("lm_head").bits >= 4
+
+
+def test_rotation_that_unties_the_head_is_decided_by_the_planned_kl(tiny_dirs):
+    """The tiny qwen2 ties its embedding and its final norm is random, so the fold would untie the
+    head: both plans are made and the one with the lower whole-plan KL is kept, the KLs printed."""
+    rec, choices = plan_auto(str(tiny_dirs["qwen2"]), 4.0, e2e_steps=0)
+    why = choices[0].why
+    assert "both were planned" in why
+    kl_rot, kl_plain = (float(why.split("RTN KL ")[1].split(" ")[0]), float(why.split(" vs ")[1].split(" ")[0]))
+    assert (rec.rotation is not None) == (kl_rot < kl_plain)
+    assert (choices[0].choice == "none") == (rec.rotation is None)
     with pytest.raises(DupqError):
         plan_auto(str(tiny_dirs["qwen2"]), 0.0)
+
+
+def test_rotation_that_unties_the_head_is_dropped_when_only_the_tied_plan_fits(tiny_dirs):
+    """At 2.45 bits/weight the untied head does not fit at all: the tied plan is kept and says why."""
+    rec, choices = plan_auto(str(tiny_dirs["qwen2"]), 2.45, e2e_steps=0)
+    assert rec.rotation is None and choices[0].choice == "none" and "only this plan fits" in choices[0].why
+
+
+def test_planned_kl_is_zero_for_float_and_grows_as_bits_drop(tiny_dirs):
+    from mlx_dupq.config import QuantSpec, Recipe
+    from mlx_dupq.io.loader import load_model
+    from mlx_dupq.search.sensitivity import planned_kl
+
+    m, _, _ = load_model(str(tiny_dirs["llama"]))
+    tokens = mx.array(np.random.default_rng(0).integers(0, 300, size=(2, 16)))
+    before = m(tokens)
+    kl8, kl2 = (planned_kl(m, tokens, Recipe(default=QuantSpec(b, 64), embed=QuantSpec(b, 64), lm_head=QuantSpec(b, 64)))
+                for b in (8, 2))
+    assert 0 <= kl8 < kl2
+    assert mx.allclose(m(tokens), before).item()  # the float weights are back

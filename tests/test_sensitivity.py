@@ -100,3 +100,21 @@ def test_path_bits_give_some_modules_their_own_candidates():
     assert s.bits["lm_head"]["wtg128s"] < s.bits["lm_head"]["w2g64"]
     assert s.proxy["lm_head"]["wtg128s"] > s.proxy["lm_head"]["w2g64"] > 0
     assert s.extra["path_bits"][r"embed_tokens$|lm_head$"][0] == ternary.to_dict()
+
+
+def test_a_tied_embedding_is_priced_as_the_head_too():
+    """The tiny qwen2 ties its embedding: its proxy adds the head's output error on the final states,
+    so it exceeds the row-weighted input error alone (what an untied embedding gets)."""
+    from mlx_dupq.search.sensitivity import _tied_head_states
+
+    model, _ = build_model("qwen2")
+    x = tokens()
+    s = measure_sensitivity(model, x, bits=(2,), measures=("proxy",))
+    w = model.model.embed_tokens.weight
+    counts = mx.zeros((w.shape[0],)).at[x.reshape(-1)].add(1.0)
+    w_hat = fake_quantize(w, QuantSpec(2, 64))[0]
+    alone = relative_output_error(w, w_hat, row_weights=counts)
+    head = relative_output_error(w, w_hat, x=_tied_head_states(model, x))
+    assert head > 0 and s.proxy["model.embed_tokens"]["w2g64"] == pytest.approx(alone + head, rel=1e-5)
+    untied, _ = build_model("llama")
+    assert _tied_head_states(untied, x) is None

@@ -14,7 +14,9 @@ the others at the recipe's own spec in ``fixed_bits``:
   sequences run as one batch.
 - ``proxy`` (no extra forward passes): relative output error of the module on its own inputs
   captured in the float pass, ``||X (W_q - W)^T||_F^2 / ||X W^T||_F^2``. The embedding weights
-  its rows by how often the calibration tokens pick them; switch (expert) linears, whose inputs
+  its rows by how often the calibration tokens pick them; a tied embedding (the model has no
+  ``lm_head``: the embedding is the head too) adds the head's relative output error on the final
+  normed hidden states, so that it is not priced as an input table only; switch (expert) linears, whose inputs
   are routed, fall back to the plain weight error ``||W_q - W||_F^2 / ||W||_F^2``.
 
 Stored bits per spec come from the real packing (:func:`~mlx_dupq.quant.bitpack.pack` and
@@ -50,7 +52,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..adapter import LAYER_RE, LayerTail, build_skeleton, layer_index, module_kind
-from ..config import Recipe
+from ..config import LM_HEAD_PATTERN, Recipe
 from ..errors import DupqError
 from ..layers.online_rotation import RotatedInput, apply_online_rotations
 from ..metrics import mean_kl
@@ -284,6 +286,17 @@ def _forward_capturing(model: nn.Module, tokens: mx.array, paths: list[str]) -> 
     return logits, inputs
 
 
+def _tied_head_states(model: nn.Module, tokens: mx.array) -> mx.array | None:
+    """Final normed hidden states (n*L, hidden) when the embedding is also the head (no ``lm_head``
+    module: mlx-lm's tied models end with ``model.embed_tokens.as_linear(model.model(x))``), else None."""
+    if any(re.search(LM_HEAD_PATTERN, p) for p, _ in model.named_modules()) or not hasattr(model, "model"):
+        return None
+    h = model.model(tokens)
+    h = h.reshape(-1, h.shape[-1]).astype(mx.float32)
+    mx.eval(h)
+    return h
+
+
 # ------------------------------------------------------------------------------ the measurement
 
 
@@ -356,6 +369,7 @@ def measure_sensitivity(
     if any(kind == "embedding" for _, kind, _ in mods.values()):
         counts = mx.zeros((int(params[next(f"{p}.weight" for p, (_, k, _) in mods.items() if k == "embedding")].shape[0]),))
         counts = counts.at[tokens.reshape(-1)].add(1.0)
+    head_states = _tied_head_states(model, tokens) if counts is not None and "proxy" in measures else None
 
     kl: dict[str, dict[str, float]] = {}
     proxy: dict[str, dict[str, float]] = {}
@@ -379,6 +393,8 @@ def measure_sensitivity(
                     proxy[path][label] = relative_output_error(w, w_hat, x=inputs[path])
                 elif kind == "embedding":
                     proxy[path][label] = relative_output_error(w, w_hat, row_weights=counts)
+                    if head_states is not None:  # a tied embedding is the head too: its error enters twice
+                        proxy[path][label] += relative_output_error(w, w_hat, x=head_states)
                 else:
                     proxy[path][label] = relative_output_error(w, w_hat)
             if "kl" in measures:

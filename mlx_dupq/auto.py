@@ -26,7 +26,10 @@
    g128 and 8-bit g64 candidates (:data:`LAYER_CANDIDATES`), the embedding and head also ternary
    (1.58 bits, groups of 128, symmetric: :data:`TERNARY_SPEC`, as ``recipes/w2-t3.toml`` stores
    them); the embedding and head kept at >= 4 bits when that fits, else >= 3, else anything down to
-   ternary (:data:`EMBED_FLOORS`). Ternary replaces the old last floor of 2 bits: on
+   ternary (:data:`EMBED_FLOORS`) -- except a tied embedding, which is the head too and keeps
+   ``mse`` (no GPTQ: ``pipeline._head_group``), where an mse ternary head measured 80.01 against
+   64.27 at 2 bits on Qwen2.5-Coder-0.5B: it is offered no ternary candidate, and its proxy adds the
+   head's output error. Ternary replaces the old last floor of 2 bits: on
    Qwen2.5-Coder-0.5B a ternary lm_head GPTQ'd against the final states costs PPL 46.97 alone
    against 48.58 at 2 bits g128 and 42.58 at 3 bits, a ternary embedding 43.26 against 42.55 at 2
    bits (reference 41.58; ``bench/results/head_sensitivity_qwen2.5-coder-0.5b.json``), and the
@@ -110,19 +113,24 @@ class _Plan:
     floor: float | None
     lowest: float  # the smallest all-in bits/weight reachable with the candidates
     table: Sensitivity
+    tied: bool  # the embedding is also the head (no ternary candidate for it)
 
 
 def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
+    # a tied embedding (no lm_head module) is the head too and keeps mse (no GPTQ, pipeline._head_group):
+    # ternary is offered only to an embedding or head that is not tied
+    tied = not hasattr(m, "lm_head")
     table = measure_sensitivity(m, tokens, base, bits=LAYER_CANDIDATES, measures=("proxy",), progress=progress,
-                                path_bits={f"{EMBED_PATTERN}|{LM_HEAD_PATTERN}": HEAD_CANDIDATES})
+                                path_bits={f"{EMBED_PATTERN}|{LM_HEAD_PATTERN}": LAYER_CANDIDATES if tied
+                                           else HEAD_CANDIDATES})
     lowest = (table.fixed_bits + sum(min(b.values()) for b in table.bits.values())) / table.n_params
     for floor in EMBED_FLOORS:
         try:
             rec = allocate(table, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
-            return _Plan(base.rotation, rec, floor, lowest, table)
+            return _Plan(base.rotation, rec, floor, lowest, table, tied)
         except DupqError:
             continue
-    return _Plan(base.rotation, None, None, lowest, table)
+    return _Plan(base.rotation, None, None, lowest, table, tied)
 
 
 def _head_specs(plan: _Plan) -> str:
@@ -194,7 +202,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", e2e_st
     if not fits:
         lowest = min(p.lowest for p, _ in plans)
         raise DupqError(f"--bpw {bpw:g} is below the smallest all-in budget reachable for {model} "
-                        f"({lowest:.4f} bits/weight with 2-bit layers and a ternary embedding and head); "
+                        f"({lowest:.4f} bits/weight with 2-bit layers and a ternary embedding and head, 2-bit when tied); "
                         "raise --bpw")
     if not unties:
         plan = fits[0][0]
@@ -207,6 +215,9 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", e2e_st
     floor_why = {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",
                  TERNARY: "embedding/head down to ternary (3 bits do not fit; a ternary GPTQ head measured "
                           "46.97 vs 48.58 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)"}[plan.floor]
+    if plan.tied and plan.floor == TERNARY:
+        floor_why = ("tied embedding down to 2 bits (3 bits do not fit; it is the head too and keeps mse, and an mse "
+                     "ternary head measured 80.01 vs 64.27 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)")
     choices = [
         rot_choice,
         Choice("quantizer", "GPTQ, 16 x 512 tokens", f"{calib_data}; lm_head calibrated on the final states"),

@@ -96,9 +96,12 @@ def test_rotation_that_unties_the_head_is_decided_by_the_planned_kl(tiny_dirs):
 
 
 def test_rotation_that_unties_the_head_is_dropped_when_only_the_tied_plan_fits(tiny_dirs):
-    """At 2.45 bits/weight the untied head does not fit at all: the tied plan is kept and says why."""
-    rec, choices = plan_auto(str(tiny_dirs["qwen2"]), 2.45, e2e_steps=0)
+    """At 2.6 bits/weight the untied head does not fit: the tied plan is kept and says why; its embedding,
+    which is the head too and keeps mse, is never ternary."""
+    rec, choices = plan_auto(str(tiny_dirs["qwen2"]), 2.6, e2e_steps=0)
     assert rec.rotation is None and choices[0].choice == "none" and "only this plan fits" in choices[0].why
+    assert rec.spec_for("model.embed_tokens").bits == 2
+    assert "tied embedding down to 2 bits" in next(c for c in choices if c.step == "allocation").why
 
 
 def test_planned_kl_is_zero_for_float_and_grows_as_bits_drop(tiny_dirs):

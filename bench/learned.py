@@ -107,6 +107,9 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
             base = work / parts[1].replace(":", "_").replace("+", "_")
             opts, choice = _e2e(args.e2e_steps)
             spec = E2ESpec.from_dict(opts if args.e2e_lr is None else dict(opts, lr=args.e2e_lr))
+            if args.e2e_lr is not None:  # the choice row says what ran
+                choice = dataclasses.replace(choice, choice=choice.choice.replace(f"lr {opts['lr']:g}", f"lr {spec.lr:g}"),
+                                             why=choice.why + f"; lr set by --e2e-lr {spec.lr:g}")
             t1 = time.time()
 
             def log(phase, done, total, info):

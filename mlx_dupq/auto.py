@@ -23,7 +23,8 @@
 2. **GPTQ** on calibration text (``brown:calib``, 16 x 512 tokens), the head included when separate.
 3. **bit allocation** to ``B`` with the cheap ``proxy`` sensitivity (each module's relative output
    error on its own float inputs; seconds, no extra forward passes) over 2-bit g64 and g128, 3/4-bit
-   g128 and 8-bit g64 candidates (:data:`LAYER_CANDIDATES`), the embedding and head also ternary
+   g128 and 8-bit g64 candidates (:data:`LAYER_CANDIDATES`; 2-bit g128 only when the budget needs
+   it, see ``_allocate``), the embedding and head also ternary
    (1.58 bits, groups of 128, symmetric: :data:`TERNARY_SPEC`, as ``recipes/w2-t3.toml`` stores
    them); the embedding and head kept at >= 4 bits when that fits, else >= 3, else anything down to
    ternary (:data:`EMBED_FLOORS`) -- except a tied embedding, which is the head too and keeps
@@ -69,6 +70,8 @@ from .specs import TERNARY, QuantizerSpec, QuantSpec, RotationSpec
 #: decoder-linear candidates: 2 bits in groups of 64 and 128 (the latter reaches 2.25 bpw budgets),
 #: 3/4 bits in groups of 128 where rows allow, 8 bits in groups of 64
 LAYER_CANDIDATES = ((2, 64), (2, 128), (3, 128), (4, 128), (8, 64))
+#: offered to the decoder linears only when the budget cannot be met without it (see ``_allocate``)
+G128_2BIT = QuantSpec(2, 128)
 #: ternary {-1, 0, +1} x scale, groups of 128, symmetric: the embedding and head of recipes/w2-t3.toml
 TERNARY_SPEC = QuantSpec(TERNARY, 128, symmetric=True)
 #: embedding and lm_head candidates: the layers' and ternary
@@ -124,13 +127,28 @@ def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
                                 path_bits={f"{EMBED_PATTERN}|{LM_HEAD_PATTERN}": LAYER_CANDIDATES if tied
                                            else HEAD_CANDIDATES})
     lowest = (table.fixed_bits + sum(min(b.values()) for b in table.bits.values())) / table.n_params
+    # 2-bit g128 layers only where the budget needs them: the proxy rates them close to g64 and spends
+    # the saving elsewhere, but measured whole, SmolLM2-135M --bpw 3.0 with them (every down_proj) got
+    # brown:eval 208.9 / code:eval 1,574 against 193.7 / 927.3 without (4,088 tokens each;
+    # bench/results/learned_smollm2-135m_bpw3.0_plan2.json vs learned_smollm2-135m_bpw3.0*.json)
     for floor in EMBED_FLOORS:
-        try:
-            rec = allocate(table, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
-            return _Plan(base.rotation, rec, floor, lowest, table, tied)
-        except DupqError:
-            continue
+        for t in (_without(table, G128_2BIT), table):
+            try:
+                rec = allocate(t, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
+                return _Plan(base.rotation, rec, floor, lowest, table, tied)
+            except DupqError:
+                continue
     return _Plan(base.rotation, None, None, lowest, table, tied)
+
+
+def _without(table: Sensitivity, spec: QuantSpec) -> Sensitivity:
+    """``table`` without the candidate ``spec`` for the decoder linears (the embedding and head keep it)."""
+    label = spec.label()
+
+    def drop(d: dict) -> dict:
+        return {p: c if re.search(EMBED_PATTERN, p) or re.search(LM_HEAD_PATTERN, p)
+                else {k: v for k, v in c.items() if k != label} for p, c in d.items()}
+    return dataclasses.replace(table, bits=drop(table.bits), proxy=drop(table.proxy), kl=drop(table.kl))
 
 
 def _head_specs(plan: _Plan) -> str:

@@ -131,8 +131,9 @@ def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
     # the saving elsewhere, but measured whole, SmolLM2-135M --bpw 3.0 with them (every down_proj) got
     # brown:eval 208.9 / code:eval 1,574 against 193.7 / 927.3 without (4,088 tokens each;
     # bench/results/learned_smollm2-135m_bpw3.0_plan2.json vs learned_smollm2-135m_bpw3.0*.json)
+    tables = (_without(table, G128_2BIT), table)
     for floor in EMBED_FLOORS:
-        for t in (_without(table, G128_2BIT), table):
+        for t in tables:
             try:
                 rec = allocate(t, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
                 return _Plan(base.rotation, rec, floor, lowest, table, tied)

@@ -7,7 +7,8 @@ Every distributed step runs inside :meth:`Session.step`. Two ways a peer can go:
   it within milliseconds; :meth:`Session.step` turns that into :class:`PeerLost`, a one-line
   :class:`~mlx_dupq.errors.DupqError` naming the rank and the step. (Before raising, the ring's
   IO thread prints ``[ring] Socket N was closed by the peer`` ten times on stderr, and more
-  ``[ring]`` lines under load; the session drops the ring's lines so that the error stays one line; everything else passes.)
+  ``[ring]`` lines under load, some after the session has ended; the session drops the ring's lines
+  until the process exits, so that the error stays one line; everything else passes.)
 - it hangs (a frozen process, a pulled cable: no socket closes) and a ``recv`` would wait
   forever: a watchdog thread ends the process with a one-line error when one step has made no
   progress for ``timeout`` seconds. A step is one prefill chunk or one token, so the timeout
@@ -20,6 +21,7 @@ Under ``mlx.launch`` a rank that exits with an error also makes the launcher sto
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -72,6 +74,18 @@ class _StderrFilter:
         self._thread.join(timeout=5)
         os.close(self.out)
 
+    def close_at_exit(self) -> None:
+        """Keep filtering until the process exits: after a peer is lost the ring's IO thread goes on
+        printing for a while, after the session has ended and while the error is being reported."""
+        atexit.register(self._drain)
+
+    def _drain(self) -> None:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # later ring lines go nowhere; the pump forwards what it holds and stops
+        os.close(devnull)
+        self._thread.join(timeout=5)
+
 
 class Session:
     """The group of a pipeline run: rank, size, guarded steps; use as a context manager."""
@@ -81,6 +95,7 @@ class Session:
             raise DupqError(f"--peer-timeout {timeout} must be positive (seconds)")
         self.timeout = timeout
         self._busy: tuple[str, float, float] | None = None
+        self._peer_lost = False
         self._filter = _StderrFilter()
         self._stop = threading.Event()
         self._dog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
@@ -117,6 +132,7 @@ class Session:
         except RuntimeError as e:
             if self.size == 1:  # no peer: an ordinary error
                 raise
+            self._peer_lost = True
             raise PeerLost(f"rank {self.rank}: {what} failed, a peer is gone ({e}); all ranks stop") from None
         finally:
             self._busy = None
@@ -129,7 +145,10 @@ class Session:
 
     def close(self) -> None:
         self._stop.set()
-        self._filter.close()
+        if self._peer_lost:
+            self._filter.close_at_exit()
+        else:
+            self._filter.close()
 
     def __enter__(self) -> "Session":
         return self

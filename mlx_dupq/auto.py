@@ -80,14 +80,19 @@ HEAD_CANDIDATES = (TERNARY_SPEC, *LAYER_CANDIDATES)
 EMBED_FLOORS = (4, 3, TERNARY)
 ROTATION_NAME = "block Hadamard + online down_proj"
 E2E_MODULE = "mlx_dupq.refine.e2e"
-#: the e2e stage of ``convert --bpw``: the settings measured on SmolLM2-135M's 3-bit pack (docs/e2e.md,
-#: "What moves a 3-bit SmolLM2 pack", bench/results/e2e_study_smollm2-135m.json): Adam lr 1e-4 on the
-#: stored (absolute) scales and biases; lr 1e-3 and relative steps of 3e-3 raised the validation KL
-#: or barely lowered it, temperature 2 did not beat 1 at equal windows. One window of 256 tokens per
-#: step, every window seen once; 80 steps is what a shared 2-core CPU ran in about 40 minutes.
-E2E_DEFAULTS = dict(steps=80, lr=1e-4, batch=1, seq_len=256, samples=80, valid_samples=4, temperature=1.0,
-                    top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0, data="mix:calib")
-E2E_WHY = "lr 1e-4 absolute and temperature 1 measured best on SmolLM2-135M (docs/e2e.md)"
+#: the e2e stage of ``convert --bpw``: Adam on the stored scales and biases with a step of 5e-4 x the
+#: pack's median |scale| (``lr_per_scale``). Measured in absolute units on two packs (docs/e2e.md):
+#: SmolLM2-135M's 3-bit pack (median |scale| 0.24; bench/results/e2e_study_smollm2-135m.json) trained
+#: best at lr 1e-4 (= 4.2e-4 per scale) and got worse at 1e-3 (4.2e-3); Qwen2.5-Coder-0.5B's w2-t3
+#: (median 0.017; bench/results/learned_qwen2.5-coder-0.5b.json) trained at 1e-5 (5.8e-4) and diverged
+#: at 1e-4 (5.8e-3). Relative steps of 3e-3 per group raised the validation KL, temperature 2 did not
+#: beat 1 at equal windows. One window of 256 tokens per step, every window seen once; 80 steps is
+#: what a shared 2-core CPU ran in about 40 minutes on SmolLM2.
+E2E_DEFAULTS = dict(steps=80, lr=5e-4, lr_per_scale=True, batch=1, seq_len=256, samples=80, valid_samples=4,
+                    temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0,
+                    data="mix:calib")
+E2E_WHY = ("lr 5e-4 x the median |scale|: 1e-4 absolute on SmolLM2-135M, 1e-5 on Qwen2.5-Coder-0.5B, "
+           "where 1e-4 diverged (docs/e2e.md)")
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,8 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
     opts["samples"] = max(opts["steps"], 1) * opts["batch"]  # every training window seen once
     spec = E2ESpec.from_dict(opts)  # validates (a bad --e2e-steps: one line, before anything runs)
     return spec.to_dict(), Choice(
-        "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens, lr {spec.lr:g}, "
+        "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens, "
+        f"lr {spec.lr:g}{' x median |scale|' if spec.lr_per_scale else ''}, "
         f"temperature {spec.temperature:g}, {', '.join(spec.trainable)}",
         f"{spec.data}; {E2E_WHY}; --e2e-steps N changes the steps (0 skips)")
 

@@ -128,6 +128,8 @@ def refine(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Refined pack directory (default: PACK in place)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps \\[default: 100]."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate \\[default: 1e-4]."),
+    lr_per_scale: bool = typer.Option(False, "--lr-per-scale", help="--lr is in units of the pack's median |scale| "
+                                      "(what convert --bpw uses: 5e-4)."),
     samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Training windows \\[default: 64]."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window \\[default: 256]."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step, split across processes \\[default: 4]."),
@@ -138,11 +140,11 @@ def refine(
     """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed)."""
     distill_pack, E2ESpec = lib("distill_pack", "E2ESpec")
     spec = E2ESpec().replace(steps=steps, lr=lr, samples=samples, seq_len=seq_len, batch=batch,
-                             trainable=trainable, data=data)
+                             trainable=trainable, data=data, lr_per_scale=lr_per_scale or None)
     with training_bar() as cb:
         res = distill_pack(pack, teacher, spec, out=output, resume=resume, progress=cb)
     out.print(f"[green]wrote[/green] {res.out}  validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "
-              f"({res.kept} parameters, best step {res.best_step}/{res.steps_run}, {res.seconds:.0f}s)")
+              f"({res.kept} parameters, best step {res.best_step}/{res.steps_run}, lr {res.lr:.3g}, {res.seconds:.0f}s)")
 
 
 @app.command("search-dup")

@@ -27,7 +27,7 @@ from mlx_dupq.errors import DupqError
 from mlx_dupq.io.loader import load
 from mlx_dupq.layers.cpu import use_dense_prefill
 from mlx_dupq.layers.quant_linear import DupqLinear, build_module, quantize_tensor
-from mlx_dupq.refine.e2e import distill_pack, kl_loss, mark_trainable
+from mlx_dupq.refine.e2e import distill_pack, kl_loss, mark_trainable, median_scale
 from mlx_dupq.refine.e2e_spec import E2ESpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +80,8 @@ def test_spec_round_trip_and_recipe_table():
     (dict(trainable="scales,weights"), "unknown trainable"),
     (dict(data="brown:eval"), "evaluation split"),
     (dict(samples=2, batch=4), "samples >= batch"),
+    (dict(relative=True, lr_per_scale=True), "exclude each other"),
+    (dict(lr_per_scale=True, trainable="biases"), "needs scales among trainable"),
 ])
 def test_bad_options_one_line(kw, words):
     with pytest.raises(DupqError) as e:
@@ -314,6 +316,28 @@ def test_relative_units_train_the_same_parameters(e2e_env, tmp_path):
             s0, s1 = a[k].astype(mx.float32), b[k].astype(mx.float32)
             assert (mx.abs(s1 - s0) <= 20 * 1e-2 * mx.abs(s0) * 1.05 + 1e-3).all().item(), k
     assert json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]["options"]["relative"] is True
+
+
+def test_lr_per_scale_steps_in_units_of_the_median_scale(e2e_env, tmp_path):
+    """lr_per_scale: Adam's lr is spec.lr x the median |scale| of the trained scales (recorded), so
+    a scale moves at most about steps x that lr; the same spec in absolute units moves further."""
+    src, pack, _, text = e2e_env
+    a = _arrays(pack)
+    med = float(np.median(np.concatenate([np.abs(np.array(v.astype(mx.float32))).ravel()
+                                          for k, v in a.items() if k.endswith(".scales")])))
+    assert median_scale({k: v for k, v in a.items() if k.endswith(".scales")}) == pytest.approx(med)
+    out = tmp_path / "per_scale"
+    res = distill_pack(pack, src, small_spec(text, steps=6, lr=2e-3, lr_per_scale=True, eval_every=3), out=out)
+    assert res.lr == pytest.approx(2e-3 * med, rel=1e-6) and res.lr < 2e-3
+    rec = json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+    assert rec["options"]["lr_per_scale"] is True and rec["lr"] == pytest.approx(res.lr)
+    assert res.kept == "trained" and res.valid_kl_after < res.valid_kl_before, (med, res.history)
+    b = _arrays(out)
+    moved = max(float(mx.abs(b[k].astype(mx.float32) - a[k].astype(mx.float32)).max()) for k in a
+                if k.endswith(".scales"))
+    assert 0 < moved <= 6 * res.lr * 1.1 + 1e-3  # Adam's step is at most ~lr per step (+ fp16 rounding)
+    with pytest.raises(DupqError, match="needs trained scales"):
+        median_scale({"model.norm.weight": mx.ones((4,))})
 
 
 def test_never_worse_than_start(e2e_env, tmp_path):

@@ -21,6 +21,8 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
   of the vocabulary, at ``temperature`` (DWQ's cached loss renormalises over the top-k and misses
   student mass outside it), averaged over positions; Adam on float32 copies of the trained arrays;
 - relative (option): scales and biases train in units of each group's initial ``|scale|``;
+  lr_per_scale (option): one global unit instead, the median ``|scale|`` of the pack, so that a
+  default lr carries from one model to another (the effective lr is in the result);
 - validation KL (always at temperature 1: the teacher's validation targets are kept at 1 whatever
   the training temperature, so runs at different temperatures compare and early stopping follows
   what PPL sees) before training, every ``eval_every`` steps and at the end decides early stopping
@@ -91,12 +93,14 @@ class E2EResult:
     valid_tokens: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    lr: float = 0.0  # Adam's effective learning rate (``spec.lr``, times the median |scale| with lr_per_scale)
 
     def to_dict(self) -> dict:
         return {"valid_kl_before": self.valid_kl_before, "valid_kl_after": self.valid_kl_after,
                 "steps_run": self.steps_run, "best_step": self.best_step, "kept": self.kept,
                 "n_trainable": self.n_trainable, "train_tokens": self.train_tokens,
-                "valid_tokens": self.valid_tokens, "seconds": round(self.seconds, 1), "history": self.history}
+                "valid_tokens": self.valid_tokens, "seconds": round(self.seconds, 1), "lr": self.lr,
+                "history": self.history}
 
 
 # --------------------------------------------------------------------------- trainable parameters
@@ -456,7 +460,8 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     stored = _stored_dtypes(pack)
     initial = {n: v.astype(mx.float32) for n, v in flat.items()}
     params = {n: v / unit[n] if n in unit else v for n, v in initial.items()}  # what Adam moves
-    opt = optim.Adam(learning_rate=spec.lr, bias_correction=True)
+    lr = spec.lr * median_scale(flat) if spec.lr_per_scale else spec.lr
+    opt = optim.Adam(learning_rate=lr, bias_correction=True)
     opt.init(params)
     saved_call = None
     if spec.grad_checkpoint and hasattr(student, "layers") and len(student.layers):
@@ -523,7 +528,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
                        steps_run=state["step"], best_step=state["best_step"] if kept == "trained" else 0,
                        kept=kept, n_trainable=sum(int(v.size) for v in params.values()),
                        train_tokens=len(train_w) * spec.seq_len, valid_tokens=len(valid_w) * spec.seq_len,
-                       seconds=time.perf_counter() - t0, history=state["history"])
+                       seconds=time.perf_counter() - t0, history=state["history"], lr=lr)
     if rank == 0:
         record = {"options": spec.to_dict(), "teacher": t_name, "data": data_name, "processes": size,
                   **{k: v for k, v in result.to_dict().items() if k != "seconds"}}
@@ -533,6 +538,14 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others wait for rank 0's pack
     return result
+
+
+def median_scale(trainable: dict[str, mx.array]) -> float:
+    """The median ``|scale|`` over every trained ``scales`` entry (the unit of ``lr_per_scale``)."""
+    vals = [np.abs(np.asarray(v.astype(mx.float32))).ravel() for n, v in trainable.items() if n.endswith(".scales")]
+    if not vals:
+        raise DupqError("lr_per_scale needs trained scales; add scales to trainable or drop lr_per_scale")
+    return float(np.median(np.concatenate(vals)))
 
 
 def _units(model: nn.Module, trainable: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -21,6 +21,10 @@ data           calibration text: a name ``mlx_dupq.eval.data.load_text`` knows (
                or a file; training and validation windows are disjoint windows of it
 relative       scales and biases train in units of each group's initial |scale| (``lr`` is then
                a fraction of a quantization step per step); False: absolute units, as DWQ
+lr_per_scale   ``lr`` is in units of the pack's median |scale| (over every trained ``scales``
+               entry): Adam's absolute step is ``lr x median``, so one setting means the same on
+               models whose weights differ in size (SmolLM2-135M's 3-bit pack: median 0.24,
+               Qwen2.5-Coder-0.5B's w2-t3: 0.017, where absolute lr 1e-4 diverged)
 grad_checkpoint  recompute each decoder layer in the backward pass (mlx-lm's ``grad_checkpoint``)
 """
 
@@ -53,6 +57,7 @@ class E2ESpec:
     data: str = "mix:calib"
     grad_checkpoint: bool = False
     relative: bool = False
+    lr_per_scale: bool = False
     version: int = E2E_VERSION
 
     def __post_init__(self):
@@ -80,6 +85,12 @@ class E2ESpec:
             raise DupqError(f"e2e patience must be >= 0, got {self.patience}")
         object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
         object.__setattr__(self, "relative", bool(self.relative))
+        object.__setattr__(self, "lr_per_scale", bool(self.lr_per_scale))
+        if self.relative and self.lr_per_scale:
+            raise DupqError("e2e options relative and lr_per_scale exclude each other (relative already "
+                            "scales every group's step); set one")
+        if self.lr_per_scale and "scales" not in self.trainable:
+            raise DupqError("e2e option lr_per_scale needs scales among trainable; add it or drop lr_per_scale")
         for name in ("lr", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):

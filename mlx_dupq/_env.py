@@ -154,8 +154,12 @@ def machine_record() -> dict:
     """What produced a result, for its JSON (``"machine"``): CPU model and SIMD flags, logical cores
     (and those this process may use), load average, OS, Python, mlx / mlx-lm / mlx-dupq versions
     (and the commit of the checkout at the time of the record), the device mlx computes on and the BLAS
-    in use (:func:`blas_record`)."""
-    import mlx.core as mx  # deferred: _env runs before mlx is loaded (cli's re-exec, `--help`)
+    in use (:func:`blas_record`). Without mlx (a GPU machine that runs bench/kernel_cuda_device.py with
+    CuPy alone) ``mlx`` and ``device`` are None."""
+    try:
+        import mlx.core as mx  # deferred: _env runs before mlx is loaded (cli's re-exec, `--help`)
+    except ImportError:
+        mx = None
 
     cpu, flags = _cpu()
     wheels = [d for d in ("mlx-cpu", "mlx-metal", "mlx-cuda") if _version_of(d)]
@@ -167,7 +171,7 @@ def machine_record() -> dict:
         "cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_avg": load, "os": platform.platform(), "python": platform.python_version(),
-        "mlx": mx.__version__ + (f" ({', '.join(wheels)})" if wheels else ""), "mlx_lm": _version_of("mlx-lm"),
-        "mlx_dupq": __version__, "mlx_dupq_commit": _git_commit(),
-        "device": str(mx.default_device()), "blas": blas_record(),
+        "mlx": None if mx is None else mx.__version__ + (f" ({', '.join(wheels)})" if wheels else ""),
+        "mlx_lm": _version_of("mlx-lm"), "mlx_dupq": __version__, "mlx_dupq_commit": _git_commit(),
+        "device": None if mx is None else str(mx.default_device()), "blas": blas_record(),
     }

@@ -23,7 +23,6 @@ from .io import pack as packio
 from .io.loader import load
 from .io.manifest import verify_pack
 from .io.models import fetch, list_models
-from .io.atomic import write_json_atomic
 from .pipeline import convert
 from .refine.e2e import distill_pack
 from .refine.e2e_spec import E2ESpec
@@ -35,4 +34,4 @@ from .search.sensitivity import parse_candidates
 from .serve import log_requests, make_server
 from .specs import parse_bits, parse_group_size
 
-__all__ = ["DEFAULT_PROMPTS", "E2ESpec", "Objective", "RECIPE_KINDS", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "describe_measured", "distill_pack", "eval_data", "export_gguf", "fetch", "inspect_model", "list_models", "load", "load_text", "log_requests", "make_server", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "plan_auto", "read_prompts", "recipe_catalog", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "verify_pack", "write_dup_recipe", "write_json_atomic", "write_recipe", "write_report"]
+__all__ = ["DEFAULT_PROMPTS", "E2ESpec", "Objective", "RECIPE_KINDS", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "describe_measured", "distill_pack", "eval_data", "export_gguf", "fetch", "inspect_model", "list_models", "load", "load_text", "log_requests", "make_server", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "plan_auto", "read_prompts", "recipe_catalog", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "verify_pack", "write_dup_recipe", "write_recipe", "write_report"]

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._env import machine_record
 from .errors import DupqError
+from .io.atomic import write_result
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -93,11 +93,10 @@ def training_bar():
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write a command's result (``--json``), with the machine that measured it (``"machine"``)."""
-    write_json_atomic = lib("write_json_atomic")
-
+    """Write a command's result (``--json``) with :func:`~mlx_dupq.io.atomic.write_result`, which adds the
+    machine that measured it (``"machine"``)."""
     try:
-        write_json_atomic(path, {**data, "machine": machine_record()})
+        write_result(path, data)
     except OSError as e:
         raise DupqError(f"could not write {path} ({e.strerror or e}); choose another --json path") from None
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from mlx_dupq.import_graph import cycles, import_graph
+from mlx_dupq.io.atomic import write_result
 
 
 def stats(root: Path) -> dict:
@@ -58,9 +59,7 @@ def main() -> None:
     if args.json:
         data = json.loads(args.json.read_text()) if args.json.exists() else {}
         data[args.label] = s
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.rename(args.json)
+        write_result(args.json, data)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ reexec_with_fast_blas()
 from mlx_dupq.auto import plan_auto  # noqa: E402
 from mlx_dupq.config import EMBED_PATTERN, LM_HEAD_PATTERN  # noqa: E402
 from mlx_dupq.errors import DupqError  # noqa: E402
-from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -80,7 +80,7 @@ def main() -> None:
         r = row(args.model, b)
         print(json.dumps(r), flush=True)
         result["rows"] = sorted([x for x in result["rows"] if x["bpw"] != b] + [r], key=lambda x: x["bpw"])
-        write_json_atomic(out, result)
+        write_result(out, result)
 
 
 if __name__ == "__main__":

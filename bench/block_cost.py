@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models.qwen2 import ModelArgs, TransformerBlock  # noqa: E402
 
 from mlx_dupq.input_stats import layer_input_hessians, run_layer  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.config import QuantizerSpec, QuantSpec  # noqa: E402
 from mlx_dupq.quant.methods import quantize_weight  # noqa: E402
 from mlx_dupq.quant.bitpack import pack  # noqa: E402
@@ -132,7 +133,7 @@ def main() -> None:
                 "the projected run's states add n x L x hidden x 4 bytes x 3 (x, float stream, targets)",
     }
     out = args.out or Path(__file__).parent / "results" / f"block_cost_{args.shape}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(out, res)
     print(json.dumps(res, indent=2))
 
 

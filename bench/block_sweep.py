@@ -28,6 +28,7 @@ reexec_with_fast_blas()
 import mlx.core as mx  # noqa: E402
 
 from mlx_dupq.input_stats import run_layer  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.config import load_recipe  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
 from mlx_dupq.refine import stage  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     key = {"recipe": args.recipe, "layer": args.layer}
     data["runs"] = [r for r in data["runs"] if {k: r[k] for k in key} != key]
     data["runs"].append({**key, "command": "python bench/block_sweep.py " + " ".join(sys.argv[1:]), "rows": rows})
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    write_result(out, data)
     print(f"-> {out}")
 
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlx_dupq.io.atomic import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,9 +91,7 @@ def main() -> None:
         "runs": runs,
     }
     path = ROOT / "bench" / "results" / f"distributed_{args.name}.json"
-    tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_path, path)
+    write_result(path, result)
     print(f"wrote {path}")
 
 

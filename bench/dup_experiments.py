@@ -52,6 +52,8 @@ from mlx_dupq.dup.study import (  # noqa: E402
     last,
     scaled,
 )
+from mlx_dupq.io.atomic import write_result  # noqa: E402
+
 
 def table_rows(table: str, n: int, ranked: list[int] | None, base: QuantSpec = BASE, counts=(2, 3, 4, 5, 6),
                ladder=("8-bit", "4-bit", "2-bit", "rot"), modes=("parallel", "residual", "serial", "serial-all"),
@@ -168,10 +170,7 @@ def main() -> None:
     memo = {r["key"]: r for r in result["rows"] if "key" in r}  # identical builds are measured once
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_result(out, result)
 
     bench = Bench(args.model, args.data, args.ctx, args.windows)
     n = bench.n_layers

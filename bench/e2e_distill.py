@@ -37,6 +37,7 @@ from mlx_lm.utils import quantize_model  # noqa: E402
 
 from mlx_dupq.eval.data import load_text, tokenize  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io import pack as packio  # noqa: E402
 from mlx_dupq.io.loader import load, load_model  # noqa: E402
 from mlx_dupq.layers.cpu import use_dense_prefill  # noqa: E402
@@ -186,7 +187,7 @@ def main() -> None:
         if p.returncode or not lines:
             sys.exit(f"stage {stage} failed (exit {p.returncode}); the rows so far are in {out}")
         result["rows"] += [{"stage": stage, **r} for r in json.loads(lines[-1][5:])]
-        packio.write_json_atomic(out, result)
+        write_result(out, result)
         print(f"{stage}: done", flush=True)
     print(f"wrote {out}")
 

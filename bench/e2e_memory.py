@@ -22,13 +22,13 @@ import time
 import weakref
 from pathlib import Path
 
-from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_dupq.io import pack as packio  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import float_model  # noqa: E402
 from mlx_dupq.io.source import open_source  # noqa: E402
 from mlx_dupq.refine.e2e import distill_pack  # noqa: E402
@@ -89,10 +89,10 @@ def main() -> None:
         "refined_pack_sha256": tree_sha256(args.out), "peak_rss_mb": round(c1.ru_maxrss / 1024),
         "mlx_peak_mb": round(mx.get_peak_memory() / 2**20), "cpu_seconds": round(c1.ru_utime + c1.ru_stime
                                                                                   - c0.ru_utime - c0.ru_stime, 1),
-        "wall_seconds": round(time.time() - t0, 1), "phases": phases, "machine": machine_record(),
+        "wall_seconds": round(time.time() - t0, 1), "phases": phases,
     }
     out = Path(__file__).parent / "results" / f"e2e_memory_{args.name}.json"
-    packio.write_json_atomic(out, result)
+    write_result(out, result)
     print(f"peak RSS {result['peak_rss_mb']} MB, MLX peak {result['mlx_peak_mb']} MB -> {out}")
 
 

@@ -10,14 +10,13 @@ Writes ``bench/results/e2e_steptime_smollm2-135m.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
 
-from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from mlx_lm.tuner.losses import kl_div_loss  # noqa: E402
 
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load, load_model  # noqa: E402
 from mlx_dupq.refine.e2e import kl_loss, mark_trainable  # noqa: E402
 
@@ -73,8 +73,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     out = Path(__file__).parent / "results" / "e2e_steptime_smollm2-135m.json"
-    out.write_text(json.dumps({"pack": PACK, "command": "OPENBLAS_NUM_THREADS=1 python bench/e2e_steptime.py "
-                               + " ".join(sys.argv[1:]), "rows": rows, "machine": machine_record()}, indent=1) + "\n")
+    write_result(out, {"pack": PACK, "command": "OPENBLAS_NUM_THREADS=1 python bench/e2e_steptime.py "
+                       + " ".join(sys.argv[1:]), "rows": rows})
 
 
 if __name__ == "__main__":

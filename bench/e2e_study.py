@@ -27,6 +27,7 @@ from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load_model  # noqa: E402
 from mlx_dupq.refine.e2e import distill_pack  # noqa: E402
 from mlx_dupq.refine.e2e_spec import E2ESpec  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
                    load=os.getloadavg(), command=command, pack=pack, **r.to_dict(), machine=machine_record())
         data = json.loads(out.read_text()) if out.exists() else {"model": model, "base": BASE, "rows": []}
         data["rows"] = [x for x in data["rows"] if x["name"] != name] + [row]
-        out.write_text(json.dumps(data, indent=1) + "\n")
+        write_result(out, data)
         print("RESULT", json.dumps(row), flush=True)
 
 

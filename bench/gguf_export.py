@@ -37,7 +37,8 @@ from mlx_dupq.export.gguf import export_gguf  # noqa: E402
 from mlx_dupq.export.verify import llama_cpp_perplexity, open_llama, sequence_logits  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.models import fetch  # noqa: E402
-from mlx_dupq.io.pack import load_weights, pack_summary, read_config, write_json_atomic  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
+from mlx_dupq.io.pack import load_weights, pack_summary, read_config  # noqa: E402
 from mlx_dupq.quant.bitpack import unpack  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
 
@@ -161,7 +162,7 @@ def main() -> None:
         "llama_cpp_python": version("llama-cpp-python"),
         "rows": rows, "checks": checks, "seconds": time.time() - t0,
     }
-    write_json_atomic(out, result)
+    write_result(out, result)
     for name, r in rows.items():
         print(f"{name:28s} {r['engine']:10s} PPL {r['ppl']:9.4f}  ({100 * r['ppl_vs_pack']:+.2f}% vs pack)")
     print(checks)

@@ -26,7 +26,7 @@ from mlx_dupq.config import QuantSpec, parse_bits  # noqa: E402
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
-from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.quant.gptq import HessianAccumulator, gptq_quantize  # noqa: E402
 from mlx_dupq.quant.qtensor import dequantize  # noqa: E402
 from mlx_dupq.quant.scales import mse_scale_search  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
         t = time.time()
         r = perplexity(model, tok, text, ctx=args.ctx, windows=args.windows)
         result["rows"].append({**row, "ppl": r["ppl"], "tokens": r["tokens"], "seconds": time.time() - t})
-        write_json_atomic(out, result)
+        write_result(out, result)
         print(result["rows"][-1], flush=True)
 
     measure({"module": "none (reference)", "method": "-", "bits": 32, "group_size": None})

@@ -12,13 +12,14 @@ name). Bytes moved = packed weights + scales + offsets + x + y, the minimum a GE
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 
 PEAKS_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0,
               "L40S": 864.0, "L4": 300.0, "RTX 4090": 1008.0, "A10": 600.0}
@@ -122,11 +123,7 @@ def main() -> None:
     result = {"command": "python bench/kernel_bandwidth.py" + (f" --peak-gbps {args.peak_gbps}" if args.peak_gbps else ""),
               "device": name, "peak_gbps": peak, "mlx": mx.__version__, "rows": rows,
               "all_correct": all(r.get("ok", True) for r in rows)}
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_path)
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

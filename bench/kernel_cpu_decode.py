@@ -26,6 +26,8 @@ reexec_with_fast_blas()
 
 import mlx.core as mx  # noqa: E402
 
+from mlx_dupq.io.atomic import write_result  # noqa: E402
+
 SHAPES = {"smollm2 gate/up": (1536, 576), "smollm2 down": (576, 1536), "smollm2 lm_head": (49152, 576),
           "qwen2.5-0.5b gate/up": (4864, 896)}
 
@@ -65,10 +67,7 @@ def main() -> None:
         print(json.dumps(row))
     res = {"command": "python " + " ".join(sys.argv), "device": str(mx.default_device()), "cpu_count": os.cpu_count(),
            "load_avg_1min": os.getloadavg()[0], "group_size": args.group, "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, args.json)
+    write_result(args.json, res)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# mlx_dupq.io.atomic needs only the standard library (the GPU machine of `run` has no mlx)
+from mlx_dupq.io.atomic import write_result  # noqa: E402
+
 TOL = 3e-2
 PEAKS_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "L4": 300.0}
 # check cases: (name, out, in, [spec per copy/expert], M, J, summed, Hadamard block)
@@ -108,7 +111,7 @@ def prepare(out: Path) -> None:
         groups = o * n // group
         cases.append({"name": name, "kind": "time", "out": o, "in": n, "bits": bits, "group": group, "M": m, "J": j,
                       "words": words, "groups": groups, **launch_info(template, o)})
-    (out / "cases.json").write_text(json.dumps({"cases": cases}, indent=1))
+    (out / "cases.json").write_text(json.dumps({"cases": cases}, indent=1))  # not a result: the run's inputs
     print(f"prepare: {len(cases)} cases in {out}")
 
 
@@ -304,10 +307,7 @@ def run(cases_dir: Path, out_json: Path, backend: str, iters: int) -> int:
     for r in res["timings"]:
         if r["copies"] > 1 and (r["out"], r["in"], r["bits"]) in singles:
             r["vs_k_single_passes"] = r["us"] / (r["copies"] * singles[(r["out"], r["in"], r["bits"])])
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out_json)
+    write_result(out_json, res)
     print(f"wrote {out_json}: {len(res['checks'])} checks ({failed} failed), {len(res['timings'])} timings")
     return 1 if failed else 0
 

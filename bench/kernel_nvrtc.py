@@ -25,7 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.kernels import gpu, nvrtc  # noqa: E402
 from mlx_dupq.kernels.cpu_harness import KERNELS_DIR  # noqa: E402
 
@@ -83,7 +83,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps({k: row[k] for k in ("layer", "call", "arch", "registers", "stack_frame_bytes",
                                                           "spill_store_bytes", "shared_bytes", "ptx_ld_global")}))
-    write_json_atomic(args.json, {
+    write_result(args.json, {
         "command": "python bench/kernel_nvrtc.py " + " ".join(sys.argv[1:]),
         "nvrtc": f"{major}.{minor}", "mlx": mx.__version__, "mlx_headers": "mlx 0.32.2 (mlx_dupq/kernels/src/mlx_cuda)",
         "kernel_sources_sha256_16": source_digest(), "git_commit": commit,

@@ -52,6 +52,7 @@ from mlx_dupq.auto import _e2e, plan_auto  # noqa: E402
 from mlx_dupq.config import load_recipe  # noqa: E402
 from mlx_dupq.eval.data import load_text  # noqa: E402
 from mlx_dupq.generate import stream  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.source import open_source, write_hf_dir  # noqa: E402
 from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear, _dense  # noqa: E402
@@ -205,9 +206,7 @@ def main() -> None:
             if all(old.get(k) == v for k, v in protocol.items()):
                 data["rows"] = [r for r in old["rows"] if r["row"] != row]
         data["rows"].append(entry)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(out)
+        write_result(out, data)
         print(f"{row}: bpw {entry['bits_per_weight']:.3f} ppl {entry['ppl']:.3f} "
               f"convert {entry.get('convert_seconds', 0):.0f}s rss {entry['peak_rss_mb']:.0f} MB | "
               f"{entry['generation'][:60]!r}", flush=True)

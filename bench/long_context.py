@@ -21,7 +21,7 @@ from pathlib import Path
 from mlx_dupq.eval.data import load_text
 from mlx_dupq.eval.ppl import max_context, perplexity
 from mlx_dupq.io.loader import load
-from mlx_dupq.io.pack import write_json_atomic
+from mlx_dupq.io.atomic import write_result
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
            "max_position_embeddings": max_context(m), "runs": runs,
            "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d")}
     p = Path(a.json)
-    write_json_atomic(p, out)
+    write_result(p, out)
     print(f"wrote {p}")
 
 

@@ -21,7 +21,7 @@ from mlx_dupq.eval.data import load_text, tokenize
 from mlx_dupq.eval.memory import memory_study
 from mlx_dupq.eval.ppl import windows_of
 from mlx_dupq.io.loader import load
-from mlx_dupq.io.pack import write_json_atomic
+from mlx_dupq.io.atomic import write_result
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
               + (f", PPL {r['ppl_float']:.3f} -> {r['ppl_quant']:.3f}, top-1 {r['top1_agreement']:.4f}, KL {r['kl']:.2e}"
                  if "ppl_quant" in r else ""), flush=True)
     p = Path(a.json)
-    write_json_atomic(p, out)
+    write_result(p, out)
     print(f"wrote {p}")
 
 

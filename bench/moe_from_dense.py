@@ -29,6 +29,7 @@ reexec_with_fast_blas()
 from mlx_dupq.eval.data import load_text  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
 from mlx_dupq.io import models  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.moe import from_dense as F  # noqa: E402
 from mlx_dupq.moe import routing as R  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
         if not Path(args.build).exists():
             log(f"build {args.build}")
             res = F.build(args.build, F.SMOLLM2_135M_MOE, progress=lambda d, t, m: log(f"{d}/{t} {m}"))
-            Path(args.build + ".json").write_text(json.dumps(res, indent=1))
+            write_result(args.build + ".json", res)  # the build's record: its seconds and machine
         args.model = args.build
     path = Path(args.model) if Path(args.model).exists() else models.fetch(args.model)
     build = path.parent / "result.json" if not Path(args.model).exists() else Path(str(path) + ".json")
@@ -74,11 +75,10 @@ def main() -> None:
                 "dense": args.dense,
                 "command": "python bench/moe_from_dense.py " + " ".join(sys.argv[1:]),
                 "build": {k: info[k] for k in ("config", "model_config", "calib_tokens", "seconds", "split_seconds",
-                                                 "cpu_seconds", "loadavg", "finetune", "layers") if k in info},
+                                                 "cpu_seconds", "loadavg", "finetune", "layers", "machine")
+                          if k in info},
                 "rows": rows}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, out)
+        write_result(out, data)
 
     def measure(name: str, model, tok, **knobs) -> None:
         if name in done:

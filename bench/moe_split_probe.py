@@ -20,7 +20,6 @@ Each config is (neurons per expert, shared experts, top-k), with the router trai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import _tokenizer, load_model  # noqa: E402
 from mlx_dupq.moe import from_dense as F  # noqa: E402
 
@@ -120,9 +120,7 @@ def main() -> None:
             "calib": "brown:calib", "fit_tokens": args.tokens, "held_out_tokens": args.held_out, "layers": res,
             "seconds": round(time.perf_counter() - t0, 1), "loadavg": [round(v, 2) for v in os.getloadavg()]}
     out = Path(args.out)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out)
+    write_result(out, data)
     print(f"wrote {out}")
 
 

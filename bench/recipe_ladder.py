@@ -10,7 +10,6 @@ ones), disjoint from the ``:eval`` text measured here. Each row records the conv
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_dupq.config import load_recipe  # noqa: E402
 from mlx_dupq.eval.data import load_text  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
 
@@ -46,8 +46,7 @@ def main() -> None:
               "data": args.data, "ctx": args.ctx, "windows": args.windows, "rows": []}
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(out, result)
 
     if not args.no_reference:
         model, tok = load(args.model)

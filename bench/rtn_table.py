@@ -11,13 +11,12 @@ with the same protocol. bpw is all-in (every stored byte / float parameter count
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from mlx_dupq._env import machine_record, reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -27,6 +26,7 @@ from mlx_dupq.config import QuantSpec, Recipe  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
 from mlx_dupq.eval.data import load_text  # noqa: E402
 from mlx_dupq.eval.ppl import perplexity  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.source import open_source, write_hf_dir  # noqa: E402
 
@@ -77,12 +77,10 @@ def main() -> None:
     result = {
         "command": "python bench/rtn_table.py " + " ".join(sys.argv[1:]),
         "model": args.model, "data": args.data, "ctx": args.ctx, "windows": args.windows, "rows": [],
-        "machine": machine_record(),
     }
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(out, result)
 
     t0 = time.time()
     ref = evaluate(float_dir, text, args.ctx, args.windows)

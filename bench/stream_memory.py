@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_dupq.io.atomic import write_result
 from mlx_dupq.testing import make_tokenizer
 
 QWEN2_32B = dict(
@@ -74,7 +75,7 @@ def write_model(path: Path, n_layers: int, seed: int = 0) -> None:
         if size >= SHARD_BYTES:
             flush()
     flush()
-    (path / "config.json").write_text(json.dumps(c, indent=2))
+    (path / "config.json").write_text(json.dumps(c, indent=2))  # not a result: the made-up model's config
     make_tokenizer(path)
 
 
@@ -135,10 +136,8 @@ def main() -> None:
         "peak_growth": growth,
         "target": "peak RSS growth < 25 % from 2 to 6 layers",
         "passed": growth < 0.25,
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"peak growth {growth * 100:.1f} % -> {args.out}")
 
 

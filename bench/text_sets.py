@@ -18,7 +18,7 @@ from pathlib import Path
 from mlx_dupq.eval.code_text import CODE_LICENSE, CODE_PACKAGE, CODE_VERSION  # noqa: E402
 from mlx_dupq.eval.data import DOC_SEP, documents, tokenize  # noqa: E402
 from mlx_dupq.io.loader import tokenizer_of  # noqa: E402
-from mlx_dupq.io.pack import write_json_atomic  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.source import open_source  # noqa: E402
 
 SETS = ("brown", "lee", "code")  # mix:calib / mix:eval are the three parts joined
@@ -49,7 +49,7 @@ def main() -> None:
                    "disjoint_from_other_part": disjoint}
             rows.append(row)
             print(row, flush=True)
-    write_json_atomic(args.out, {"command": "python bench/text_sets.py " + " ".join(sys.argv[1:]), "rows": rows})
+    write_result(args.out, {"command": "python bench/text_sets.py " + " ".join(sys.argv[1:]), "rows": rows})
     print(f"wrote {args.out}")
 
 

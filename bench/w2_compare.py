@@ -47,6 +47,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_dupq.config import load_recipe  # noqa: E402
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
+from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.source import open_source, write_hf_dir  # noqa: E402
 from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear  # noqa: E402
@@ -175,9 +176,7 @@ def main() -> None:
         data["rows"] = [r for r in data["rows"] if r["row"] not in mine] + list(mine.values())
         if result["command"] not in data["commands"]:
             data["commands"].append(result["command"])
-        tmp = out.with_suffix(f".tmp{id(mine)}")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(out)
+        write_result(out, data)
 
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         t0 = time.time()
@@ -196,6 +195,7 @@ def main() -> None:
                     entry.update(recipe=rec.name, recipe_dict=rec.to_dict())
                 else:
                     entry.update(mlxlm_row(parts[1:], float_dir, path, args))
+                # not a result: the build's marker (what the row reads back when the pack is reused)
                 (path / DONE).write_text(json.dumps({k: v for k, v in entry.items() if k != "row"}))
             else:
                 entry.update(json.loads((path / DONE).read_text()))

@@ -1,0 +1,136 @@
+"""Every result a bench script writes says what machine measured it: the scripts write their JSON through
+:func:`mlx_dupq.io.atomic.write_result` (which adds ``"machine"``), never with a bare ``json.dump``."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_dupq.io.atomic import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+#: a JSON write that is not a result (a model's config, a run's inputs) says so on its line or the line above
+NOT_A_RESULT = "# not a result:"
+WRITES = ("write", "write_text", "write_bytes")
+
+
+def _name(node: ast.AST) -> str:
+    """``json.dump`` / ``write_json_atomic`` / ``path.write_text`` -> its dotted name ('' when not a name)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _name(node.value)
+        return f"{inner}.{node.attr}" if inner else f"?.{node.attr}"
+    return ""
+
+
+def _dumps(node: ast.AST, json_names: set[str]) -> bool:
+    """Whether ``node`` holds a ``json.dumps(...)`` call or a name assigned from one."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Call) and _name(n.func) in ("json.dumps", "dumps"):
+            return True
+        if isinstance(n, ast.Name) and n.id in json_names:
+            return True
+    return False
+
+
+def bare_json_writes(source: str) -> list[int]:
+    """Lines of a script that write JSON without the result writer: ``json.dump(...)``,
+    ``write_json_atomic(...)``, ``f.write(...)`` / ``p.write_text(...)`` / ``print(..., file=f)`` of a
+    ``json.dumps(...)`` (or of a name assigned from one); a line marked :data:`NOT_A_RESULT` is left out."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    json_names = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and _dumps(n.value, set())
+                  for t in n.targets if isinstance(t, ast.Name)}
+    bad = []
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Call):
+            continue
+        name = _name(n.func)
+        last = name.rsplit(".", 1)[-1]
+        args = [*n.args, *(k.value for k in n.keywords)]
+        if name in ("json.dump", "dump") or last == "write_json_atomic":
+            hit = True
+        elif last in WRITES:
+            hit = any(_dumps(a, json_names) for a in args)
+        elif name == "print" and any(k.arg == "file" for k in n.keywords):
+            hit = any(_dumps(a, json_names) for a in n.args)
+        else:
+            hit = False
+        marked = any(NOT_A_RESULT in lines[i] for i in (n.lineno - 2, n.lineno - 1) if i >= 0)
+        if hit and not marked:
+            bad.append(n.lineno)
+    return sorted(bad)
+
+
+def test_the_check_sees_bare_json_writes():
+    flagged = {
+        "import json\njson.dump({'a': 1}, open('bench/results/x.json', 'w'))\n",
+        "import json\nfrom pathlib import Path\nPath('r.json').write_text(json.dumps({}, indent=2) + '\\n')\n",
+        "from mlx_dupq.io.pack import write_json_atomic\nwrite_json_atomic('r.json', {})\n",
+        "from mlx_dupq.io import pack as packio\npackio.write_json_atomic('r.json', {})\n",
+        "import json\nwith open('r.json', 'w') as f:\n    f.write(json.dumps({}))\n",
+        "import json\ntext = json.dumps({})\nopen('r.json', 'w').write(text)\n",
+        "import json, sys\nprint(json.dumps({}), file=open('r.json', 'w'))\n",
+        "from json import dump\ndump({}, open('r.json', 'w'))\n",
+    }
+    for src in flagged:
+        assert bare_json_writes(src), src
+    fine = [
+        "from mlx_dupq.io.atomic import write_result\nwrite_result('bench/results/x.json', {'rows': []})\n",
+        "import json\nprint(json.dumps({'row': 1}), flush=True)\n",  # progress on stdout
+        "import json\nkey = json.dumps([1, 2])\nmemo = {key: 1}\n",
+        "import json\nfrom pathlib import Path\nPath('m/config.json').write_text(json.dumps({}))  # not a result: a model\n",
+        "import json\nfrom pathlib import Path\n# not a result: the build's marker\nPath('DONE').write_text(json.dumps({}))\n",
+    ]
+    for src in fine:
+        assert not bare_json_writes(src), src
+
+
+@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+def test_bench_scripts_write_results_with_the_machine(script):
+    bad = bare_json_writes(script.read_text(encoding="utf-8"))
+    assert not bad, (f"{script.relative_to(ROOT)} writes JSON without the machine record at lines {bad}: write results "
+                     f"with mlx_dupq.io.atomic.write_result (or mark a file that is not a result '{NOT_A_RESULT} why')")
+
+
+@pytest.mark.parametrize("script", sorted(BENCH.glob("*.sh")), ids=lambda p: p.name)
+def test_bench_shell_scripts_write_results_through_the_cli(script):
+    """A shell script's result comes from ``mlx-dupq ... --json`` (the CLI writes it with the machine)."""
+    for i, line in enumerate(script.read_text(encoding="utf-8").splitlines(), 1):
+        code = line.split("#", 1)[0]
+        for m in re.finditer(r"\S*bench/results/\S*", code):
+            assert re.search(r"--json\s+" + re.escape(m.group(0)), code), \
+                f"{script.name}:{i} writes {m.group(0)} other than through `mlx-dupq ... --json`"
+
+
+def test_write_result_adds_the_machine_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "results" / "r.json"
+    write_result(out, {"rows": [1], "machine": {"stale": True}})
+    got = json.loads(out.read_text())
+    assert got["rows"] == [1] and "stale" not in got["machine"]
+    assert got["machine"]["cpu"] and got["machine"]["mlx"] and got["machine"]["device"]
+    with pytest.raises(TypeError):  # not JSON: the file before stays, no temp file is left
+        write_result(out, {"rows": object()})
+    assert json.loads(out.read_text())["rows"] == [1] and [p.name for p in out.parent.iterdir()] == ["r.json"]
+
+
+def test_the_writer_runs_without_mlx(tmp_path):
+    """bench/kernel_cuda_device.py's `run` half runs on a GPU machine with CuPy and no mlx: the script
+    imports and its writer records the machine there (mlx and device None)."""
+    code = ("import runpy, sys; sys.modules['mlx'] = None; sys.path.insert(0, sys.argv[1]); "
+            "runpy.run_path(sys.argv[1] + '/bench/kernel_cuda_device.py', run_name='imported'); "
+            "from mlx_dupq.io.atomic import write_result; write_result(sys.argv[2], {'rows': []}); "
+            "assert 'mlx.core' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "r.json")], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    machine = json.loads((tmp_path / "r.json").read_text())["machine"]
+    assert machine["mlx"] is None and machine["device"] is None and machine["cpu"] and machine["python"]

@@ -100,7 +100,8 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
             convert(float_dir, path, rec, force=True, progress=_say(t0))
             entry.update(method=f"mlx-dupq {parts[1]}", recipe_dict=rec.to_dict())
         elif parts[0] == "auto":
-            rec, choices = plan_auto(str(float_dir), float(parts[1]), e2e_steps=args.e2e_steps)
+            kw = {} if args.auto_calib is None else {"calib_data": args.auto_calib}
+            rec, choices = plan_auto(str(float_dir), float(parts[1]), e2e_steps=args.e2e_steps, **kw)
             entry["plan_seconds"] = time.time() - t0
             convert(float_dir, path, rec, force=True, progress=_say(t0))
             entry.update(method=f"mlx-dupq convert --bpw {parts[1]}", recipe_dict=rec.to_dict(),
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--calib", default="brown:calib")  # mlx-lm rows' calibration (w2_compare's options)
+    ap.add_argument("--auto-calib", default=None, help="auto:B rows: calibration text of the plan and GPTQ "
+                    "(default: convert --bpw's)")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dwq-lr", type=float, default=1e-5)

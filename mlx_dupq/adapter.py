@@ -4,6 +4,8 @@ Everything that knows how an mlx-lm text model is laid out lives here, so the re
 asks instead of guessing:
 
 - :func:`build_skeleton`  the mlx-lm model for a config.json, with lazy random weights;
+- :func:`model_classes`   mlx-lm's (Model, ModelArgs) for a config.json, plus :class:`TiedDeepseek`
+  (mlx-lm's ``deepseek`` has no ``tie_word_embeddings``; a tied one is built here);
 - :func:`module_kind`     which modules are quantizable, and as what;
 - :func:`sanitize_group`  ``model.sanitize`` for one streamed decoder layer (expert stacking);
 - :func:`layer_index` / :func:`layer_prefix`  the decoder layer a tensor or module name belongs to
@@ -15,9 +17,12 @@ asks instead of guessing:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import deepseek as _deepseek
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes
@@ -46,10 +51,54 @@ def layer_prefix(keys: list[str]) -> str | None:
     return None
 
 
+@dataclass
+class TiedDeepseekArgs(_deepseek.ModelArgs):
+    """mlx-lm's ``deepseek`` arguments plus ``tie_word_embeddings`` (its own dataclass drops the key)."""
+
+    tie_word_embeddings: bool = True
+
+
+class TiedDeepseek(_deepseek.Model):
+    """mlx-lm's ``deepseek`` model whose head is the input embedding (``tie_word_embeddings: true``).
+
+    mlx-lm's ``deepseek.Model`` always owns an ``lm_head``; a MoE cut from a tied dense model
+    (SmolLM2: its 49152 x 576 embedding is 21 % of the model) would store that matrix twice and
+    pay its bits twice. This class has no ``lm_head`` and computes the logits as mlx-lm's tied
+    llama does, ``embed_tokens.as_linear(h)`` (a quantized embedding too). Same parameter names
+    otherwise, so packs, sanitize and expert stacking are mlx-lm's. ``mlx_lm.load`` itself builds
+    the untied class and refuses such a checkpoint (``lm_head.weight`` missing); load it with
+    :func:`mlx_dupq.load`.
+    """
+
+    def __init__(self, config: TiedDeepseekArgs):
+        nn.Module.__init__(self)
+        self.args = config
+        self.model_type = config.model_type
+        self.model = _deepseek.DeepseekModel(config)
+
+    def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
+        return self.model.embed_tokens.as_linear(self.model(inputs, cache))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = super().sanitize(weights)
+        for k in [k for k in weights if k.startswith("lm_head.")]:
+            weights.pop(k)  # a checkpoint that also wrote the head: the embedding is the head
+        return weights
+
+
+def model_classes(config: dict) -> tuple[type, type]:
+    """mlx-lm's ``(Model, ModelArgs)`` for ``config`` (``mlx_lm.utils._get_classes``), except a
+    ``deepseek`` config with ``tie_word_embeddings: true``: :class:`TiedDeepseek`. Pass it to
+    ``mlx_lm.utils.load_model(get_model_classes=...)`` too. ValueError for an unknown model type."""
+    if config.get("model_type") == "deepseek" and config.get("tie_word_embeddings", False):
+        return TiedDeepseek, TiedDeepseekArgs
+    return _get_classes(config)
+
+
 def build_skeleton(config: dict) -> nn.Module:
     """The mlx-lm model for ``config`` with lazy (never evaluated) random weights."""
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = model_classes(config)
     except ValueError:
         raise DupqError(
             f"model type {config.get('model_type')!r} is not supported by mlx-lm; "

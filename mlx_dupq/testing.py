@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .adapter import model_classes
+
 VOCAB = 320  # > 256 byte-level symbols + 1 special token, so every text maps to ids < VOCAB
 
 CONFIGS = {
@@ -104,10 +106,8 @@ def _hf_names(model_type: str, weights: dict[str, mx.array], config: dict) -> di
 
 
 def build_model(model_type: str, seed: int = 0, **overrides):
-    from mlx_lm.utils import _get_classes
-
     config = {**CONFIGS[model_type], **overrides}
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     # random weights with a few outliers, like real checkpoints

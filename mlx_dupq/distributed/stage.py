@@ -23,6 +23,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import load_model as mlx_load_model
 
+from ..adapter import model_classes
 from ..errors import DupqError
 from ..io import pack as packio
 from ..layers.cpu import use_dense_prefill
@@ -81,7 +82,7 @@ def _lazy_model(path: Path, plan: StagePlan, compute_dtype: str) -> tuple[nn.Mod
     if packio.is_pack(path):
         return packio.load_pack(path, compute_dtype=compute_dtype, lazy=True, only=plan.owns)
     try:
-        model, config = mlx_load_model(path, lazy=True)
+        model, config = mlx_load_model(path, lazy=True, get_model_classes=model_classes)
     except Exception as e:
         raise DupqError(f"mlx-lm could not load {path} ({type(e).__name__}: {e})") from None
     packio.cast_floats(model, getattr(mx, compute_dtype))

@@ -21,7 +21,7 @@ from . import pack as packio
 from .manifest import check_sizes
 from .source import Source, open_source
 from ..layers.cpu import use_dense_prefill
-from ..adapter import build_skeleton
+from ..adapter import build_skeleton, model_classes
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -51,7 +51,7 @@ def load_model(model: str | Path, compute_dtype: str = "float32", lazy: bool = F
         from mlx_lm.utils import load_model as mlx_load_model
 
         try:
-            m, config = mlx_load_model(p, lazy=True)
+            m, config = mlx_load_model(p, lazy=True, get_model_classes=model_classes)
         except Exception as e:
             raise DupqError(f"mlx-lm could not load {p} ({type(e).__name__}: {e})") from None
         packio.cast_floats(m, getattr(mx, compute_dtype))

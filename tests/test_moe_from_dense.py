@@ -9,9 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_dupq.adapter import TiedDeepseek
 from mlx_dupq.errors import DupqError
 from mlx_dupq.moe import from_dense as F
-from tests.tiny import build_model, logits, rel_err
+from tests.tiny import build_model, logits, make_hf_dir, rel_err
 
 CFG = replace(F.SMOLLM2_135M_MOE, unit=16, n_shared=2, top_k=2, calib_samples=4, seq_len=32, router_steps=40,
               kmeans_iters=5)
@@ -22,8 +23,9 @@ def _dense(**overrides):
     return model, config
 
 
-def test_split_is_exact_with_every_expert_and_uniform_gate():
-    dense, config = _dense(tie_word_embeddings=True, num_hidden_layers=3)
+@pytest.mark.parametrize("tie", [True, False])
+def test_split_is_exact_with_every_expert_and_uniform_gate(tie):
+    dense, config = _dense(tie_word_embeddings=tie, num_hidden_layers=3)
     E = CFG.n_routed(config["intermediate_size"])  # 128 / 16 - 2 = 6
     cfg = replace(CFG, top_k=E, first_k_dense=1)
     rng = np.random.default_rng(0)
@@ -32,7 +34,9 @@ def test_split_is_exact_with_every_expert_and_uniform_gate():
         perm = rng.permutation(config["intermediate_size"])
         splits[i] = F.LayerSplit(np.sort(perm[:32]), perm[32:].reshape(E, 16), mx.zeros((E, 64)), float(E))
     moe = F.assemble(dense, F.moe_config(config, cfg), splits)
-    assert type(moe).__module__ == "mlx_lm.models.deepseek"
+    # the head stays tied where the dense model ties it (no second vocabulary matrix)
+    assert isinstance(moe, TiedDeepseek) == tie and ("lm_head" in moe) == (not tie)
+    assert type(moe).__module__ == ("mlx_dupq.adapter" if tie else "mlx_lm.models.deepseek")
     assert "switch_mlp" not in moe.model.layers[0].mlp and "switch_mlp" in moe.model.layers[1].mlp
     assert rel_err(logits(moe), logits(dense)) < 1e-5
 
@@ -103,6 +107,26 @@ def test_built_model_loads_with_mlx_lm_deepseek(tmp_path, tiny_dirs, calib_text)
     ours, _ = load(out)
     assert rel_err(logits(m), logits(ours)) < 1e-6
     assert res["sha256"] and set(res["layers"]) == {"1"}
+
+
+def test_tied_dense_model_builds_a_tied_moe(tmp_path, calib_text):
+    from mlx_lm.utils import load_model
+
+    from mlx_dupq.io.loader import load
+
+    dense = make_hf_dir(tmp_path / "dense", "llama", seed=3, tie_word_embeddings=True)
+    cfg = replace(CFG, dense=str(dense), calib=str(calib_text), save_dtype="float32")
+    F.build(tmp_path / "moe", cfg)
+    out = tmp_path / "moe"
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in mx.load(str(out / "model.safetensors"))
+    ours, _ = load(out)
+    assert isinstance(ours, TiedDeepseek)
+    with pytest.raises(ValueError, match="lm_head"):  # mlx-lm's own deepseek class has no tied head
+        load_model(out)
+    # top-2 of 6 stays close to the dense model, through the shared head
+    dense_model, _ = load(dense)
+    assert rel_err(logits(ours), logits(dense_model)) < 0.5
 
 
 def test_bad_split_sizes_say_what_to_do():

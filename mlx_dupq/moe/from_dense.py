@@ -22,11 +22,13 @@ Each SwiGLU MLP ``down(silu(gate x) * up x)`` of a dense llama-family model is a
 5. optionally (``finetune_steps > 0``) a short fine-tune of every MLP block of the whole MoE on
    calibration windows, by distillation from the dense model's logits (:mod:`.finetune`).
 
-Attention, norms and embeddings are copied unchanged; ``lm_head`` is the tied embedding where the
-dense model ties them (mlx-lm's ``deepseek`` always has its own). With every expert active and a
+Attention, norms and embeddings are copied unchanged; the head stays tied to the embedding where
+the dense model ties them (``tie_word_embeddings: true``, built by :class:`mlx_dupq.adapter.TiedDeepseek`:
+mlx-lm's ``deepseek`` always has its own ``lm_head``, which stored SmolLM2's 49152 x 576 embedding a
+second time and paid its bits twice in every pack; version 2 of the build did that). With every expert active and a
 uniform router (``W = 0``, experts scaled by ``E``) the MoE computes the dense model's logits
 (:func:`assemble`, tested). The result is written as a Hugging Face directory with ``model_type:
-deepseek`` (loadable by ``mlx_lm`` and :func:`mlx_dupq.load`); ``mlx-dupq models fetch
+deepseek`` (loadable by :func:`mlx_dupq.load`; by ``mlx_lm.load`` only when untied); ``mlx-dupq models fetch
 smollm2-135m-moe`` builds it from SmolLM2-135M (:data:`SMOLLM2_135M_MOE`).
 """
 
@@ -44,6 +46,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from ..adapter import build_skeleton
 from ..cache import sha256_file
 from ..errors import DupqError
 from ..specs import check_fields
@@ -55,7 +58,7 @@ from .train import WEIGHTS_FILE, save
 #: progress(done_layers, total_layers, message)
 Progress = Callable[[int, int, str], None]
 
-VERSION = 2
+VERSION = 3  # 3: the head stays tied to the embedding where the dense model ties them
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,11 @@ def refit_down(z: mx.array, target: mx.array, d0: mx.array, ridge: float) -> mx.
 # --------------------------------------------------------------------------- model assembly
 
 
+def tied(dense_config: dict) -> bool:
+    """Whether the dense model's head is its embedding (Hugging Face's default is tied)."""
+    return bool(dense_config.get("tie_word_embeddings", True))
+
+
 def moe_config(dense_config: dict, cfg: SplitConfig) -> dict:
     """mlx-lm ``deepseek`` config.json of the MoE cut from a llama-family ``dense_config``."""
     d = dense_config
@@ -336,7 +344,7 @@ def moe_config(dense_config: dict, cfg: SplitConfig) -> dict:
         "rms_norm_eps": float(d.get("rms_norm_eps", 1e-6)),
         "rope_theta": float(d.get("rope_theta", 10000.0)),
         "attention_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied(d),
     }
     for key in ("bos_token_id", "eos_token_id"):
         if d.get(key) is not None:
@@ -347,13 +355,14 @@ def moe_config(dense_config: dict, cfg: SplitConfig) -> dict:
 def assemble(dense: nn.Module, config: dict, splits: dict[int, LayerSplit]) -> nn.Module:
     """An mlx-lm ``deepseek`` model with ``dense``'s attention, norms and embeddings and its MLPs cut
     by ``splits`` (layer -> :class:`LayerSplit`; the other layers are copied dense)."""
-    from mlx_lm.models import deepseek
-
-    moe = deepseek.Model(deepseek.ModelArgs.from_dict(config))
+    moe = build_skeleton(config)
     w = {}
     emb = dense.model.embed_tokens.weight
     w["model.embed_tokens.weight"] = emb
-    w["lm_head.weight"] = dense.lm_head.weight if "lm_head" in dense else emb
+    if "lm_head" in moe:
+        w["lm_head.weight"] = dense.lm_head.weight if "lm_head" in dense else emb
+    elif "lm_head" in dense:
+        raise DupqError("the dense model has its own lm_head but the MoE config ties it to the embedding")
     w["model.norm.weight"] = dense.model.norm.weight
     for i, layer in enumerate(dense.model.layers):
         p = f"model.layers.{i}"
@@ -400,11 +409,9 @@ def split_model(dense: nn.Module, dense_config: dict, batches: mx.array, cfg: Sp
                 progress: Progress | None = None) -> tuple[nn.Module, dict, dict]:
     """Cut every MLP of ``dense`` (layers ``>= first_k_dense``), one layer after another, on the
     calibration ``batches`` (B, L) -> (deepseek model, its config, per-layer statistics)."""
-    from mlx_lm.models import deepseek
-
     config = moe_config(dense_config, cfg)
     E = config["n_routed_experts"]
-    cur = deepseek.Model(deepseek.ModelArgs.from_dict(config))  # runs attention exactly as the MoE will
+    cur = build_skeleton(config)  # runs attention exactly as the MoE will
     splits: dict[int, LayerSplit] = {}
     stats: dict[int, dict] = {}
     layers = dense.model.layers

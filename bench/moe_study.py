@@ -35,6 +35,7 @@ The study itself is mlx_dupq/moe/study.py (Study, StudySettings); this script is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def main() -> None:
                 dup_budget=args.dup_budget, dfrot_steps=args.dfrot_steps, dfrot_tokens=args.dfrot_tokens,
                 pack_dir=args.pack_dir or f"/tmp/{prefix}_packs", packs=args.packs,
                 parts_pack=args.parts_pack)
-            st = Study(settings, results, prefix, command="python bench/moe_study.py " + " ".join(sys.argv[1:]))
+            cache = f"MLX_DUPQ_CACHE={os.environ['MLX_DUPQ_CACHE']} " if os.environ.get("MLX_DUPQ_CACHE") else ""
+            st = Study(settings, results, prefix,
+                       command=f"{cache}python bench/moe_study.py " + " ".join(sys.argv[1:]))
             for part in parts:
                 log(f"part {part}")
                 data = st.run_part(part)

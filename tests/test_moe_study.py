@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from mlx_dupq.auto import E2E_DEFAULTS
 from mlx_dupq.errors import DupqError, UsageError
 from mlx_dupq.moe.study import PARTS, Study, StudySettings, check_packs, check_parts, default_prefix, pack_recipe
 from mlx_dupq.testing import make_hf_dir
@@ -88,6 +89,12 @@ def test_packs_and_pack_parts_parts(study, tmp_path):
         check_packs("auto-x")
     with pytest.raises(UsageError, match="give the model"):
         pack_recipe("auto-3.0")
+    # auto-<bpw>-e2e: convert --bpw with its default end-to-end stage; auto-<bpw> skips it
+    check_packs("auto-3.0-e2e")
+    with pytest.raises(UsageError, match="unknown pack recipe"):
+        check_packs("auto-e2e")
+    assert pack_recipe("auto-8-e2e", study.path).refine.e2e["steps"] == E2E_DEFAULTS["steps"]
+    assert pack_recipe("auto-8", study.path).refine.e2e is None
     old = study.settings
     study.settings = dataclasses.replace(old, packs="rtn4,auto-0.5", pack_dir=str(tmp_path / "packs"), parts_pack="rtn4")
     try:

@@ -17,8 +17,9 @@ experts treated at a time; F6.6), ``contribution`` (PPL without parts of the MoE
 (only convert and evaluate the pack recipes), ``pack_parts`` (each part of one pack -- embedding, head,
 attention, dense MLP, shared experts, routed experts -- swapped alone into the float model).
 
-Pack recipes (:data:`PACK_RECIPES`): shipped and study recipes, and ``auto-<bpw>``: the recipe
-``mlx-dupq convert MODEL --bpw <bpw> --e2e-steps 0`` plans (:func:`mlx_dupq.auto.plan_auto`).
+Pack recipes (:data:`PACK_RECIPES`): shipped and study recipes, ``auto-<bpw>``: the recipe
+``mlx-dupq convert MODEL --bpw <bpw> --e2e-steps 0`` plans (:func:`mlx_dupq.auto.plan_auto`), and
+``auto-<bpw>-e2e``: ``mlx-dupq convert MODEL --bpw <bpw>`` with its default end-to-end stage.
 
 Simulated treatments replace float weights by their dequantized values (:mod:`mlx_dupq.moe.experts`):
 the numbers the packed layers compute with, without a conversion per variant. Perplexity: brown:eval
@@ -65,6 +66,7 @@ PREFIXES = {"smollm2-135m-moe": "moe_smollm2"}  # default prefix per model; othe
 PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-3.0", "moe-w2-2.5", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
                 "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot", "auto-3.0", "auto-2.5")
 AUTO = "auto-"  # auto-<bpw>: the plan of `convert --bpw <bpw> --e2e-steps 0`, any positive bpw
+AUTO_E2E = "-e2e"  # auto-<bpw>-e2e: the plan of `convert --bpw <bpw>` (its default e2e stage)
 INT2 = QuantSpec(2, 64)
 
 
@@ -109,11 +111,11 @@ def check_packs(packs: str) -> None:
 
 
 def _auto_bpw(name: str) -> float | None:
-    """The budget of an ``auto-<bpw>`` pack name, None for any other name."""
+    """The budget of an ``auto-<bpw>`` or ``auto-<bpw>-e2e`` pack name, None for any other name."""
     if not name.startswith(AUTO):
         return None
     try:
-        bpw = float(name[len(AUTO):])
+        bpw = float(name[len(AUTO):].removesuffix(AUTO_E2E))
     except ValueError:
         return None
     return bpw if bpw > 0 else None
@@ -121,12 +123,13 @@ def _auto_bpw(name: str) -> float | None:
 
 def pack_recipe(name: str, model: str | Path | None = None) -> Recipe:
     """Shipped recipes, moe-w2 variants at the same non-expert widths (matched baselines), and
-    ``auto-<bpw>``: what ``convert MODEL --bpw <bpw> --e2e-steps 0`` plans for ``model``."""
+    ``auto-<bpw>``: what ``convert MODEL --bpw <bpw> --e2e-steps 0`` plans for ``model``;
+    ``auto-<bpw>-e2e``: what ``convert MODEL --bpw <bpw>`` plans (the default end-to-end stage)."""
     bpw = _auto_bpw(name)
     if bpw is not None:
         if model is None:
             raise UsageError(f"pack {name} is planned for a model; give the model")
-        return plan_auto(str(model), bpw, e2e_steps=0)[0]
+        return plan_auto(str(model), bpw, e2e_steps=None if name.endswith(AUTO_E2E) else 0)[0]
     if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup", "moe-gptq2", "moe-gptq2-quarot"):
         return load_recipe(name)
     rec = load_recipe("moe-w2")

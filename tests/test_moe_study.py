@@ -114,3 +114,31 @@ def test_packs_and_pack_parts_parts(study, tmp_path):
     report = write_report(study.results, "t").read_text()
     assert "| auto-0.5 | n/a | refused |" in report
     assert "## Packs at an all-in budget" in report and "What each part of the rtn4 pack costs" in report
+
+
+def test_auto_e2e_pack_runs_only_the_e2e_stage_on_the_auto_pack(study, tmp_path, monkeypatch):
+    """``auto-<bpw>-e2e`` after ``auto-<bpw>`` (the same plan): the e2e stage on a copy of that pack."""
+    import dataclasses
+    import shutil
+
+    from mlx_dupq import auto
+
+    monkeypatch.setitem(auto.E2E_DEFAULTS, "steps", 2)  # plan_auto reads the defaults when it plans
+    monkeypatch.setitem(auto.E2E_DEFAULTS, "seq_len", 32)
+    monkeypatch.setitem(auto.E2E_DEFAULTS, "valid_samples", 1)
+    monkeypatch.setitem(auto.E2E_DEFAULTS, "data", study.settings.calib_data)
+    old = study.settings
+    study.settings = dataclasses.replace(old, packs="auto-8,auto-8-e2e", pack_dir=str(tmp_path / "packs"))
+    try:
+        assert study.e2e_base("auto-8-e2e", pack_recipe("auto-8-e2e", study.path)) is None  # nothing converted yet
+        data = study.run_part("packs")
+        # a pack made by another plan is not a base
+        shutil.copytree(tmp_path / "packs" / "auto-8", tmp_path / "packs" / "auto-6")
+        assert study.e2e_base("auto-6-e2e", pack_recipe("auto-6-e2e", study.path)) is None
+    finally:
+        study.settings = old
+    base, e2e = data["packs"]["auto-8"], data["packs"]["auto-8-e2e"]
+    assert "base" not in base and e2e["base"] == "auto-8" and e2e["e2e"]["steps_run"] == 2
+    assert e2e["bpw"] == pytest.approx(base["bpw"]) and "e2e distillation: 2 steps" in e2e["recipe"]
+    cfg = json.loads((tmp_path / "packs" / "auto-8-e2e" / "config.json").read_text())["mlx_dupq"]
+    assert cfg["refine"]["e2e"]["steps_run"] == 2

@@ -19,7 +19,8 @@ attention, dense MLP, shared experts, routed experts -- swapped alone into the f
 
 Pack recipes (:data:`PACK_RECIPES`): shipped and study recipes, ``auto-<bpw>``: the recipe
 ``mlx-dupq convert MODEL --bpw <bpw> --e2e-steps 0`` plans (:func:`mlx_dupq.auto.plan_auto`), and
-``auto-<bpw>-e2e``: ``mlx-dupq convert MODEL --bpw <bpw>`` with its default end-to-end stage.
+``auto-<bpw>-e2e``: ``mlx-dupq convert MODEL --bpw <bpw>`` with its default end-to-end stage (run on a
+copy of the ``auto-<bpw>`` pack when that one is there, made by the same plan: :meth:`Study.e2e_base`).
 
 Simulated treatments replace float weights by their dequantized values (:mod:`mlx_dupq.moe.experts`):
 the numbers the packed layers compute with, without a conversion per variant. Perplexity: brown:eval
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ from ..io.loader import load
 from ..io.models import cached_path
 from ..metrics import spearman
 from ..pipeline import convert
+from ..refine.e2e import distill_pack
+from ..refine.e2e_spec import E2ESpec
 from ..rotation.dfrot import dfrot
 from ..specs import QuantSpec
 from . import experts as X
@@ -498,16 +502,27 @@ class Study:
                 log(f"{name}: refused: {e}")
                 self.refused[name] = str(e)
                 continue
-            partial = path.with_name(path.name + ".partial")
-            try:  # an interrupted conversion of the same recipe continues where it stopped
-                res = convert(self.path, path, recipe, force=True, resume=partial.exists())
-            except DupqError:
-                if not partial.exists():
-                    raise
-                res = convert(self.path, path, recipe, force=True)  # another recipe's leftovers: start over
-            info = {"bpw": res.bits_per_weight, "path": str(path), "seconds": time.time() - t0,
+            base = self.e2e_base(name, recipe)
+            extra = {}
+            if base is not None:  # only the end-to-end stage, on a copy of the pack convert made without it
+                log(f"{name}: the e2e stage on a copy of {base.name} (the same plan)")
+                shutil.rmtree(path, ignore_errors=True)
+                e2e = distill_pack(base, self.path, E2ESpec.from_dict(recipe.refine.e2e), out=path,
+                                   teacher_name=self.model_name)
+                bpw = json.loads((path / "config.json").read_text())["mlx_dupq"]["bits_per_weight"]
+                extra = {"base": base.name, "e2e": {k: v for k, v in e2e.to_dict().items() if k != "out"}}
+            else:
+                partial = path.with_name(path.name + ".partial")
+                try:  # an interrupted conversion of the same recipe continues where it stopped
+                    res = convert(self.path, path, recipe, force=True, resume=partial.exists())
+                except DupqError:
+                    if not partial.exists():
+                        raise
+                    res = convert(self.path, path, recipe, force=True)  # another recipe's leftovers: start over
+                bpw = res.bits_per_weight
+            info = {"bpw": bpw, "path": str(path), "seconds": time.time() - t0,
                     "cpu_seconds": time.process_time() - cpu0, "loadavg": os.getloadavg()[0],
-                    "recipe": recipe.description}
+                    "recipe": recipe.description, **extra}
             m, _ = load(path)
             out[name] = {**info, "ppl": self.ppl(m)}
             del m
@@ -519,6 +534,24 @@ class Study:
         self.save_part("packs", {**keep, "meta": now, "packs": out,
                                  **({"refused": self.refused} if self.refused else {})})
         return out
+
+    def e2e_base(self, name: str, recipe: Recipe) -> Path | None:
+        """For ``auto-<bpw>-e2e``: the ``auto-<bpw>`` pack in ``pack_dir`` when its recorded recipe is this
+        plan without the end-to-end stage. Convert runs that stage last, on the finished pack, so it is
+        run on a copy of that pack instead of converting again (same result, one conversion saved)."""
+        if not name.endswith(AUTO_E2E) or _auto_bpw(name) is None:
+            return None
+        base = Path(self.settings.pack_dir) / name.removesuffix(AUTO_E2E)
+        if not (base / "config.json").is_file():
+            return None
+
+        def plan(d: dict) -> dict:
+            d = json.loads(json.dumps(d))
+            d.pop("description", None)
+            d["refine"] = {k: v for k, v in (d.get("refine") or {}).items() if k != "e2e"}
+            return d
+        stored = json.loads((base / "config.json").read_text()).get("mlx_dupq", {}).get("recipe")
+        return base if stored is not None and plan(stored) == plan(recipe.to_dict()) else None
 
     def part_packs(self) -> dict:
         """Only the packs (converted once, cached): bpw, PPL and its ratio to the float model."""

@@ -80,3 +80,18 @@ def test_auto_convert_of_a_tied_moe_stays_within_budget(monkeypatch, capsys, tie
     assert ("lm_head" in q) == (cfg.get("tie_word_embeddings") is False) == ("lm_head.weight" in _keys(out)
                                                                            or "lm_head.scales" in _keys(out))
     assert rel_err(logits(q), logits(ref)) < 0.5
+
+
+def test_pipeline_stages_of_a_tied_moe_pack_chain_to_the_one_process_model(tied_dir, tmp_path):
+    from mlx_dupq.distributed.stage import load_stage
+    from tests.tiny import TOKENS
+
+    path = mlx_dupq.convert(tied_dir, tmp_path / "pack", "rtn4").path
+    ref, _ = mlx_dupq.load(path)
+    expected = ref(TOKENS)
+    stages = [load_stage(path, r, 2)[0] for r in range(2)]
+    assert stages[-1].plan.tied and "lm_head" not in stages[-1]  # the last rank's head is the embedding
+    h = stages[0].embed(TOKENS)
+    for st in stages:
+        h = st(h)
+    assert mx.array_equal(stages[-1].head(h), expected).item()

@@ -90,9 +90,11 @@ def test_packs_and_pack_parts_parts(study, tmp_path):
     with pytest.raises(UsageError, match="give the model"):
         pack_recipe("auto-3.0")
     # auto-<bpw>-e2e: convert --bpw with its default end-to-end stage; auto-<bpw> skips it
-    check_packs("auto-3.0-e2e")
-    with pytest.raises(UsageError, match="unknown pack recipe"):
-        check_packs("auto-e2e")
+    check_packs("auto-3.0-e2e,auto-2.5-e2e20")
+    for bad in ("auto-e2e", "auto-3-e2e0", "auto-3-e2ex", "auto-3-e2e-5"):
+        with pytest.raises(UsageError, match="unknown pack recipe"):
+            check_packs(bad)
+    assert pack_recipe("auto-8-e2e7", study.path).refine.e2e["steps"] == 7
     assert pack_recipe("auto-8-e2e", study.path).refine.e2e["steps"] == E2E_DEFAULTS["steps"]
     assert pack_recipe("auto-8", study.path).refine.e2e is None
     old = study.settings

@@ -19,8 +19,9 @@ attention, dense MLP, shared experts, routed experts -- swapped alone into the f
 
 Pack recipes (:data:`PACK_RECIPES`): shipped and study recipes, ``auto-<bpw>``: the recipe
 ``mlx-dupq convert MODEL --bpw <bpw> --e2e-steps 0`` plans (:func:`mlx_dupq.auto.plan_auto`), and
-``auto-<bpw>-e2e``: ``mlx-dupq convert MODEL --bpw <bpw>`` with its default end-to-end stage (run on a
-copy of the ``auto-<bpw>`` pack when that one is there, made by the same plan: :meth:`Study.e2e_base`).
+``auto-<bpw>-e2e``: ``mlx-dupq convert MODEL --bpw <bpw>`` with its default end-to-end stage, and
+``auto-<bpw>-e2e<N>``: the same with ``--e2e-steps N`` (both run on a copy of the ``auto-<bpw>`` pack
+when that one is there, made by the same plan: :meth:`Study.e2e_base`).
 
 Simulated treatments replace float weights by their dequantized values (:mod:`mlx_dupq.moe.experts`):
 the numbers the packed layers compute with, without a conversion per variant. Perplexity: brown:eval
@@ -70,7 +71,7 @@ PREFIXES = {"smollm2-135m-moe": "moe_smollm2"}  # default prefix per model; othe
 PACK_RECIPES = ("rtn8", "rtn4", "experts-w4", "moe-w2", "moe-w2-3.0", "moe-w2-2.5", "moe-w2-sensitivity", "experts-w2", "moe-w2-dup", "moe-w2-rot",
                 "moe-w2-quarot", "moe-awq2", "moe-gptq2", "moe-gptq2-quarot", "auto-3.0", "auto-2.5")
 AUTO = "auto-"  # auto-<bpw>: the plan of `convert --bpw <bpw> --e2e-steps 0`, any positive bpw
-AUTO_E2E = "-e2e"  # auto-<bpw>-e2e: the plan of `convert --bpw <bpw>` (its default e2e stage)
+AUTO_E2E = "-e2e"  # auto-<bpw>-e2e[N]: the plan of `convert --bpw <bpw> [--e2e-steps N]` (default: its e2e stage)
 INT2 = QuantSpec(2, 64)
 
 
@@ -114,26 +115,36 @@ def check_packs(packs: str) -> None:
         raise UsageError(f"unknown pack recipe(s) {', '.join(unknown)}; use {', '.join(PACK_RECIPES)}")
 
 
-def _auto_bpw(name: str) -> float | None:
-    """The budget of an ``auto-<bpw>`` or ``auto-<bpw>-e2e`` pack name, None for any other name."""
+def _auto(name: str) -> tuple[float, int | None] | None:
+    """``(bpw, e2e steps)`` of an ``auto-<bpw>`` (steps 0), ``auto-<bpw>-e2e`` (None: the default) or
+    ``auto-<bpw>-e2e<N>`` (N >= 1) pack name, None for any other name."""
     if not name.startswith(AUTO):
         return None
+    bpw_s, e2e, steps_s = name[len(AUTO):].partition(AUTO_E2E)
     try:
-        bpw = float(name[len(AUTO):].removesuffix(AUTO_E2E))
+        bpw = float(bpw_s)
+        steps = (int(steps_s) if steps_s else None) if e2e else 0
     except ValueError:
         return None
-    return bpw if bpw > 0 else None
+    return (bpw, steps) if bpw > 0 and (steps is None or steps >= 0) and not (e2e and steps == 0) else None
+
+
+def _auto_bpw(name: str) -> float | None:
+    """The budget of an ``auto-...`` pack name (:func:`_auto`), None for any other name."""
+    a = _auto(name)
+    return None if a is None else a[0]
 
 
 def pack_recipe(name: str, model: str | Path | None = None) -> Recipe:
     """Shipped recipes, moe-w2 variants at the same non-expert widths (matched baselines), and
     ``auto-<bpw>``: what ``convert MODEL --bpw <bpw> --e2e-steps 0`` plans for ``model``;
-    ``auto-<bpw>-e2e``: what ``convert MODEL --bpw <bpw>`` plans (the default end-to-end stage)."""
-    bpw = _auto_bpw(name)
-    if bpw is not None:
+    ``auto-<bpw>-e2e``: what ``convert MODEL --bpw <bpw>`` plans (the default end-to-end stage),
+    ``auto-<bpw>-e2e<N>`` with ``--e2e-steps N``."""
+    auto = _auto(name)
+    if auto is not None:
         if model is None:
             raise UsageError(f"pack {name} is planned for a model; give the model")
-        return plan_auto(str(model), bpw, e2e_steps=None if name.endswith(AUTO_E2E) else 0)[0]
+        return plan_auto(str(model), auto[0], e2e_steps=auto[1])[0]
     if name in ("rtn8", "rtn4", "moe-w2", "moe-w2-dup", "moe-gptq2", "moe-gptq2-quarot"):
         return load_recipe(name)
     rec = load_recipe("moe-w2")
@@ -536,12 +547,12 @@ class Study:
         return out
 
     def e2e_base(self, name: str, recipe: Recipe) -> Path | None:
-        """For ``auto-<bpw>-e2e``: the ``auto-<bpw>`` pack in ``pack_dir`` when its recorded recipe is this
+        """For ``auto-<bpw>-e2e[N]``: the ``auto-<bpw>`` pack in ``pack_dir`` when its recorded recipe is this
         plan without the end-to-end stage. Convert runs that stage last, on the finished pack, so it is
         run on a copy of that pack instead of converting again (same result, one conversion saved)."""
-        if not name.endswith(AUTO_E2E) or _auto_bpw(name) is None:
+        if AUTO_E2E not in name or _auto(name) is None:
             return None
-        base = Path(self.settings.pack_dir) / name.removesuffix(AUTO_E2E)
+        base = Path(self.settings.pack_dir) / name.partition(AUTO_E2E)[0]
         if not (base / "config.json").is_file():
             return None
 

@@ -435,7 +435,7 @@ def render(r: dict, plots: list[str]) -> str:
                f"`{m.get('command', '?')}`; {m.get('eval', 'brown:eval')}, {m.get('windows', '?')} windows of "
                f"{m.get('ctx', '?')} tokens; float MoE PPL {_f(fp)}. `auto-B` is the plan of "
                "`mlx-dupq convert MODEL --bpw B --e2e-steps 0`, `auto-B-e2e` of `mlx-dupq convert MODEL --bpw B` "
-               "(its default end-to-end stage).", "",
+               "(its default end-to-end stage), `auto-B-e2eN` of `... --e2e-steps N`.", "",
                _table(["pack", "bpw all-in", "PPL", "x float", "convert s (CPU s)", "recipe"],
                       [[n, _f(p.get("bpw"), 3), _f(p["ppl"], 2), _f(p["ppl"] / fp if fp else None, 2),
                         f"{p['seconds']:.0f}" + (f" ({p['cpu_seconds']:.0f})" if "cpu_seconds" in p else ""),

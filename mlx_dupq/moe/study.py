@@ -129,6 +129,15 @@ def _auto(name: str) -> tuple[float, int | None] | None:
     return (bpw, steps) if bpw > 0 and (steps is None or steps >= 0) and not (e2e and steps == 0) else None
 
 
+def _e2e_log(name: str):
+    """A ``distill_pack`` progress callback that logs each step and validation."""
+    def progress(phase: str, done: int, total: int, info: dict) -> None:
+        if phase in ("train", "valid"):
+            log(f"{name}: e2e {phase} {done}/{total} " + ", ".join(f"{k} {v:.4f}" for k, v in info.items()
+                                                                  if isinstance(v, float)))
+    return progress
+
+
 def _auto_bpw(name: str) -> float | None:
     """The budget of an ``auto-...`` pack name (:func:`_auto`), None for any other name."""
     a = _auto(name)
@@ -519,7 +528,7 @@ class Study:
                 log(f"{name}: the e2e stage on a copy of {base.name} (the same plan)")
                 shutil.rmtree(path, ignore_errors=True)
                 e2e = distill_pack(base, self.path, E2ESpec.from_dict(recipe.refine.e2e), out=path,
-                                   teacher_name=self.model_name)
+                                   teacher_name=self.model_name, progress=_e2e_log(name))
                 bpw = json.loads((path / "config.json").read_text())["mlx_dupq"]["bits_per_weight"]
                 extra = {"base": base.name, "e2e": {k: v for k, v in e2e.to_dict().items() if k != "out"}}
             else:

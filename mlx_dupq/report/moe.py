@@ -165,6 +165,15 @@ def claims(r: dict) -> list[tuple[str, str, str, str]]:
                          _verdict(r8["increase"] >= 0.05, ">= +5 %")))
     else:
         rows.append(("Ladder: Hadamard / DFRot / duplication on INT2 experts", "", "", NOT_MEASURED))
+    pk = (r.get("packs") or {})
+    for name, p in (pk.get("packs") or {}).items():  # the product pipeline on the same target
+        if name.startswith("auto-") and pk.get("fp_ppl"):
+            budget = float(name[len("auto-"):].partition("-e2e")[0])
+            ratio = p["ppl"] / pk["fp_ppl"]
+            rows.append((f"`convert --bpw {budget:g}` ({name}) stays within {PACK_TARGET:g}x of the float MoE "
+                         "(issue 18 target)", "(target)",
+                         f"{name} {p['bpw']:.3f} bpw: PPL {p['ppl']:.3f} = {ratio:.2f}x float {pk['fp_ppl']:.3f}",
+                         _verdict(ratio <= PACK_TARGET and p["bpw"] <= budget + 1e-6, f"<= {PACK_TARGET:g}x")))
     if ly:
         L = sorted(ly["layers"], key=int)
         first, last = ly["layers"][L[0]], ly["layers"][L[-1]]

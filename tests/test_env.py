@@ -50,3 +50,28 @@ def test_cpu_model_and_flags_from_cpuinfo(tmp_path):
     name, flags = _env._cpu(str(arm))
     assert flags == ["asimd", "sve"] and name  # no model name: platform's answer
     assert _env._cpu(str(tmp_path / "missing"))[1] == []
+
+
+def test_openblas_kernels_named_from_the_cpu_flags(tmp_path, monkeypatch):
+    """A CPU model OpenBLAS does not know gets its SSE3 kernels: the restart names the set the flags allow."""
+    def cpu(flags):
+        p = tmp_path / f"cpu{len(flags)}"
+        p.write_text(f"processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: {flags}\n")
+        return str(p)
+    avx512 = cpu("fpu sse4_2 avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl")
+    assert _env.openblas_coretype(avx512) == "SkylakeX"
+    assert _env.openblas_coretype(cpu("fpu sse4_2 avx avx2 fma avx512f")) == "Haswell"  # no BW/DQ/VL
+    assert _env.openblas_coretype(cpu("fpu sse4_2 avx")) is None
+    assert _env.openblas_coretype(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(_env.sys, "platform", "linux")
+    monkeypatch.setattr(_env, "fast_blas_path", lambda: "/lib/libblas.so.3")
+    env = _env.preload_env({"PATH": "/bin"}, cpuinfo=avx512)
+    assert env["LD_PRELOAD"] == "/lib/libblas.so.3" and env["OPENBLAS_CORETYPE"] == "SkylakeX"
+    # preloaded already: restart only to name the kernels; a user's choice stands; once only
+    env = _env.preload_env({"LD_PRELOAD": "/lib/libblas.so.3"}, cpuinfo=avx512)
+    assert env["OPENBLAS_CORETYPE"] == "SkylakeX" and env["LD_PRELOAD"] == "/lib/libblas.so.3"
+    assert _env.preload_env({"LD_PRELOAD": "/lib/libblas.so.3", "OPENBLAS_CORETYPE": "Haswell"}, cpuinfo=avx512) is None
+    assert _env.preload_env({"LD_PRELOAD": "/lib/libblas.so.3"}, cpuinfo=cpu("fpu sse4_2")) is None
+    assert _env.preload_env({**env}, cpuinfo=avx512) is None
+    env = _env.preload_env({"OPENBLAS_CORETYPE": "Zen"}, cpuinfo=avx512)
+    assert env["OPENBLAS_CORETYPE"] == "Zen" and env["LD_PRELOAD"] == "/lib/libblas.so.3"

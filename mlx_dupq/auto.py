@@ -20,7 +20,10 @@
    float model's on the calibration tokens; one forward pass per plan). Round to nearest is not
    GPTQ: rotation helps GPTQ more than RTN (docs/quality.md), so this comparison leans against
    rotation.
-2. **GPTQ** on calibration text (``brown:calib``, 16 x 512 tokens), the head included when separate.
+2. **GPTQ** on calibration text (``mix:calib``: Brown, Lee news and Python source, 16 x 512 tokens), the
+   head included when separate. The plan's sensitivities use the same text. Prose alone
+   (``brown:calib``, the default before) left Qwen2.5-Coder-0.5B's ``--bpw 2.5`` pack at 1.51x its
+   reference on prose but 3.04x on held-out code (``bench/results/learned_qwen2.5-coder-0.5b.json``).
 3. **bit allocation** to ``B`` with the cheap ``proxy`` sensitivity (each module's relative output
    error on its own float inputs; seconds, no extra forward passes) over 2-bit g64 and g128, 3/4-bit
    g128 and 8-bit g64 candidates (:data:`LAYER_CANDIDATES`; 2-bit g128 only when the budget needs
@@ -199,7 +202,7 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
         f"{spec.data}; {E2E_WHY}; --e2e-steps N changes the steps (0 skips)")
 
 
-def plan_auto(model: str, bpw: float, *, calib_data: str = "brown:calib", e2e_steps: int | None = None,
+def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_steps: int | None = None,
               progress=None) -> tuple[Recipe, list[Choice]]:
     """The recipe ``convert --bpw`` runs for ``model`` at ``bpw`` all-in bits/weight, and why.
     ``e2e_steps``: steps of the end-to-end stage (None: :data:`E2E_DEFAULTS`; 0: no e2e stage)."""

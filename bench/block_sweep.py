@@ -53,9 +53,10 @@ def main() -> None:
     rows: list[dict] = []
     real = stage.refine_layer
 
-    def sweep(layer, prefix, arrays, entries, x, y, spec, storage, wrapped, say):
+    def sweep(layer, prefix, arrays, entries, x, y, spec, storage, wrapped, say, fixed=None):
         if prefix != args.layer:  # earlier layers: the recipe's quantization, untrained
-            return real(layer, prefix, arrays, entries, x, y, dataclasses.replace(spec, steps=0), storage, wrapped, say)
+            return real(layer, prefix, arrays, entries, x, y, dataclasses.replace(spec, steps=0), storage, wrapped, say,
+                        fixed=fixed)
         saved = {k: v for k, v in layer.parameters().items()}
         y_quantized = run_layer(layer, x)  # the float layer on the quantized stream's input
         for c in configs:
@@ -63,7 +64,7 @@ def main() -> None:
             t, cpu = time.time(), time.process_time()
             spec = BlockSpec(**c)
             target = y if spec.target == "float" else y_quantized
-            _, _, rep = real(layer, prefix, arrays, entries, x, target, spec, storage, wrapped, None)
+            _, _, rep = real(layer, prefix, arrays, entries, x, target, spec, storage, wrapped, None, fixed=fixed)
             rows.append({"config": BlockSpec(**c).to_dict(), **rep.to_dict(), "wall_seconds": time.time() - t,
                          "cpu_seconds": time.process_time() - cpu})
             print(f"{c}: {rep.init_error:.4f} -> {rep.trained_error:.4f} ({time.time() - t:.0f}s)", flush=True)

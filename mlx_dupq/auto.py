@@ -39,7 +39,7 @@
    bits (reference 41.58; ``bench/results/head_sensitivity_qwen2.5-coder-0.5b.json``), and the
    ternary head's bits bought 3-bit decoder layers in the best packs at <= 2.6 bpw (``w2-t3``
    56.76 at 2.596, ``w2-t3a`` 61.50 at 2.499 against ``w2``'s 3-bit head 104.6 at 2.498).
-4. **block reconstruction** (``[refine.block]``, :mod:`mlx_dupq.refine.block`) with its defaults.
+4. **block reconstruction** (``[refine.block]``, :mod:`mlx_dupq.refine.block`) at :data:`BLOCK_DEFAULTS`.
 5. **end-to-end distillation** (``[refine.e2e]``, :mod:`mlx_dupq.refine.e2e`): the pack's scales,
    biases and norms trained against the float model's next-token distribution on ``mix:calib``
    (:data:`E2E_DEFAULTS`, chosen from the SmolLM2-135M measurements in docs/e2e.md);
@@ -91,6 +91,13 @@ E2E_MODULE = "mlx_dupq.refine.e2e"
 #: at 1e-4 (5.8e-3). Relative steps of 3e-3 per group raised the validation KL, temperature 2 did not
 #: beat 1 at equal windows. One window of 256 tokens per step, every window seen once; 80 steps is
 #: what a shared 2-core CPU ran in about 40 minutes on SmolLM2.
+#: The ``[refine.block]`` stage of ``convert --bpw``: every calibration sequence but the held-out ones
+#: (14 x 512 tokens), 4 epochs (56 steps), lr 1e-4 on scales, biases and norms. On layer 3 of
+#: Qwen2.5-Coder-0.5B under ``w2-t3`` it took the held-out output error from 0.0019 to 0.0008, where
+#: BlockSpec's own defaults (8 steps of 4 x 256 tokens) reached 0.0015 and lr 1e-3 0.0013
+#: (``bench/results/block_sweep_qwen2.5-coder-0.5b.json``).
+BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=4, lr=1e-4)
+BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out error drops"
 E2E_DEFAULTS = dict(steps=80, lr=5e-4, lr_per_scale=True, batch=1, seq_len=256, samples=80, valid_samples=4,
                     temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0,
                     data="mix:calib")
@@ -239,7 +246,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
         plan, rot_choice = _untying_rotation(plans, fits, tokens, bpw)
     del plans, fits
     rec = plan.recipe
-    rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(), e2e=e2e).to_dict()})
+    rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(**BLOCK_DEFAULTS), e2e=e2e).to_dict()})
     floor_why = {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",
                  TERNARY: "embedding/head down to ternary (3 bits do not fit; a ternary GPTQ head measured "
                           "46.97 vs 48.58 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)"}[plan.floor]
@@ -251,7 +258,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
         Choice("quantizer", "GPTQ, 16 x 512 tokens", f"{calib_data}; lm_head calibrated on the final states"),
         Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
                f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),
-        Choice("block refine", "scales, biases, norms", "reproduce each float layer; keep only if held-out error drops"),
+        Choice("block refine", "scales, biases, norms", f"reproduce each float layer: {BLOCK_WHY}"),
         e2e_choice,
     ]
     desc = f"convert --bpw {bpw:g}: " + "; ".join(f"{c.step}: {c.choice}" for c in choices)

@@ -109,7 +109,7 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
         elif parts[0] == "refine":
             base = work / parts[1].replace(":", "_").replace("+", "_")
             opts, choice = _e2e(args.e2e_steps)
-            spec = E2ESpec.from_dict(opts if args.e2e_lr is None else dict(opts, lr=args.e2e_lr, lr_per_scale=False))
+            spec = E2ESpec.from_dict(opts if args.e2e_lr is None else dict(opts, lr=args.e2e_lr, lr_per_scale=False, relative=False))
             if args.e2e_lr is not None:  # the choice row says what ran
                 choice = dataclasses.replace(choice, choice=re.sub(r"lr [^,]*,", f"lr {spec.lr:g} (absolute),", choice.choice, count=1),
                                              why=choice.why + f"; lr set by --e2e-lr {spec.lr:g} (absolute)")
@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dwq-lr", type=float, default=1e-5)
     ap.add_argument("--e2e-steps", type=int, default=None, help="auto:B / refine:ROW rows: e2e steps (0 skips)")
-    ap.add_argument("--e2e-lr", type=float, default=None, help="refine:ROW rows: the e2e stage's lr in absolute units (default: convert --bpw's, per median |scale|)")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="refine:ROW rows: the e2e stage's lr in absolute units (default: convert --bpw's, relative to each group's |scale|)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dupq-learned"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one row -> JSON on stdout's last line

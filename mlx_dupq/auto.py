@@ -83,14 +83,6 @@ HEAD_CANDIDATES = (TERNARY_SPEC, *LAYER_CANDIDATES)
 EMBED_FLOORS = (4, 3, TERNARY)
 ROTATION_NAME = "block Hadamard + online down_proj"
 E2E_MODULE = "mlx_dupq.refine.e2e"
-#: the e2e stage of ``convert --bpw``: Adam on the stored scales and biases with a step of 5e-4 x the
-#: pack's median |scale| (``lr_per_scale``). Measured in absolute units on two packs (docs/e2e.md):
-#: SmolLM2-135M's 3-bit pack (median |scale| 0.24; bench/results/e2e_study_smollm2-135m.json) trained
-#: best at lr 1e-4 (= 4.2e-4 per scale) and got worse at 1e-3 (4.2e-3); Qwen2.5-Coder-0.5B's w2-t3
-#: (median 0.017; bench/results/learned_qwen2.5-coder-0.5b.json) trained at 1e-5 (5.8e-4) and diverged
-#: at 1e-4 (5.8e-3). Relative steps of 3e-3 per group raised the validation KL, temperature 2 did not
-#: beat 1 at equal windows. One window of 256 tokens per step, every window seen once; 80 steps is
-#: what a shared 2-core CPU ran in about 40 minutes on SmolLM2.
 #: The ``[refine.block]`` stage of ``convert --bpw``: every calibration sequence but the held-out ones
 #: (14 x 512 tokens), 4 epochs (56 steps), lr 1e-4 on scales, biases and norms. On layer 3 of
 #: Qwen2.5-Coder-0.5B under ``w2-t3`` it took the held-out output error from 0.0019 to 0.0008, where
@@ -98,11 +90,20 @@ E2E_MODULE = "mlx_dupq.refine.e2e"
 #: (``bench/results/block_sweep_qwen2.5-coder-0.5b.json``).
 BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=4, lr=1e-4)
 BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out error drops"
-E2E_DEFAULTS = dict(steps=80, lr=5e-4, lr_per_scale=True, batch=1, seq_len=256, samples=80, valid_samples=4,
+#: the e2e stage of ``convert --bpw``: Adam on the stored scales and biases, each group's step 5e-4 of
+#: its own initial |scale| (``relative``). One absolute step cannot fit a pack whose layers mix 2 to 8
+#: bits: Qwen2.5-Coder-0.5B's ``--bpw 2.5`` pack (scales spanning ~50x between layers) did not train at
+#: 5e-4 x the pack's median |scale| (validation KL 0.7322 -> 0.7305 best in 12 steps, loss spikes) and
+#: did at relative 5e-4 (0.7322 -> 0.6357, still falling; ``bench/results/e2e_study_qwen2.5-coder-0.5b.json``).
+#: Earlier, in absolute units (docs/e2e.md): SmolLM2-135M's 3-bit pack trained best at 1e-4 and got
+#: worse at 1e-3, relative 3e-3 (6x this step) raised its KL; Qwen's all-3-bit w2-t3 trained at 1e-5
+#: and diverged at 1e-4. Temperature 2 did not beat 1 at equal windows. One window of 256 tokens per
+#: step, every window seen once.
+E2E_DEFAULTS = dict(steps=80, lr=5e-4, relative=True, batch=1, seq_len=256, samples=80, valid_samples=4,
                     temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0,
                     data="mix:calib")
-E2E_WHY = ("lr 5e-4 x the median |scale|: 1e-4 absolute on SmolLM2-135M, 1e-5 on Qwen2.5-Coder-0.5B, "
-           "where 1e-4 diverged (docs/e2e.md)")
+E2E_WHY = ("relative steps of 5e-4 per group: one absolute lr did not train Qwen2.5-Coder-0.5B's mixed "
+           "2-8-bit pack, this did (docs/e2e.md)")
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,10 @@ def _untying_rotation(plans, fits, tokens, bpw: float) -> tuple[_Plan, Choice]:
         "unrotated allocation's 260.2 at 3.00)")
 
 
+def _lr_unit(spec) -> str:
+    return " x median |scale|" if spec.lr_per_scale else " of each group's |scale|" if spec.relative else ""
+
+
 def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
     if steps == 0:
         return None, Choice("e2e distillation", "skipped", "--e2e-steps 0")
@@ -204,7 +209,7 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
     spec = E2ESpec.from_dict(opts)  # validates (a bad --e2e-steps: one line, before anything runs)
     return spec.to_dict(), Choice(
         "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens, "
-        f"lr {spec.lr:g}{' x median |scale|' if spec.lr_per_scale else ''}, "
+        f"lr {spec.lr:g}{_lr_unit(spec)}, "
         f"temperature {spec.temperature:g}, {', '.join(spec.trainable)}",
         f"{spec.data}; {E2E_WHY}; --e2e-steps N changes the steps (0 skips)")
 

@@ -215,6 +215,16 @@ def run_layer(layer: nn.Module, h: mx.array, batch: int = 4) -> mx.array:
     return mx.concatenate(outs, axis=0)
 
 
+def _capture_pass(layer: nn.Module, h: mx.array, batch: int) -> None:
+    """Run h through ``layer`` for its captures only: the layer's output is never evaluated, so (mlx
+    being lazy) what feeds no captured input is never computed (a dense layer's down_proj matmul)."""
+    from mlx_lm.models.base import create_attention_mask
+
+    for i in range(0, h.shape[0], batch):
+        x = h[i : i + batch]
+        layer(x, mask=create_attention_mask(x, None))
+
+
 def layer_input_hessians(layer: nn.Module, h: mx.array, batch: int = 4,
                          switch: bool = False) -> dict[str, LinearStats | SwitchStats]:
     """Run h (n, L, d) through ``layer`` and return the input statistics of each of its linears.
@@ -230,7 +240,7 @@ def layer_input_hessians(layer: nn.Module, h: mx.array, batch: int = 4,
                      for path, m in _switch_targets(layer)})
     layer.update_modules(tree_unflatten(list(caps.items())))
     try:
-        run_layer(layer, h, batch)
+        _capture_pass(layer, h, batch)
     finally:
         layer.update_modules(tree_unflatten([(p, c.inner) for p, c in caps.items()]))
     return {p: c.stats() for p, c in caps.items()}

@@ -59,3 +59,21 @@ def test_inputs_shared_on_one_batch_only_is_an_error():
 
     with pytest.raises(DupqError, match="shared an input on one batch but not on another"):
         layer_input_hessians(Odd(), mx.random.normal((4, 3, 8)), batch=2)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_capture_pass_skips_only_unused_work(monkeypatch, model_type):
+    """The capture pass never evaluates the layer's output (mlx skips what feeds no captured input,
+    e.g. down_proj's matmul): the statistics equal, bit for bit, those of a pass that evaluates it."""
+    from mlx_dupq import input_stats
+
+    model, cfg = build_model(model_type)
+    layer = model.model.layers[0]
+    h = mx.random.normal((3, 10, cfg["hidden_size"]), key=mx.random.key(2))
+    lazy = layer_input_hessians(layer, h, batch=2)
+    monkeypatch.setattr(input_stats, "_capture_pass", lambda layer, h, batch: run_layer(layer, h, batch))
+    full = layer_input_hessians(layer, h, batch=2)
+    assert set(lazy) == set(full)
+    for p in lazy:
+        assert mx.array_equal(lazy[p].hessian, full[p].hessian).item(), p
+        assert mx.array_equal(lazy[p].mean_abs, full[p].mean_abs).item(), p

@@ -9,8 +9,9 @@ GPTQ minimises it greedily:
    non-zero activation) get ``H_jj = mean(diag H)`` so ``H`` stays invertible. Their weights are
    *kept* (rounded to nearest, no error feedback since their row/column of ``H`` is zero) rather
    than zeroed: a channel silent in calibration is not necessarily silent at run time.
-2. ``U = chol(H^-1)`` upper triangular (mlx's CPU LAPACK in float32; if the factor is not positive
-   definite the damping is raised 10x, up to :data:`MAX_DAMP_TRIES` times, else DupqError).
+2. ``U = chol(H^-1)`` upper triangular, computed as ``J L^-1 J`` from the Cholesky factor ``L`` of
+   the reversed ``J H J`` (mlx's CPU LAPACK in float32; if the factor is not positive definite the
+   damping is raised 10x, up to :data:`MAX_DAMP_TRIES` times, else DupqError).
 3. columns in order (``act_order``: by ``diag H`` descending); column ``j`` is rounded to the
    nearest level of its group's stored grid, ``e = (w_j - q_j) / U_jj`` and the remaining columns
    receive ``w_k -= e * U_jk``. Updates inside a block of ``block_size`` columns are immediate,
@@ -44,7 +45,9 @@ work: only the grid differs.
 Speed (Qwen2.5's down_proj, 896 x 4864): the column loop runs in numpy (one block transposed, so
 a column is a contiguous row; per-column mlx ops cost more in dispatch than in arithmetic) over
 row chunks that stay in cache, with the same float32 operations as the mlx loop it replaced
-(tests/test_gptq_fast.py: bit-identical codes).
+(tests/test_gptq_fast.py: bit-identical codes). ``U`` takes one Cholesky and one triangular
+inverse (it took a Cholesky, ``cholesky_inv`` and a second Cholesky): the same matrix up to float32
+rounding, which moves a few codes (tests/test_gptq_fast.py).
 """
 
 from __future__ import annotations
@@ -230,21 +233,24 @@ def _group_now(W1: np.ndarray, tail: mx.array, E: np.ndarray, U: mx.array, pos: 
 
 
 def _inverse_cholesky(H: np.ndarray, diag: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of ``(H + damping)^-1``: (n, n) -> (n, n) float32 (see module doc)."""
+    """Upper Cholesky factor of ``(H + damping)^-1``: (n, n) -> (n, n) float32 (see module doc).
+
+    With ``J`` the reversal and ``J (H + damping) J = L L^T``, ``U = J L^-1 J`` is upper triangular
+    with ``U^T U = (H + damping)^-1``: one Cholesky and one triangular inverse (mlx's CPU LAPACK).
+    """
     n = H.shape[0]
-    H = mx.array(H)
     live = diag > 0
     mean_diag = float(diag[live].mean()) if live.any() else 1.0
-    fix = np.where(live, 0.0, mean_diag).astype(np.float32)
-    H = H + mx.diag(mx.array(fix))
-    eye = mx.eye(n, dtype=mx.float32)
+    fixed = np.diagonal(H) + np.where(live, 0.0, mean_diag).astype(np.float32)
+    Hr = np.ascontiguousarray(H[::-1, ::-1])
     d = damp
     for _ in range(MAX_DAMP_TRIES):
-        L = mx.linalg.cholesky(H + (d * mean_diag) * eye, stream=mx.cpu)
-        U = mx.linalg.cholesky(mx.linalg.cholesky_inv(L, stream=mx.cpu), upper=True, stream=mx.cpu)
-        ok = mx.all(mx.isfinite(L)) & mx.all(mx.isfinite(U)) & (mx.min(mx.diagonal(L)) > 0) & (mx.min(mx.diagonal(U)) > 0)
+        np.fill_diagonal(Hr, (fixed + np.float32(d * mean_diag))[::-1])
+        L = mx.linalg.cholesky(mx.array(Hr), stream=mx.cpu)
+        Linv = mx.linalg.tri_inv(L, upper=False, stream=mx.cpu)
+        ok = mx.all(mx.isfinite(Linv)) & (mx.min(mx.diagonal(L)) > 0) & (mx.min(mx.diagonal(Linv)) > 0)
         if ok.item():
-            return np.array(U)
+            return np.ascontiguousarray(np.array(Linv)[::-1, ::-1])
         d = max(d * 10, 1e-4)
     raise DupqError(
         f"the Hessian is not positive definite even with damping {d / 10:g}; "

@@ -1,13 +1,15 @@
 """The numpy GPTQ (mlx_dupq.quant.gptq) against the straightforward mlx implementation it replaced
-(tests/gptq_reference.py: per-column mlx ops, chol -> cholesky_inv -> chol).
+(tests/gptq_reference.py: per-column mlx ops, chol -> cholesky_inv -> chol, mlx gemm Hessian).
 
 - the column loop is bit-identical: with the reference's inverse Cholesky, codes, scales and
   biases are equal for every mode (act-order, static/dynamic groups, ragged blocks, rows in
   chunks, zero scales, dead inputs);
 - the inverse Cholesky (one Cholesky of the reversed H and one triangular inverse instead of
   chol -> cholesky_inv -> chol) changes float rounding only: U agrees to float32 precision and
-  solves ``U^T U (H + damping) = I`` no worse than the reference, damping retries included; end to
-  end the output error is within 0.5 % of the reference's with >= 99 % of codes identical.
+  solves ``U^T U (H + damping) = I`` no worse than the reference, damping retries included;
+- the Hessian summed with numpy's ``x.T @ x`` (BLAS syrk) equals mlx's gemm sum to float32 rounding;
+- end to end (both changes) the output error is within 0.5 % of the reference's with >= 99 % of
+  codes identical.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def test_inverse_cholesky_raises_damping_like_the_reference():
     new = gptq._inverse_cholesky(H, diag, 0.01)
     old = _old_u(H, diag, 0.01)
     assert np.abs(new - old).max() <= 2e-4 * np.abs(old).max()
+
+
+def test_syrk_hessian_matches_gemm():
+    x = mx.random.normal((3, 300, 200), key=mx.random.key(41)) * mx.linspace(0.1, 5, 200)
+    acc = gptq.HessianAccumulator(200)
+    for b in x:
+        acc.add(b)
+    got, want = np.array(acc.finalize()), np.array(reference_hessian(list(x)))
+    assert np.array_equal(got, got.T)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(2, 64), QuantSpec(3, 128), QuantSpec(1.58, 128, True)], ids=lambda s: s.label())

@@ -46,7 +46,8 @@ Speed (Qwen2.5's down_proj, 896 x 4864): the column loop runs in numpy (one bloc
 a column is a contiguous row; per-column mlx ops cost more in dispatch than in arithmetic) over
 row chunks that stay in cache, with the same float32 operations as the mlx loop it replaced
 (tests/test_gptq_fast.py: bit-identical codes). ``U`` takes one Cholesky and one triangular
-inverse (it took a Cholesky, ``cholesky_inv`` and a second Cholesky): the same matrix up to float32
+inverse (it took a Cholesky, ``cholesky_inv`` and a second Cholesky) and the Hessian is summed with
+BLAS ``syrk`` (:class:`HessianAccumulator`): both agree with the previous way up to float32
 rounding, which moves a few codes (tests/test_gptq_fast.py).
 """
 
@@ -74,30 +75,32 @@ def hessian_from_activations(x: mx.array) -> mx.array:
 
 
 class HessianAccumulator:
-    """Streams calibration batches into ``E[x x^T]``: ``add(x (..., in))`` any number of times, then ``finalize()``."""
+    """Streams calibration batches into ``E[x x^T]``: ``add(x (..., in))`` any number of times, then ``finalize()``.
+
+    The running sum is a numpy float32 array: numpy's ``x.T @ x`` on one buffer is BLAS ``syrk``,
+    which computes one triangle (half the flops of mlx's general matmul)."""
 
     def __init__(self, in_features: int):
         self.in_features = int(in_features)
-        self.total = mx.zeros((self.in_features, self.in_features), dtype=mx.float32)
+        self.total = np.zeros((self.in_features, self.in_features), dtype=np.float32)
         self.tokens = 0
 
     def add(self, x: mx.array) -> None:
-        """Add a batch x (..., in); the running sum is evaluated so memory stays at one (in, in)."""
+        """Add a batch x (..., in); memory stays at one (in, in) sum plus the batch."""
         if x.shape[-1] != self.in_features:
             raise DupqError(
                 f"activation batch has {x.shape[-1]} features, the accumulator expects {self.in_features}; "
                 "feed the inputs of one linear layer only"
             )
-        xf = x.reshape(-1, self.in_features).astype(mx.float32)
-        self.total = self.total + xf.T @ xf
+        xf = np.asarray(x.reshape(-1, self.in_features).astype(mx.float32))
+        self.total += xf.T @ xf
         self.tokens += xf.shape[0]
-        mx.eval(self.total)
 
     def finalize(self) -> mx.array:
         """(in, in) float32 mean of ``x x^T`` over every token added."""
         if self.tokens == 0:
             raise DupqError("no calibration activations were added; run the calibration pass before finalize()")
-        return self.total / self.tokens
+        return mx.array(self.total / np.float32(self.tokens))
 
 
 def gptq_quantize(

@@ -90,8 +90,12 @@ class KernelWeights:
         self.group_size, self.bits = group_size, bits
 
 
-def kernel_weights(arrays: dict[str, mx.array], entry: dict) -> KernelWeights | None:
-    """Stored dupq arrays -> kernel arrays (see module doc), or None when no kernel layout exists."""
+def kernel_weights(arrays: dict[str, mx.array], entry: dict, codes: tuple[mx.array, int] | None = None
+                   ) -> KernelWeights | None:
+    """Stored dupq arrays -> kernel arrays (see module doc), or None when no kernel layout exists.
+
+    codes: ``(weight, bits)`` kernel codes already derived from ``arrays["weight"]`` (reused as they
+    are: only the scales and offsets are derived, e.g. when training changes the scales alone)."""
     spec = spec_of(entry)
     shape = tuple(entry["shape"])
     *lead, n = shape
@@ -101,7 +105,9 @@ def kernel_weights(arrays: dict[str, mx.array], entry: dict) -> KernelWeights | 
         return None
     scales = arrays["scales"]
     biases = symmetric_offsets(scales, spec.levels) if spec.symmetric else arrays["biases"]
-    if spec.ternary:
+    if codes is not None:
+        weight, bits = codes
+    elif spec.ternary:
         weight, bits = pack_bits(unpack_trits(arrays["weight"], n), 2), 2
     else:
         weight, bits = arrays["weight"], int(spec.bits)
@@ -145,11 +151,17 @@ class _DupqBase(nn.Module):
         return {k: self[k] for k in ("weight", "scales", "biases") if k in self}
 
     def _kernel(self) -> KernelWeights | None:
-        """Kernel arrays for the current stored arrays (rebuilt when a stored array changes)."""
+        """Kernel arrays for the current stored arrays (rebuilt when a stored array changes; when only
+        the scales / offsets changed -- each step of training them -- the kernel codes are kept, so a
+        ternary layer's codes are not re-encoded from base 3 again)."""
         stored = self._stored()
         cache = self._cache
         if cache is not None and all(cache[0].get(k) is v for k, v in stored.items()):
             return cache[1]
+        if cache is not None and cache[1] is not None and cache[0].get("weight") is stored["weight"]:
+            k = kernel_weights(stored, self.entry, codes=(cache[1].weight, cache[1].bits))
+            object.__setattr__(self, "_cache", (stored, k))
+            return k
         k = kernel_weights(stored, self.entry)
         if k is not None and self.spec.ternary:
             mx.eval(k.weight, k.scales, k.biases)

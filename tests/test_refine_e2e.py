@@ -520,3 +520,84 @@ def test_restart_with_other_lr_reuses_the_interrupted_runs_targets(e2e_env, tmp_
     n_other = computed(lambda p: distill_pack(pack, src, small_spec(text, top_k=32, steps=2), out=tmp_path / "q",
                                               progress=p))
     assert n_other >= 16
+
+
+# --------------------------------------------------------------------------- unpacked codes (speed)
+
+
+def _loss_and_grads(model, x, fn):
+    params = {k: v.astype(mx.float32) for k, v in tree_flatten(model.trainable_parameters())}
+
+    def f(p):
+        model.update(tree_unflatten(list(p.items())))
+        return fn(model, x)
+
+    loss, grads = mx.value_and_grad(f)(params)
+    mx.eval(loss, grads)
+    return loss, grads
+
+
+def _same_with_unpacked_codes(model, x, fn):
+    from mlx_dupq.refine.train_codes import CODES, unpack_codes
+
+    plain = _loss_and_grads(model, x, fn)
+    restore = unpack_codes(model)
+    assert any(hasattr(m, CODES) for _, m in model.named_modules())
+    fast = _loss_and_grads(model, x, fn)
+    restore()
+    assert not any(hasattr(m, CODES) for _, m in model.named_modules())
+    again = _loss_and_grads(model, x, fn)
+    for name, other in (("fast", fast), ("again", again)):  # bit for bit: same weights, loss, gradients
+        assert mx.array_equal(plain[0], other[0]), (name, plain[0], other[0])
+        assert plain[1].keys() == other[1].keys()
+        assert all(mx.array_equal(plain[1][k], other[1][k]) for k in plain[1]), plain[1].keys()
+
+
+@pytest.mark.parametrize("which", ["w2", "w2ch"])
+def test_unpacked_codes_give_the_same_loss_and_gradients(e2e_env, which):
+    """The training fast path (codes unpacked once, ``codes * s + b``) against the plain dense path
+    (``mx.dequantize`` of the packed codes) on a tiny pack: identical loss and gradients."""
+    src, w2, w2ch, text = e2e_env
+    model, tok = load(w2 if which == "w2" else w2ch)
+    mark_trainable(model, ("scales", "biases", "norms"))
+    ids = mx.array(tok.encode(TEXT)[:65])[None]
+    t_logp = nn.log_softmax(mx.random.normal((1, 64, model.args.vocab_size), key=mx.random.key(3)), axis=-1)
+    t_idx = mx.argpartition(t_logp, kth=-16, axis=-1)[..., -16:]
+    t_logp = mx.take_along_axis(t_logp, t_idx, axis=-1)
+    _same_with_unpacked_codes(model, ids[:, :-1], lambda m, x: kl_loss(m, x, t_logp, t_idx, 1.0))
+
+
+@pytest.mark.parametrize("bits, group", [(1.58, 128), (2, 256), (3, 64)])
+def test_unpacked_codes_dupq_layers_and_tied_head(bits, group):
+    """DupqLinear (ternary re-encoded to 2-bit kernel codes, grouped wider than the kernel) and a
+    DupqEmbedding's lookup + tied head: same loss and gradients; training the scales keeps the
+    kernel codes (a ternary layer is not re-encoded every step)."""
+    spec = QuantSpec(bits=bits, group_size=group, symmetric=bits == 1.58)
+    arrays, entry = quantize_tensor(mx.random.normal((48, 512), key=mx.random.key(0)) * 0.05, spec, dtype=mx.float32)
+    lin = build_module("linear", (48, 512), entry)
+    lin.load_weights(list(arrays.items()))
+    e_arrays, e_entry = quantize_tensor(mx.random.normal((40, 512), key=mx.random.key(5)), spec, dtype=mx.float32)
+    emb = build_module("embedding", (40, 512), e_entry)
+    emb.load_weights(list(e_arrays.items()))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.emb = lin, emb
+
+        def __call__(self, ids):
+            h = self.emb(ids)
+            return self.emb.as_linear(h + self.lin(h).sum(-1, keepdims=True))
+
+    m = M()
+    use_dense_prefill(m)  # mlx-format layers as the loader gives them
+    mark_trainable(m, ("scales", "biases"))
+    ids = mx.array(np.random.default_rng(0).integers(0, 40, (2, 24)).astype(np.int32))
+    r = mx.random.normal((2, 24, 40), key=mx.random.key(7))
+    _same_with_unpacked_codes(m, ids, lambda mod, x: (mod(x) * r).sum())
+    if entry["format"] == "dupq":
+        codes = lin._kernel().weight
+        lin.update({"scales": lin["scales"] * 1.5})
+        k = lin._kernel()
+        assert k.weight is codes
+        assert mx.array_equal(k.scales, mx.repeat(lin["scales"], group // k.group_size, axis=-1))

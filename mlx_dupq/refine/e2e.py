@@ -68,6 +68,7 @@ from ..io.loader import load, load_model
 from ..layers.act_quant import ActQuantInput
 from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
 from .e2e_spec import E2ESpec
+from .train_codes import unpack_codes
 
 QUANT_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, DupqLinear, DupqEmbedding,
                  DupqSwitchLinear)
@@ -467,6 +468,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     if spec.grad_checkpoint and hasattr(student, "layers") and len(student.layers):
         saved_call = type(student.layers[0]).__call__
         grad_checkpoint(student.layers[0])
+    restore_codes = unpack_codes(student)  # the dense matmuls rebuild weights from unpacked codes (same values)
     try:
         if state is not None:
             state, params, best = _load_ckpt(work, params, opt)
@@ -522,6 +524,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
             v_after = state["valid_before"]
         student.update(tree_unflatten(list(final.items())))
     finally:
+        restore_codes()
         if saved_call is not None:
             type(student.layers[0]).__call__ = saved_call
     result = E2EResult(out=out, valid_kl_before=state["valid_before"], valid_kl_after=v_after,

@@ -7,6 +7,11 @@ script times an older checkout: the "before" of a speed change) for STEPS (defau
 256-token ``mix:calib`` window, validation on one window before and after; records each step's wall
 and CPU seconds (this process, all threads) the peak RSS and the load average, and appends a row to OUT.json
 (rows of other LABELs are kept). The output pack goes to a temporary directory and is deleted.
+Wall times on the shared 2 cores depend on the others' load: compare the CPU seconds.
+
+Small pack (SmolLM2-135M, 3-bit RTN, ternary embedding = tied head; 15 s to make):
+
+    mlx-dupq convert smollm2-135m -o /tmp/e2espeed/pack --recipe bench/e2e_stepspeed_rtn3t.toml --force
 """
 
 from __future__ import annotations

@@ -126,21 +126,32 @@ def refine(
     pack: Path = typer.Argument(..., help="The pack to refine (made by `mlx-dupq convert`)."),
     teacher: str = typer.Option(..., "--teacher", "-t", help="The float model the pack came from. " + MODEL_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Refined pack directory (default: PACK in place)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps \\[default: 100]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate \\[default: 1e-4]."),
-    lr_per_scale: bool = typer.Option(False, "--lr-per-scale", help="--lr is in units of the pack's median |scale| "
-                                      "(what convert --bpw uses: 5e-4)."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Training windows \\[default: 64]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps \\[default: convert --bpw's, 80]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate \\[default: convert --bpw's, 5e-4 "
+                                       "relative to each group's |scale|]."),
+    relative: Optional[bool] = typer.Option(None, "--relative/--absolute", help="--lr relative to each group's "
+                                            "initial |scale| (a fraction of a quantization step) or in absolute "
+                                            "units, as mlx-lm's DWQ \\[default: relative]."),
+    lr_per_scale: bool = typer.Option(False, "--lr-per-scale", help="--lr in units of the pack's median |scale| "
+                                      "(one step size for every group; implies --absolute)."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Training windows \\[default: steps x batch, "
+                                          "each seen once]."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window \\[default: 256]."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step, split across processes \\[default: 4]."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step, split across processes \\[default: 1]."),
     trainable: Optional[str] = typer.Option(None, "--trainable", help="Any of scales,biases,norms \\[default: scales,biases]."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text: a :calib set or a file \\[default: mix:calib]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
 ):
-    """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed)."""
-    distill_pack, E2ESpec = lib("distill_pack", "E2ESpec")
-    spec = E2ESpec().replace(steps=steps, lr=lr, samples=samples, seq_len=seq_len, batch=batch,
-                             trainable=trainable, data=data, lr_per_scale=lr_per_scale or None)
+    """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed).
+
+    The defaults are the end-to-end stage of `convert --bpw` (the settings measured best, docs/e2e.md)."""
+    distill_pack, E2ESpec, e2e_defaults = lib("distill_pack", "E2ESpec", "E2E_DEFAULTS")
+    base = dict(e2e_defaults)
+    if lr_per_scale:
+        relative = False
+    spec = E2ESpec.from_dict(base).replace(steps=steps, lr=lr, relative=relative, seq_len=seq_len, batch=batch,
+                                           trainable=trainable, data=data, lr_per_scale=lr_per_scale or None)
+    spec = spec.replace(samples=samples if samples is not None else max(spec.steps, 1) * spec.batch)
     with training_bar() as cb:
         res = distill_pack(pack, teacher, spec, out=output, resume=resume, progress=cb)
     out.print(f"[green]wrote[/green] {res.out}  validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "

@@ -115,8 +115,17 @@ def test_cli_refine_errors_are_one_line(e2e_env, tmp_path, monkeypatch, capsys):
     code, _, err = run(monkeypatch, capsys, "refine", src, "--teacher", src, "-o", out, "--data", text)
     assert_one_line_error(code, err, "not an mlx-dupq pack")
     assert not out.exists() and not (tmp_path / "out.e2e-work").exists()
-    code, o, err = run(monkeypatch, capsys, *base, "--steps", "2", "--samples", "8", "--seq-len", "32", "--batch", "4")
+    code, o, err = run(monkeypatch, capsys, *base, "--steps", "2", "--seq-len", "32", "--batch", "4")
     assert code == 0 and "validation KL" in o and (out / "config.json").exists(), err
+    opts = json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]["options"]
+    from mlx_dupq.auto import E2E_DEFAULTS  # refine's defaults are convert --bpw's e2e stage
+
+    assert opts["relative"] is True and opts["lr"] == E2E_DEFAULTS["lr"] and opts["samples"] == 2 * 4
+    out2 = tmp_path / "out2"
+    code, o, err = run(monkeypatch, capsys, "refine", pack, "--teacher", src, "-o", out2, "--data", text, "--steps",
+                       "1", "--seq-len", "32", "--lr", "1e-5", "--absolute")
+    opts = json.loads((out2 / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]["options"]
+    assert code == 0 and opts["relative"] is False and opts["lr"] == 1e-5 and opts["samples"] == 1, err
 
 
 # --------------------------------------------------------------------------- gradients

@@ -6,7 +6,9 @@
 
 Rows (each converted and evaluated in its own child process, so its peak RSS is its own):
   reference                 the float model (fp32)
-  mlxlm:...                 as in ``bench/w2_compare.py`` (``mlxlm:rtn:2:64``: mlx-lm RTN 2-bit g64)
+  mlxlm:...                 as in ``bench/w2_compare.py`` (``mlxlm:rtn:2:64``: mlx-lm RTN 2-bit g64;
+                            ``mlxlm:dwq:2:64:80 --calib mix:calib --dwq-windows e2e``: mlx-lm's DWQ on the
+                            same tokens as the e2e stage of ``convert --bpw``)
   dupq:RECIPE               a recipe as shipped
   dupq:RECIPE+block         that recipe with ``[refine.block]`` = ``--block`` (JSON; defaults otherwise)
   auto:B                    ``mlx-dupq convert --bpw B`` (:func:`mlx_dupq.auto.plan_auto`; ``--e2e-steps N``
@@ -77,6 +79,14 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
     """Convert (when needed) and evaluate one row; runs in the child process."""
     entry: dict = {"row": row}
     t0 = time.time()
+    plain_call = nn.QuantizedLinear.__call__
+
+    def prefill_call(self, x):  # CPU prefill for mlx-lm's packs (the packed kernel for anything else:
+        # DensePrefillQuantizedLinear's own fallback is super().__call__, which is this patch itself)
+        if self.mode == "affine" and _dense(x, self):
+            return DensePrefillQuantizedLinear.__call__(self, x)
+        return plain_call(self, x)
+
     parts = row.split(":", 1)
     if row == "reference":
         path = float_dir
@@ -122,20 +132,13 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
             res = distill_pack(base, float_dir, spec, out=path, progress=log, teacher_name=args.model)
             entry.update(method=f"mlx-dupq e2e stage of convert --bpw on {parts[1]}", base=str(base),
                          e2e_choice=dataclasses.asdict(choice), e2e=res.to_dict())
-        else:
+        else:  # mlx-lm's own passes (DWQ's training) with the CPU prefill, as in w2_compare (same numbers)
+            nn.QuantizedLinear.__call__ = prefill_call
             entry.update(mlxlm_row(parts[1].split(":"), float_dir, path, args), method=f"mlx-lm {parts[1]}")
         entry["convert_seconds"] = time.time() - t0
         cfg = json.loads((path / "config.json").read_text()).get("mlx_dupq", {})
         if "refine" in cfg:
             entry["refine"] = cfg["refine"]
-    plain_call = nn.QuantizedLinear.__call__
-
-    def prefill_call(self, x):  # CPU prefill for mlx-lm's packs (the packed kernel for anything else:
-        # DensePrefillQuantizedLinear's own fallback is super().__call__, which is this patch itself)
-        if self.mode == "affine" and _dense(x, self):
-            return DensePrefillQuantizedLinear.__call__(self, x)
-        return plain_call(self, x)
-
     nn.QuantizedLinear.__call__ = prefill_call
     if row != "reference":
         n_params = sum(v.size for _, v in tree_flatten(load(str(float_dir))[0].parameters()))
@@ -168,6 +171,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dwq-lr", type=float, default=1e-5)
+    ap.add_argument("--dwq-windows", choices=("calib", "e2e"), default="calib",
+                    help="mlxlm:dwq rows' data: --calib-samples windows of --calib (calib) or the e2e stage's windows of --calib (e2e)")
     ap.add_argument("--e2e-steps", type=int, default=None, help="auto:B / refine:ROW rows: e2e steps (0 skips)")
     ap.add_argument("--e2e-lr", type=float, default=None, help="refine:ROW rows: the e2e stage's lr in absolute units (default: convert --bpw's, relative to each group's |scale|)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dupq-learned"))

@@ -17,7 +17,9 @@ Row kinds:
   mlxlm:awq:B:G:EB:EG[:N]   ``mlx_lm.quant.awq.awq_quantize``: linears B-bit AWQ, embedding/lm_head EB-bit
                             (N: calibration sequences for this row, when the CPU cannot afford them all)
   mlxlm:dwq:B:G:STEPS       ``mlx_lm.quant.dwq.dwq_quantize``: B-bit RTN, then STEPS distillation steps on
-                            the quantization scales/biases (float model as teacher)
+                            the quantization scales/biases (float model as teacher, its temperature 2);
+                            ``--dwq-windows e2e``: on the windows of ``--calib`` the e2e stage of
+                            ``convert --bpw`` trains and validates on (STEPS x 1 x 256 tokens, 4 held out)
 
 mlx-lm's calibrated methods get the same calibration tokens as ours (``--calib``, default
 ``brown:calib``, disjoint from ``brown:eval``; ``--calib-samples`` x ``--calib-len``), not the
@@ -50,7 +52,7 @@ from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
 from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import load  # noqa: E402
 from mlx_dupq.io.source import open_source, write_hf_dir  # noqa: E402
-from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear  # noqa: E402
+from mlx_dupq.layers.cpu import DensePrefillQuantizedLinear, use_dense_prefill  # noqa: E402
 from mlx_dupq.pipeline import convert  # noqa: E402
 from rtn_table import evaluate, weight_bits  # noqa: E402  (bench/, same protocol)
 
@@ -77,6 +79,38 @@ def _calib(tok, args, samples: int | None = None) -> mx.array:
     return calibration_batches(tok, load_text(args.calib), samples or args.calib_samples, args.calib_len, seed=0)
 
 
+def _dwq_windows(tok, args, steps: int) -> tuple[list, list, int, int, dict]:
+    """DWQ's (train, valid, batch, max_seq_length, record) for ``--dwq-windows``:
+
+    ``calib``: ``steps`` x 2 training + 4 validation windows of ``--calib-len`` tokens drawn from
+    ``--calib`` like the other calibrated rows (at most ``--calib-samples`` in all), batch 2;
+    ``e2e``: the very windows the e2e stage of ``convert --bpw`` trains and validates on
+    (:data:`mlx_dupq.auto.E2E_DEFAULTS` with ``steps`` steps, text ``--calib``: disjoint windows of
+    seq_len + 1 tokens, seed 0), batch as that stage's; each window feeds seq_len tokens (DWQ drops
+    the last), so the token budget is the stage's."""
+    if args.dwq_windows == "e2e":
+        from mlx_dupq.auto import _e2e
+        from mlx_dupq.eval.data import tokenize
+        from mlx_dupq.refine.e2e import calibration_windows
+        from mlx_dupq.refine.e2e_spec import E2ESpec
+
+        opts, _ = _e2e(steps)
+        spec = E2ESpec.from_dict(dict(opts, data=args.calib))
+        train_w, valid_w = calibration_windows(tokenize(tok, load_text(args.calib)), spec)
+        train, valid = [(w.tolist(), 0) for w in train_w], [(w.tolist(), 0) for w in valid_w]
+        return train, valid, spec.batch, spec.seq_len + 1, {
+            "windows": "e2e", "calib": args.calib, "seq_len": spec.seq_len, "seed": spec.seed,
+            "train_windows": len(train), "valid_windows": len(valid),
+            "train_tokens": len(train) * spec.seq_len, "valid_tokens": len(valid) * spec.seq_len}
+    data = _calib(tok, args)
+    n = min(steps * 2 + 4, len(data))
+    rows = [(data[i].tolist(), 0) for i in range(n)]
+    return rows[4:], rows[:4], 2, args.calib_len, {
+        "windows": "calib", "calib": args.calib, "seq_len": args.calib_len - 1,
+        "train_windows": n - 4, "valid_windows": 4,
+        "train_tokens": (n - 4) * (args.calib_len - 1), "valid_tokens": 4 * (args.calib_len - 1)}
+
+
 def mlxlm_row(kind: list[str], float_dir: Path, out: Path, args) -> dict:
     """Build an mlx-lm quantized model for ``kind`` (see the module docstring) into ``out``."""
     method = kind[0]
@@ -91,7 +125,8 @@ def mlxlm_row(kind: list[str], float_dir: Path, out: Path, args) -> dict:
                     quant_predicate=method)
         return {"predicate": method, "group_size": 64}
     model, tok, config = _mlx_load(float_dir)
-    data = _calib(tok, args, int(kind[5]) if method == "awq" and len(kind) > 5 else None)
+    if method != "dwq":
+        data = _calib(tok, args, int(kind[5]) if method == "awq" and len(kind) > 5 else None)
     if method == "gptq":
         from mlx_lm.quant.gptq import gptq_quantize
 
@@ -108,25 +143,28 @@ def mlxlm_row(kind: list[str], float_dir: Path, out: Path, args) -> dict:
         info = {"bits": b, "group_size": g, "embed_bits": eb, "embed_group_size": eg, "calib_samples": int(data.shape[0])}
     elif method == "dwq":
         import copy
+        import inspect
 
         import mlx.optimizers as optim
         from mlx_lm.quant.dwq import dwq_quantize
         from mlx_lm.utils import quantize_model
 
         b, g, steps = int(kind[1]), int(kind[2]), int(kind[3])
+        if steps < 1:
+            raise SystemExit(f"mlxlm:dwq needs STEPS >= 1 (got {steps})")
         q_model = copy.deepcopy(model)
         _, config = quantize_model(q_model, config, group_size=g, bits=b)
-        n = min(steps * 2 + 4, len(data))
-        rows = [(data[i].tolist(), 0) for i in range(n)]
-        train, valid = rows[4:], rows[:4]
+        use_dense_prefill(q_model)  # the tied head (QuantizedEmbedding.as_linear) too; same numbers
+        train, valid, batch, max_len, windows = _dwq_windows(tok, args, steps)
 
         def target_fn(batch, idx, split):
             return model(batch)
 
         dwq_quantize(q_model, target_fn, optim.Adam(learning_rate=args.dwq_lr, bias_correction=True), train, valid,
-                     batch_size=2, max_seq_length=args.calib_len, seed=0, dtype=mx.float32)
+                     batch_size=batch, max_seq_length=max_len, seed=0, dtype=mx.float32)
         model = q_model
-        info = {"bits": b, "group_size": g, "steps": len(train) // 2, "lr": args.dwq_lr}
+        info = {"bits": b, "group_size": g, "steps": len(train) // batch, "lr": args.dwq_lr, "batch": batch,
+                "temperature": inspect.signature(dwq_quantize).parameters["temperature"].default, **windows}
     else:
         raise SystemExit(f"unknown mlx-lm method {method!r}")
     _mlx_save(out, float_dir, model, tok, config)
@@ -144,6 +182,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dwq-lr", type=float, default=1e-5)
+    ap.add_argument("--dwq-windows", choices=("calib", "e2e"), default="calib",
+                    help="mlxlm:dwq rows' data: --calib-samples windows of --calib (calib) or the e2e stage's windows of --calib (e2e)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dupq-w2"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

@@ -134,3 +134,54 @@ def test_the_writer_runs_without_mlx(tmp_path):
     assert r.returncode == 0, r.stderr
     machine = json.loads((tmp_path / "r.json").read_text())["machine"]
     assert machine["mlx"] is None and machine["device"] is None and machine["cpu"] and machine["python"]
+
+
+def _bench_module(name: str, monkeypatch):
+    """bench/NAME.py imported in this process (no BLAS restart; bench/ on the path for its siblings)."""
+    import importlib.util
+
+    monkeypatch.setenv("MLX_DUPQ_NO_PRELOAD", "1")
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dwq_e2e_windows_are_the_e2e_stages_tokens(tmp_path, monkeypatch):
+    """``mlxlm:dwq`` with ``--dwq-windows e2e`` trains and validates on the very windows (and token budget)
+    the e2e stage of ``convert --bpw`` uses: the same train/valid windows, batch and seq_len tokens per window."""
+    import argparse
+
+    import numpy as np
+    from mlx_lm.tuner.trainer import iterate_batches
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dupq.auto import _e2e
+    from mlx_dupq.eval.data import load_text, tokenize
+    from mlx_dupq.refine.e2e import calibration_windows
+    from mlx_dupq.refine.e2e_spec import E2ESpec
+    from mlx_dupq.testing import make_tokenizer
+
+    w2 = _bench_module("w2_compare", monkeypatch)
+    make_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    words = ["alpha", "brown", "fox", "quick", "lazy", "dog", "hello", "world", "tiny", "corpus", "sea", "code"]
+    rng = np.random.default_rng(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(rng.choice(words, size=20000)))
+    args = argparse.Namespace(calib=str(text), dwq_windows="e2e", calib_samples=16, calib_len=512)
+    train, valid, batch, max_len, rec = w2._dwq_windows(tok, args, 5)
+
+    opts, _ = _e2e(5)
+    spec = E2ESpec.from_dict(dict(opts, data=str(text)))
+    want_t, want_v = calibration_windows(tokenize(tok, load_text(str(text))), spec)
+    assert [t for t, _ in train] == want_t.tolist() and [t for t, _ in valid] == want_v.tolist()
+    assert (len(train), len(valid), batch) == (5 * spec.batch, spec.valid_samples, spec.batch)
+    assert rec["train_tokens"] == len(train) * spec.seq_len and rec["valid_tokens"] == len(valid) * spec.seq_len
+    # what dwq_quantize does with them: batch[:, :-1] in, positions with arange(1, L + 1) < length scored
+    for b, lengths in iterate_batches(train, batch, max_len, seed=0):
+        x = b[:, :-1]
+        scored = int((np.arange(1, 1 + x.shape[1])[None] < np.array(lengths)[:, 1:]).sum())
+        assert x.shape == (spec.batch, spec.seq_len) and scored == spec.batch * spec.seq_len
+

@@ -184,10 +184,13 @@ def summary_points() -> tuple[dict, list[dict]]:
                     ev = (x.get("eval") or {}).get(SUMMARY_PROTOCOL[0])
                     if not ev or "bits_per_weight" not in x:
                         continue
-                    row = x["row"].replace("refine:auto:", "--bpw ", 1).replace("auto:", "--bpw ", 1)
-                    label = row + (" + e2e" if x["row"].startswith("refine:") else "")
-                    x = {**x, "ppl": ev["ppl"], "tokens": ev.get("tokens"), "row": "dupq:" + x["row"],
-                         "method": "mlx-dupq " + label}
+                    if x["row"].startswith("mlxlm:"):  # mlx-lm's own rows ("mlx-lm dwq:2:64:80") stay mlx-lm's
+                        x = {**x, "ppl": ev["ppl"], "tokens": ev.get("tokens")}
+                    else:
+                        row = x["row"].replace("refine:auto:", "--bpw ", 1).replace("auto:", "--bpw ", 1)
+                        label = row + (" + e2e" if x["row"].startswith("refine:") else "")
+                        x = {**x, "ppl": ev["ppl"], "tokens": ev.get("tokens"), "row": "dupq:" + x["row"],
+                             "method": "mlx-dupq " + label}
                 if "ppl" not in x:
                     continue
                 label = str(x.get("row") or x.get("recipe") or x.get("method"))

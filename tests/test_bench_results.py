@@ -185,3 +185,19 @@ def test_dwq_e2e_windows_are_the_e2e_stages_tokens(tmp_path, monkeypatch):
         scored = int((np.arange(1, 1 + x.shape[1])[None] < np.array(lengths)[:, 1:]).sum())
         assert x.shape == (spec.batch, spec.seq_len) and scored == spec.batch * spec.seq_len
 
+
+def test_summary_keeps_mlx_lm_rows_of_a_learned_file(tmp_path, monkeypatch):
+    """bench/learned.py's multi-text files hold mlx-lm rows (``mlxlm:dwq:...``) beside ours: the summary counts
+    them as mlx-lm's, the others as mlx-dupq's."""
+    rt = _bench_module("render_tables", monkeypatch)
+    ev = lambda p: {"brown:eval": {"ppl": p, "tokens": 2044}, "code:eval": {"ppl": p / 10, "tokens": 2044}}  # noqa: E731
+    rows = [{"row": "reference", "bits_per_weight": 32.0, "eval": ev(40.0)},
+            {"row": "mlxlm:dwq:2:64:80", "method": "mlx-lm dwq:2:64:80", "bits_per_weight": 2.5015, "eval": ev(900.0)},
+            {"row": "refine:auto:2.5", "method": "mlx-dupq e2e stage", "bits_per_weight": 2.4998, "eval": ev(70.0)}]
+    (tmp_path / "learned_m.json").write_text(json.dumps({"model": "m", "data": "brown:eval,code:eval", "ctx": 512,
+                                                         "windows": 4, "rows": rows}))
+    monkeypatch.setattr(rt, "RESULTS", tmp_path)
+    refs, points = rt.summary_points()
+    got = {(p["family"], p["label"], p["ppl"]) for p in points}
+    assert refs == {"m": (40.0, "learned_m.json")}
+    assert got == {("mlx-lm", "dwq:2:64:80", 900.0), ("mlx-dupq", "--bpw 2.5 + e2e", 70.0)}

@@ -262,6 +262,8 @@ class QuantizerSpec:
                     weight error) | awq (scale search weighted by E[x^2] of the layer's inputs) |
                     gptq (Hessian error compensation, Frantar et al.)
     damp, act_order, block_size:  GPTQ options
+    cd_sweeps:      GPTQ only: coordinate-descent sweeps over the codes after the GPTQ pass, on the
+                    same grid and objective (QuantEase / CDQuant; mlx_dupq/quant/gptq.py); 0 = plain GPTQ
     calib_data:     text for awq/gptq (``brown:calib`` is disjoint from every ``:eval`` split)
     calib_samples, calib_seq_len, seed: random calibration windows
     calib_head:     also calibrate a separate ``lm_head``: its group is quantized last, with the
@@ -279,6 +281,7 @@ class QuantizerSpec:
     calib_seq_len: int = 512
     seed: int = 0
     calib_head: bool = False
+    cd_sweeps: int = 0
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -291,6 +294,8 @@ class QuantizerSpec:
                 raise DupqError(f"quantizer {name} {v!r} must be a positive integer")
         if not isinstance(self.calib_head, bool):
             raise DupqError(f"quantizer calib_head {self.calib_head!r} must be true or false")
+        if isinstance(self.cd_sweeps, bool) or not isinstance(self.cd_sweeps, int) or self.cd_sweeps < 0:
+            raise DupqError(f"quantizer cd_sweeps {self.cd_sweeps!r} must be an integer >= 0 (0 = plain GPTQ)")
 
     @property
     def calibrated(self) -> bool:

@@ -183,7 +183,8 @@ def make_copies(w: mx.array, base_spec: QuantSpec, copy_specs: Sequence[CopySpec
               and (not residual or i == len(copy_specs) - 1)):
             h = hessian if rot is None else rot.matrix().T @ hessian.astype(mx.float32) @ rot.matrix()
             qt = gptq_quantize(target if rot is None else rot.apply(target), h, spec, dtype, damp=gptq.damp,
-                               act_order=gptq.act_order, block_size=gptq.block_size)
+                               act_order=gptq.act_order, block_size=gptq.block_size,
+                               cd_sweeps=gptq.cd_sweeps)
         else:
             qt = quantize_copy(target if rot is None else rot.apply(target), spec, copy, dtype)
         mx.eval(qt.codes, qt.scales, *([] if qt.biases is None else [qt.biases]))

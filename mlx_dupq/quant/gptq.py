@@ -42,6 +42,21 @@ so both modes agree there. Because parameters come from ``rtn_quantize`` and cod
 GPTQ with ``H = I`` reproduces RTN bit for bit. All of 1 bit, ternary, 2..8 bits, symmetric or not,
 work: only the grid differs.
 
+Coordinate-descent sweeps (``cd_sweeps``; QuantEase, Behdin et al. 2023; CDQuant, Nair & Suggala
+2024). GPTQ visits each column once and never revisits a code after later columns moved. A sweep
+of :func:`coordinate_descent` revisits every column ``j`` (original order) with all others fixed
+and sets its codes to the grid level nearest ``v_j + G_j / H_jj`` (``v_j`` the column's current
+dequantized values, ``R = W - V``, ``G = R H``): the exact minimiser of the same objective
+``tr(R H R^T)`` over that column's levels (a 1-D quadratic in each weight, and the grid is evenly
+spaced), so no sweep raises it. ``H`` is the damped Hessian GPTQ factorised (same damping, dead
+inputs at ``mean(diag H)``, so a dead column keeps its RTN code). The grid stays the one GPTQ used:
+static groups' RTN parameters, or the parameters dynamic groups were fixed to during the GPTQ pass;
+zero scales keep code 0. Rows are independent (each row's objective is ``r H r^T``), so a sweep
+runs over row chunks; inside a chunk, columns go in blocks: a column's change updates ``G`` of the
+block's later columns at once (numpy, rank-1), the later blocks receive a block's changes in one
+matmul, and ``G`` is recomputed (one matmul) at the start of every sweep so float rounding never
+accumulates across sweeps. ``cd_sweeps=0`` (default) returns GPTQ's result unchanged.
+
 Speed (Qwen2.5's down_proj, 896 x 4864): the column loop runs in numpy (one block transposed, so
 a column is a contiguous row; per-column mlx ops cost more in dispatch than in arithmetic) over
 row chunks that stay in cache, with the same float32 operations as the mlx loop it replaced
@@ -60,7 +75,7 @@ import numpy as np
 
 from ..specs import QuantSpec
 from ..errors import DupqError
-from .qtensor import QTensor
+from .qtensor import QTensor, dequantize
 from .rtn import rtn_quantize
 
 MAX_DAMP_TRIES = 6
@@ -112,12 +127,14 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     static_groups: bool = True,
+    cd_sweeps: int = 0,
 ) -> QTensor:
     """GPTQ of w (out, in) against H (in, in) -> QTensor (original column order, fitted spec).
 
     See the module doc for the algorithm and how groups interact with ``act_order``. The
     column loop runs in numpy on one block (transposed, a column is a contiguous row); the
-    block's errors reach the later columns through one mlx matmul per block.
+    block's errors reach the later columns through one mlx matmul per block. ``cd_sweeps`` > 0
+    then runs that many :func:`coordinate_descent` sweeps on GPTQ's grid and damped Hessian.
     """
     if w.ndim != 2:
         raise DupqError(f"GPTQ quantizes one (out, in) weight at a time, got shape {tuple(w.shape)}; loop over experts")
@@ -128,6 +145,7 @@ def gptq_quantize(
         raise DupqError(f"Hessian has shape {tuple(H.shape)}, expected ({n}, {n}) for a weight of shape {(out_f, n)}")
     if damp < 0 or block_size < 1:
         raise DupqError(f"damp must be >= 0 and block_size >= 1 (got damp={damp}, block_size={block_size})")
+    check_sweeps(cd_sweeps)
     spec = spec.fit(n)
     w = w.astype(mx.float32)
     Hn = np.array(H.astype(mx.float32))
@@ -137,7 +155,10 @@ def gptq_quantize(
     inv_perm = np.argsort(perm)
     if act_order:
         Hn = Hn.take(perm, axis=0).take(perm, axis=1)
-    Un = _inverse_cholesky(Hn, diag[perm], damp)
+    if cd_sweeps:
+        Un, damp_used = _damped_inverse_cholesky(Hn, diag[perm], damp)
+    else:
+        Un = _inverse_cholesky(Hn, diag[perm], damp)
     del Hn
     U = mx.array(Un)
 
@@ -208,13 +229,96 @@ def gptq_quantize(
 
     qcodes = mx.array(codes[inv_perm].T) if act_order else mx.array(codes.T)
     if init is not None:
-        return QTensor(codes=qcodes, scales=init.scales, biases=init.biases, spec=spec)
-    return QTensor(
-        codes=qcodes,
-        scales=mx.concatenate(scales, axis=1),
-        biases=None if spec.symmetric else mx.concatenate(biases, axis=1),
-        spec=spec,
-    )
+        qt = QTensor(codes=qcodes, scales=init.scales, biases=init.biases, spec=spec)
+    else:
+        qt = QTensor(
+            codes=qcodes,
+            scales=mx.concatenate(scales, axis=1),
+            biases=None if spec.symmetric else mx.concatenate(biases, axis=1),
+            spec=spec,
+        )
+    if cd_sweeps:
+        qt = coordinate_descent(w, damped_hessian(H, damp_used), qt, cd_sweeps, block_size)
+    return qt
+
+
+def check_sweeps(sweeps) -> None:
+    """``cd_sweeps`` must be an integer >= 0 (one-line DupqError otherwise)."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 0:
+        raise DupqError(f"cd_sweeps {sweeps!r} must be an integer >= 0 (0 = plain GPTQ)")
+
+
+def damped_hessian(H: mx.array, damp: float) -> np.ndarray:
+    """(in, in) -> float32 numpy ``H`` as GPTQ factorises it: dead inputs (``H_jj == 0``) at
+    ``mean(diag H)`` of the live ones, plus ``damp * mean(diag H)`` on the diagonal."""
+    Hn = np.array(H.astype(mx.float32))
+    diag = np.diagonal(Hn).copy()
+    live = diag > 0
+    mean_diag = float(diag[live].mean()) if live.any() else 1.0
+    Hn[np.diag_indices_from(Hn)] = diag + np.where(live, 0.0, mean_diag).astype(np.float32) + np.float32(damp * mean_diag)
+    return Hn
+
+
+def layer_objective(w: mx.array, H: np.ndarray, qt: QTensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` in float64: the quantity GPTQ and coordinate descent minimise."""
+    R = (np.array(w.astype(mx.float32)) - np.array(dequantize(qt))).astype(np.float64)
+    return float(np.einsum("ij,ij->", R @ H.astype(np.float64), R))
+
+
+def coordinate_descent(w: mx.array, H: np.ndarray, qt: QTensor, sweeps: int = 1, block_size: int = 128) -> QTensor:
+    """``sweeps`` cyclic coordinate-descent sweeps over the codes of ``qt`` (module doc) -> QTensor.
+
+    w (out, in) the float weight, H (in, in) float32 the (damped) Hessian with a positive diagonal,
+    qt its quantization (grid kept: same scales/biases/spec, only codes change).
+    """
+    check_sweeps(sweeps)
+    if block_size < 1:
+        raise DupqError(f"block_size must be >= 1 (got {block_size})")
+    if w.ndim != 2 or tuple(qt.codes.shape) != tuple(w.shape) or tuple(H.shape) != (w.shape[1], w.shape[1]):
+        raise DupqError(f"coordinate descent needs w (out, in), codes of the same shape and H (in, in); "
+                        f"got {tuple(w.shape)}, {tuple(qt.codes.shape)}, {tuple(H.shape)}")
+    if sweeps == 0:
+        return qt
+    out_f, n = w.shape
+    H = np.ascontiguousarray(H, dtype=np.float32)
+    if not (np.diagonal(H) > 0).all():
+        raise DupqError("coordinate descent needs a Hessian with a positive diagonal; damp it (damped_hessian)")
+    g = qt.group
+    col_group = np.arange(n) // g
+    top = np.float32(qt.spec.levels - 1)
+    S = np.ascontiguousarray(np.array(qt.scales.astype(mx.float32)).reshape(out_f, -1).T)  # (groups, out)
+    B = np.ascontiguousarray(np.array(qt.offsets()).reshape(out_f, -1).T)
+    zero = S == 0
+    has_zero = zero.any(axis=1)
+    safe = np.where(zero, np.float32(1), S)
+    W = np.array(w.astype(mx.float32))
+    codes = np.array(qt.codes).T.copy()  # (in, out): a column is a contiguous row
+    for r0 in range(0, out_f, ROW_CHUNK):
+        rows = slice(r0, r0 + ROW_CHUNK)
+        Wt = np.ascontiguousarray(W[rows].T)  # (in, rows)
+        C = codes[:, rows]
+        Rt = Wt - (C.astype(np.float32) * S[col_group, rows] + B[col_group, rows])
+        for _ in range(sweeps):
+            Gt = H @ Rt  # G^T = H R^T, H symmetric
+            for b0 in range(0, n, block_size):
+                b1 = min(b0 + block_size, n)
+                Hb = H[b0:b1, b0:b1]
+                before = Rt[b0:b1].copy()
+                for i in range(b1 - b0):
+                    j, k = b0 + i, col_group[b0 + i]
+                    target = (Wt[j] - Rt[j]) + Gt[j] / Hb[i, i]  # the column's optimum, others fixed
+                    q = np.round((target - B[k, rows]) / safe[k, rows])
+                    if has_zero[k]:
+                        q[zero[k, rows]] = 0
+                    np.clip(q, 0, top, out=q)
+                    C[j] = q
+                    r = Wt[j] - (q * S[k, rows] + B[k, rows])
+                    dr = r - Rt[j]
+                    Rt[j] = r
+                    Gt[j + 1 : b1] += Hb[i, i + 1 :, None] * dr  # H symmetric: row i = column i
+                if b1 < n:
+                    Gt[b1:] += H[b1:, b0:b1] @ (Rt[b0:b1] - before)
+    return dataclasses.replace(qt, codes=mx.array(codes.T))
 
 
 def _group_now(W1: np.ndarray, tail: mx.array, E: np.ndarray, U: mx.array, pos: np.ndarray, b0: int, b1: int) -> mx.array:
@@ -241,6 +345,11 @@ def _inverse_cholesky(H: np.ndarray, diag: np.ndarray, damp: float) -> np.ndarra
     With ``J`` the reversal and ``J (H + damping) J = L L^T``, ``U = J L^-1 J`` is upper triangular
     with ``U^T U = (H + damping)^-1``: one Cholesky and one triangular inverse (mlx's CPU LAPACK).
     """
+    return _damped_inverse_cholesky(H, diag, damp)[0]
+
+
+def _damped_inverse_cholesky(H: np.ndarray, diag: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
+    """:func:`_inverse_cholesky` and the damping it ended with (raised 10x per failed try)."""
     n = H.shape[0]
     live = diag > 0
     mean_diag = float(diag[live].mean()) if live.any() else 1.0
@@ -253,7 +362,7 @@ def _inverse_cholesky(H: np.ndarray, diag: np.ndarray, damp: float) -> np.ndarra
         Linv = mx.linalg.tri_inv(L, upper=False, stream=mx.cpu)
         ok = mx.all(mx.isfinite(Linv)) & (mx.min(mx.diagonal(L)) > 0) & (mx.min(mx.diagonal(Linv)) > 0)
         if ok.item():
-            return np.ascontiguousarray(np.array(Linv)[::-1, ::-1])
+            return np.ascontiguousarray(np.array(Linv)[::-1, ::-1]), d
         d = max(d * 10, 1e-4)
     raise DupqError(
         f"the Hessian is not positive definite even with damping {d / 10:g}; "

@@ -35,7 +35,7 @@ def quantize_weight(w: mx.array, spec: QuantSpec, dtype: mx.Dtype, quantizer: Qu
     if method == "awq":
         return activation_weighted_search(w, mx.diagonal(stats.hessian), spec, dtype=dtype)
     return gptq_quantize(w, stats.hessian, spec, dtype, damp=quantizer.damp, act_order=quantizer.act_order,
-                         block_size=quantizer.block_size)
+                         block_size=quantizer.block_size, cd_sweeps=quantizer.cd_sweeps)
 
 
 def _per_expert(w: mx.array, spec: QuantSpec, dtype: mx.Dtype, quantizer: QuantizerSpec, stats) -> QTensor:

@@ -138,3 +138,13 @@ def test_bad_sweeps_raise(layer, bad):
         gptq_quantize(w, H, QuantSpec(2, 64), cd_sweeps=bad)
     with pytest.raises(DupqError, match="cd_sweeps"):
         QuantizerSpec(method="gptq", cd_sweeps=bad)
+
+
+def test_recipe_option_round_trips_and_is_checked():
+    q = QuantizerSpec.from_dict({"method": "gptq", "cd_sweeps": 3})
+    assert q.cd_sweeps == 3 and QuantizerSpec.from_dict(q.to_dict()) == q
+    assert QuantizerSpec.from_dict({"method": "gptq"}).cd_sweeps == 0  # older recipes and packs: plain GPTQ
+    with pytest.raises(DupqError, match="cd_sweeps"):
+        QuantizerSpec.from_dict({"method": "gptq", "cd_sweeps": -1})
+    with pytest.raises(DupqError, match="cd_sweep"):
+        QuantizerSpec.from_dict({"method": "gptq", "cd_sweep": 1})

@@ -135,3 +135,24 @@ def test_calib_head_must_be_bool():
 
     with pytest.raises(DupqError, match="calib_head"):
         QuantizerSpec(method="gptq", calib_head="yes")
+
+
+def test_cd_sweeps_reach_gptq(tiny_dirs, tmp_path, calib_text, monkeypatch):
+    """``[quantizer] cd_sweeps`` is recorded in the pack and runs that many sweeps after each linear's GPTQ."""
+    from mlx_dupq.quant import gptq
+
+    calls = []
+    real = gptq.coordinate_descent
+    monkeypatch.setattr(gptq, "coordinate_descent", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    codes = {}
+    for sweeps in (0, 2):
+        rec = _recipe("gptq", calib_text, bits=2)
+        rec = Recipe(name=rec.name, default=rec.default, quantizer=QuantizerSpec(**{**rec.quantizer.to_dict(), "cd_sweeps": sweeps}))
+        out = tmp_path / f"cd{sweeps}"
+        mlx_dupq.convert(tiny_dirs["llama"], out, rec)
+        assert json.loads((out / "config.json").read_text())["mlx_dupq"]["recipe"]["quantizer"]["cd_sweeps"] == sweeps
+        codes[sweeps] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in mx.load(str(f)).items()
+                         if k.endswith(".weight") and v.dtype == mx.uint32}
+    assert calls and set(calls) == {2}
+    assert codes[0].keys() == codes[2].keys()
+    assert any(not mx.array_equal(codes[0][k], codes[2][k]).item() for k in codes[0])

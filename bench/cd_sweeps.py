@@ -1,6 +1,6 @@
 """GPTQ + coordinate-descent sweeps (``cd_sweeps``) on real linears: held-out output error and seconds per sweep.
 
-    OPENBLAS_NUM_THREADS=1 nice -n 10 python bench/cd_sweeps.py --model qwen2.5-coder-0.5b
+    OPENBLAS_NUM_THREADS=1 nice -n 5 python bench/cd_sweeps.py --model qwen2.5-coder-0.5b
 
 The float model runs ``--fit`` windows of ``--calib`` text and ``--held`` windows of ``--held-data``
 (disjoint text) up to decoder layer ``--layer`` (default: the middle one); the inputs of that layer's
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"captured layer {li} inputs: {capture}", flush=True)
 
     result = {
-        "command": "OPENBLAS_NUM_THREADS=1 nice -n 10 python bench/cd_sweeps.py " + " ".join(sys.argv[1:]),
+        "command": f"OPENBLAS_NUM_THREADS=1 nice -n {os.nice(0)} python bench/cd_sweeps.py " + " ".join(sys.argv[1:]),
         "model": args.model, "layer": li, "calib": args.calib, "fit_windows": args.fit, "held_data": args.held_data,
         "held_windows": args.held, "seq_len": args.seq_len, "fit_tokens": args.fit * args.seq_len,
         "held_tokens": args.held * args.seq_len, "damp": args.damp, "act_order": True, "static_groups": True,

@@ -13,15 +13,11 @@ from mlx_dupq.quant.gptq import coordinate_descent, damped_hessian, gptq_quantiz
 from mlx_dupq.quant.qtensor import dequantize
 from mlx_dupq.quant.rtn import rtn_quantize
 from mlx_dupq.specs import QuantizerSpec
+from tests.test_gptq import same  # QTensors equal: spec, codes, scales, biases
 
 OUT, IN = 64, 256
 FORMATS = [QuantSpec(2, 64), QuantSpec(3, 128), QuantSpec(1.58, 64, True), QuantSpec(1.58, 64), QuantSpec(1, 64, True),
            QuantSpec(1, 32), QuantSpec(4, 32, True), QuantSpec(2, 0), QuantSpec(3, -1)]
-
-
-def same(a, b):
-    return a.spec == b.spec and mx.array_equal(a.codes, b.codes).item() and mx.array_equal(a.scales, b.scales).item() and (
-        (a.biases is None and b.biases is None) or mx.array_equal(a.biases, b.biases).item())
 
 
 @pytest.fixture(scope="module")

@@ -252,11 +252,17 @@ def damped_hessian(H: mx.array, damp: float) -> np.ndarray:
     """(in, in) -> float32 numpy ``H`` as GPTQ factorises it: dead inputs (``H_jj == 0``) at
     ``mean(diag H)`` of the live ones, plus ``damp * mean(diag H)`` on the diagonal."""
     Hn = np.array(H.astype(mx.float32))
-    diag = np.diagonal(Hn).copy()
+    fixed, mean_diag = _live_diagonal(np.diagonal(Hn).copy())
+    Hn[np.diag_indices_from(Hn)] = fixed + np.float32(damp * mean_diag)
+    return Hn
+
+
+def _live_diagonal(diag: np.ndarray) -> tuple[np.ndarray, float]:
+    """``diag`` with dead inputs (``H_jj == 0``) set to the mean of the live ones, and that mean
+    (1.0 when every input is dead): the undamped diagonal GPTQ factorises."""
     live = diag > 0
     mean_diag = float(diag[live].mean()) if live.any() else 1.0
-    Hn[np.diag_indices_from(Hn)] = diag + np.where(live, 0.0, mean_diag).astype(np.float32) + np.float32(damp * mean_diag)
-    return Hn
+    return diag + np.where(live, 0.0, mean_diag).astype(np.float32), mean_diag
 
 
 def layer_objective(w: mx.array, H: np.ndarray, qt: QTensor) -> float:
@@ -351,9 +357,7 @@ def _inverse_cholesky(H: np.ndarray, diag: np.ndarray, damp: float) -> np.ndarra
 def _damped_inverse_cholesky(H: np.ndarray, diag: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
     """:func:`_inverse_cholesky` and the damping it ended with (raised 10x per failed try)."""
     n = H.shape[0]
-    live = diag > 0
-    mean_diag = float(diag[live].mean()) if live.any() else 1.0
-    fixed = np.diagonal(H) + np.where(live, 0.0, mean_diag).astype(np.float32)
+    fixed, mean_diag = _live_diagonal(diag)
     Hr = np.ascontiguousarray(H[::-1, ::-1])
     d = damp
     for _ in range(MAX_DAMP_TRIES):

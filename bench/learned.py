@@ -11,7 +11,8 @@ Rows (each converted and evaluated in its own child process, so its peak RSS is 
                             same tokens as the e2e stage of ``convert --bpw``)
   dupq:RECIPE               a recipe as shipped
   dupq:RECIPE+block         that recipe with ``[refine.block]`` = ``--block`` (JSON; defaults otherwise)
-  auto:B                    ``mlx-dupq convert --bpw B`` (:func:`mlx_dupq.auto.plan_auto`; ``--e2e-steps N``
+  auto:B[+cdN]              ``mlx-dupq convert --bpw B`` (``+cdN``: GPTQ with N coordinate-descent sweeps;
+                            :func:`mlx_dupq.auto.plan_auto`; ``--e2e-steps N``
                             sets its end-to-end stage, 0 skips it)
   pack:ROW                  evaluate the pack an earlier row ``ROW`` left in ``--work`` as it is (no convert;
                             its convert figures are that row's)
@@ -111,7 +112,10 @@ def one_row(row: str, args, float_dir: Path, work: Path) -> dict:
             entry.update(method=f"mlx-dupq {parts[1]}", recipe_dict=rec.to_dict())
         elif parts[0] == "auto":
             kw = {} if args.auto_calib is None else {"calib_data": args.auto_calib}
-            rec, choices = plan_auto(str(float_dir), float(parts[1]), e2e_steps=args.e2e_steps, **kw)
+            bpw, _, extra = parts[1].partition("+")
+            if extra:  # auto:B+cdN: GPTQ with N coordinate-descent sweeps
+                kw["cd_sweeps"] = int(extra.removeprefix("cd"))
+            rec, choices = plan_auto(str(float_dir), float(bpw), e2e_steps=args.e2e_steps, **kw)
             entry["plan_seconds"] = time.time() - t0
             convert(float_dir, path, rec, force=True, progress=_say(t0))
             entry.update(method=f"mlx-dupq convert --bpw {parts[1]}", recipe_dict=rec.to_dict(),

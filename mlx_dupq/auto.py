@@ -88,6 +88,8 @@ E2E_MODULE = "mlx_dupq.refine.e2e"
 #: Qwen2.5-Coder-0.5B under ``w2-t3`` it took the held-out output error from 0.0019 to 0.0008, where
 #: BlockSpec's own defaults (8 steps of 4 x 256 tokens) reached 0.0015 and lr 1e-3 0.0013
 #: (``bench/results/block_sweep_qwen2.5-coder-0.5b.json``).
+#: GPTQ's coordinate-descent sweeps in ``convert --bpw`` (``[quantizer] cd_sweeps``, docs/quality.md).
+CD_SWEEPS = 0
 BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=4, lr=1e-4)
 BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out error drops"
 #: the e2e stage of ``convert --bpw``: Adam on the stored scales and biases, each group's step 5e-4 of
@@ -215,9 +217,10 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
 
 
 def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_steps: int | None = None,
-              progress=None) -> tuple[Recipe, list[Choice]]:
+              cd_sweeps: int = CD_SWEEPS, progress=None) -> tuple[Recipe, list[Choice]]:
     """The recipe ``convert --bpw`` runs for ``model`` at ``bpw`` all-in bits/weight, and why.
-    ``e2e_steps``: steps of the end-to-end stage (None: :data:`E2E_DEFAULTS`; 0: no e2e stage)."""
+    ``e2e_steps``: steps of the end-to-end stage (None: :data:`E2E_DEFAULTS`; 0: no e2e stage).
+    ``cd_sweeps``: GPTQ's coordinate-descent sweeps (``[quantizer] cd_sweeps``)."""
     if not bpw > 0:
         raise DupqError(f"--bpw {bpw!r} must be a positive number of bits per weight, e.g. 2.5 or 3")
     if e2e_steps is not None and (isinstance(e2e_steps, bool) or not isinstance(e2e_steps, int) or e2e_steps < 0):
@@ -225,7 +228,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     e2e, e2e_choice = _e2e(e2e_steps)
     rotation, rot_why, unties = _rotation(model)
     quantizer = QuantizerSpec(method="gptq", calib_data=calib_data, calib_samples=16, calib_seq_len=512,
-                              calib_head=True)
+                              calib_head=True, cd_sweeps=cd_sweeps)
     base = Recipe(name=f"auto-{bpw:g}", default=QuantSpec(2, 64), embed=QuantSpec(4, 64), lm_head=QuantSpec(4, 64),
                   rotation=None, quantizer=quantizer)
     m, config, tok_dir = load_model(model)
@@ -260,7 +263,8 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
                      "ternary head measured 80.01 vs 64.27 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)")
     choices = [
         rot_choice,
-        Choice("quantizer", "GPTQ, 16 x 512 tokens", f"{calib_data}; lm_head calibrated on the final states"),
+        Choice("quantizer", "GPTQ, 16 x 512 tokens" + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),
+               f"{calib_data}; lm_head calibrated on the final states"),
         Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
                f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),
         Choice("block refine", "scales, biases, norms", f"reproduce each float layer: {BLOCK_WHY}"),

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dupq.auto import TERNARY_SPEC, plan_auto
+from mlx_dupq.auto import CD_SWEEPS, TERNARY_SPEC, plan_auto
 from mlx_dupq.errors import DupqError
 from tests.test_cli import assert_one_line_error, run
 
@@ -91,6 +91,16 @@ def test_ternary_is_a_head_candidate_only(tiny_dirs):
     assert layers and all(s.bits >= 2 for s in layers)
     rec, _ = plan_auto(str(tiny_dirs["llama"]), 4.0, e2e_steps=0)
     assert rec.spec_for("model.embed_tokens").bits >= 4 and rec.spec_for("lm_head").bits >= 4
+
+
+def test_cd_sweeps_reach_the_plans_quantizer(tiny_dirs):
+    """plan_auto(cd_sweeps=N) puts GPTQ's coordinate-descent sweeps into the recipe and says so; the
+    default is :data:`CD_SWEEPS`."""
+    rec, choices = plan_auto(str(tiny_dirs["llama"]), 3.0, e2e_steps=0, cd_sweeps=2)
+    assert rec.quantizer.cd_sweeps == 2
+    assert "2 coordinate-descent sweeps" in next(c for c in choices if c.step == "quantizer").choice
+    rec, _ = plan_auto(str(tiny_dirs["llama"]), 3.0, e2e_steps=0)
+    assert rec.quantizer.cd_sweeps == CD_SWEEPS
 
 
 def test_rotation_that_unties_the_head_is_decided_by_the_planned_kl(tiny_dirs):

@@ -32,10 +32,13 @@ import numpy as np  # noqa: E402
 
 from mlx_dupq.eval.data import calibration_batches, load_text  # noqa: E402
 from mlx_dupq.io.atomic import write_result  # noqa: E402
-from mlx_dupq.io.loader import load  # noqa: E402
+from mlx_dupq.io.loader import load, load_model, tokenizer_of  # noqa: E402
+from mlx_dupq.layers.online_rotation import RotatedInput  # noqa: E402
 from mlx_dupq.quant.gptq import HessianAccumulator, coordinate_descent, damped_hessian, gptq_quantize, layer_objective  # noqa: E402
 from mlx_dupq.quant.qtensor import dequantize  # noqa: E402
 from mlx_dupq.quant.rtn import rtn_quantize  # noqa: E402
+from mlx_dupq.search.sensitivity import rotate_float_model  # noqa: E402
+from mlx_dupq.specs import RotationSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from head_sensitivity import parse_spec  # noqa: E402
@@ -77,12 +80,18 @@ def main() -> None:
     ap.add_argument("--specs", default="2:64,3:128")
     ap.add_argument("--sweeps", type=int, default=4)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--rotate", action="store_true", help="the model rotated as convert --bpw rotates it (block "
+                    "Hadamard folded, online Hadamard before down_proj): the linears' rotated weights and inputs")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = args.out or Path(__file__).parent / "results" / f"cd_sweeps_{args.model}.json"
     specs = [parse_spec(s) for s in args.specs.split(",")]
     t0, c0 = time.time(), cpu_seconds()
-    model, tok = load(args.model)
+    if args.rotate:
+        model, config, tok_dir = load_model(args.model)
+        model, tok = rotate_float_model(model, config, RotationSpec(kind="block_hadamard", online_down=True)), tokenizer_of(tok_dir, config)
+    else:
+        model, tok = load(args.model)
     layers = model.model.layers
     li = len(layers) // 2 if args.layer is None else args.layer
     names = args.linears.split(",")
@@ -93,6 +102,8 @@ def main() -> None:
             parent = getattr(parent, part)
         attr = name.split(".")[-1]
         lin = getattr(parent, attr)
+        if isinstance(lin, RotatedInput):  # tap the rotated input of the linear inside
+            parent, attr, lin = lin, "linear", lin.linear
         weights[name] = lin.weight.astype(mx.float32)
         accs = {"fit": HessianAccumulator(lin.weight.shape[1]), "held": HessianAccumulator(lin.weight.shape[1])}
         taps[name] = _Tap(lin, accs, last=(name == "mlp.down_proj"))  # the layer's last linear
@@ -111,7 +122,7 @@ def main() -> None:
 
     result = {
         "command": f"OPENBLAS_NUM_THREADS=1 nice -n {os.nice(0)} python bench/cd_sweeps.py " + " ".join(sys.argv[1:]),
-        "model": args.model, "layer": li, "calib": args.calib, "fit_windows": args.fit, "held_data": args.held_data,
+        "model": args.model, "rotated": args.rotate, "layer": li, "calib": args.calib, "fit_windows": args.fit, "held_data": args.held_data,
         "held_windows": args.held, "seq_len": args.seq_len, "fit_tokens": args.fit * args.seq_len,
         "held_tokens": args.held * args.seq_len, "damp": args.damp, "act_order": True, "static_groups": True,
         "error": "relative held-out output error tr(D H_held D^T) / tr(W H_held W^T), D = W - dequant(Q)",

@@ -29,12 +29,8 @@
    g128 and 8-bit g64 candidates (:data:`LAYER_CANDIDATES`; 2-bit g128 only when the budget needs
    it, see ``_allocate``), the embedding and head also ternary
    (1.58 bits, groups of 128, symmetric: :data:`TERNARY_SPEC`, as ``recipes/w2-t3.toml`` stores
-   them); the embedding and head kept at >= 4 bits, >= 3, or anything down to ternary
-   (:data:`EMBED_FLOORS`): every floor that fits is planned and, when they give different plans,
-   the one with the lowest whole-plan KL is kept (:func:`~mlx_dupq.search.sensitivity.planned_kl`,
-   as in step 1), since the embedding's bits are traded against the decoder's: SmolLM2-135M's tied
-   49152 x 576 embedding at 4 bits (groups of 64: 576 is no multiple of 128) is ~31 % of a 3.0 bpw
-   budget. A tied embedding is the head too and keeps
+   them); the embedding and head kept at >= 4 bits when that fits, else >= 3, else anything down to
+   ternary (:data:`EMBED_FLOORS`) -- except a tied embedding, which is the head too and keeps
    ``mse`` (no GPTQ: ``pipeline._head_group``), where an mse ternary head measured 80.01 against
    64.27 at 2 bits on Qwen2.5-Coder-0.5B: it is offered no ternary candidate, and its proxy adds the
    head's output error. Ternary replaces the old last floor of 2 bits: on
@@ -83,7 +79,13 @@ G128_2BIT = QuantSpec(2, 128)
 TERNARY_SPEC = QuantSpec(TERNARY, 128, symmetric=True)
 #: embedding and lm_head candidates: the layers' and ternary
 HEAD_CANDIDATES = (TERNARY_SPEC, *LAYER_CANDIDATES)
-#: minimum bits of the embedding and head; of those that fit the budget, the lowest whole-plan KL wins
+#: minimum bits of the embedding and head, the first that fits the budget wins. Not the lowest whole-plan
+#: RTN KL (planned_kl): on SmolLM2-135M --bpw 3.0 that kept a 3-bit tied embedding (KL 5.203 against 5.624
+#: at >= 4 bits; its bits bought 68 more 3/4-bit decoder linears), whose pack measured brown:eval 219.9,
+#: code:eval 24.45 against the 4-bit one's 220.0, 20.60 (4,088 tokens each, 2.9993 bpw, no e2e;
+#: learned_smollm2-135m_embedfloor.json vs learned_smollm2-135m_mix.json; the former made by the commit
+#: "convert --bpw: every embedding floor that fits ... is planned", since reverted, recorded there as 68bc060,
+#: its hash before a rebase). RTN overstates the GPTQ'd decoder's error and not the mse embedding's.
 EMBED_FLOORS = (4, 3, TERNARY)
 ROTATION_NAME = "block Hadamard + online down_proj"
 E2E_MODULE = "mlx_dupq.refine.e2e"
@@ -139,7 +141,6 @@ class _Plan:
     lowest: float  # the smallest all-in bits/weight reachable with the candidates
     table: Sensitivity
     tied: bool  # the embedding is also the head (no ternary candidate for it)
-    floor_kls: tuple = ()  # ((floor, whole-plan KL), ...) when several floors fit and were compared
 
 
 def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
@@ -155,28 +156,14 @@ def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
     # brown:eval 208.9 / code:eval 1,574 against 193.7 / 927.3 without (4,088 tokens each;
     # bench/results/learned_smollm2-135m_bpw3.0_plan2.json vs learned_smollm2-135m_bpw3.0*.json)
     tables = (_without(table, G128_2BIT), table)
-    fitting: list[tuple[float, Recipe]] = []  # (floor, its plan), distinct plans only
     for floor in EMBED_FLOORS:
         for t in tables:
             try:
                 rec = allocate(t, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
+                return _Plan(base.rotation, rec, floor, lowest, table, tied)
             except DupqError:
                 continue
-            if all(rec.rules != r.rules for _, r in fitting):  # a lower floor the allocation did not use
-                fitting.append((floor, rec))
-            break
-    if not fitting:
-        return _Plan(base.rotation, None, None, lowest, table, tied)
-    if len(fitting) == 1:
-        return _Plan(base.rotation, fitting[0][1], fitting[0][0], lowest, table, tied)
-    # several floors fit: each is a whole plan (the embedding's bits traded against the decoder's), so
-    # they are ranked by the whole-plan KL, as the untying rotation's two plans are (_untying_rotation)
-    if progress is not None:
-        progress(f"whole-plan KL of {len(fitting)} embedding floors", 0, len(fitting))
-    kls = [planned_kl(m, tokens, rec) for _, rec in fitting]
-    best = min(range(len(fitting)), key=kls.__getitem__)
-    return _Plan(base.rotation, fitting[best][1], fitting[best][0], lowest, table, tied,
-                 tuple((f, kl) for (f, _), kl in zip(fitting, kls)))
+    return _Plan(base.rotation, None, None, lowest, table, tied)
 
 
 def _without(table: Sensitivity, spec: QuantSpec) -> Sensitivity:
@@ -214,26 +201,6 @@ def _untying_rotation(plans, fits, tokens, bpw: float) -> tuple[_Plan, Choice]:
         f"{kl_rot:.4g} rotated (untied head stored) vs {kl_plain:.4g} without on the calibration tokens, the "
         "lower kept (RTN leans against rotation; SmolLM2-135M measured untied w2 630.5 at 3.11 bpw vs the "
         "unrotated allocation's 260.2 at 3.00)")
-
-
-def _floor_name(floor: float, tied: bool) -> str:
-    return {4: ">= 4 bits", 3: ">= 3 bits"}.get(floor, "down to 2 bits" if tied else "down to ternary")
-
-
-def _floor_why(plan: _Plan) -> str:
-    """Why the plan's embedding/head floor: the KLs compared, or the only floor that fits."""
-    if plan.floor_kls:
-        figs = ", ".join(f"{_floor_name(f, plan.tied)} {kl:.4g}" for f, kl in plan.floor_kls)
-        lean = (" (RTN overstates the decoder's error, which GPTQ lowers, and not the tied embedding's: it leans "
-                "toward the lower floor)") if plan.tied else ""
-        return (f"embedding/head {_floor_name(plan.floor, plan.tied)}: {len(plan.floor_kls)} floors fit with distinct "
-                f"plans, whole-plan RTN KL on the calibration tokens {figs}, the lowest kept{lean}")
-    if plan.tied and plan.floor == TERNARY:
-        return ("tied embedding down to 2 bits (3 bits do not fit; it is the head too and keeps mse, and an mse "
-                "ternary head measured 80.01 vs 64.27 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)")
-    return {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",
-            TERNARY: "embedding/head down to ternary (3 bits do not fit; a ternary GPTQ head measured "
-                     "46.97 vs 48.58 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)"}[plan.floor]
 
 
 def _lr_unit(spec) -> str:
@@ -294,12 +261,18 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     del plans, fits
     rec = plan.recipe
     rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(**BLOCK_DEFAULTS), e2e=e2e).to_dict()})
+    floor_why = {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",
+                 TERNARY: "embedding/head down to ternary (3 bits do not fit; a ternary GPTQ head measured "
+                          "46.97 vs 48.58 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)"}[plan.floor]
+    if plan.tied and plan.floor == TERNARY:
+        floor_why = ("tied embedding down to 2 bits (3 bits do not fit; it is the head too and keeps mse, and an mse "
+                     "ternary head measured 80.01 vs 64.27 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)")
     choices = [
         rot_choice,
         Choice("quantizer", "GPTQ, 16 x 512 tokens" + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),
                f"{calib_data}; lm_head calibrated on the final states"),
         Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
-               f"proxy sensitivity, {_floor_why(plan)}; {rec.description.split(' (')[1].split(')')[0]}"),
+               f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),
         Choice("block refine", "scales, biases, norms", f"reproduce each float layer: {BLOCK_WHY}"),
         e2e_choice,
     ]

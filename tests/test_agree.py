@@ -11,9 +11,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_dupq.errors import DupqError
-from mlx_dupq.eval.agree import (agreement, bleu, first_divergence, identical_share, lcs_length, read_prompts,
-                                 rouge_l)
+import mlx_dupq
+from mlx_dupq.eval.agree import (agreement, bleu, first_divergence, identical_share, lcs_length, next_token_stats,
+                                 read_prompts, rouge_l)
+from mlx_dupq.eval.data import tokenize
+from mlx_dupq.eval.ppl import windows_of
 from mlx_dupq.io.loader import load
+from mlx_dupq.refine import train_codes
 from tests.test_cli import assert_one_line_error, run
 from tests.tiny import make_hf_dir
 
@@ -78,6 +82,27 @@ def test_perturbed_model_agrees_less(tiny_dirs, qwen):
     assert r["identical_share"] < 1.0 and r["bleu4"] < 1.0 and r["first_divergence"] < 12
     for k in ("identical_share", "bleu4", "rouge_l", "top1_agreement"):
         assert 0.0 <= r[k] <= 1.0
+
+
+def test_pack_windows_take_the_unpacked_codes_path_with_the_same_stats(tiny_dirs, qwen, tmp_path, monkeypatch):
+    """agreement() runs a pack's next-token windows on the unpacked-codes dense path and gets exactly
+    the top-1 agreement and KL of the plain dense path (mx.dequantize every pass)."""
+    m, tok = qwen
+    mlx_dupq.convert(tiny_dirs["qwen2"], tmp_path / "w2", bits=2, group_size=32)
+    p, _ = load(tmp_path / "w2")
+    wins = windows_of(tokenize(tok, TEXT), 32, 2)
+    n = agree = kl = 0
+    for w in range(len(wins)):  # the slow path, window by window as agreement() runs them
+        dn, da, dk = next_token_stats(m, p, wins[w : w + 1])
+        n, agree, kl = n + dn, agree + da, kl + dk
+    calls = []
+    plain_from_codes = train_codes.from_codes
+    monkeypatch.setattr(train_codes, "from_codes", lambda *a: calls.append(1) or plain_from_codes(*a))
+    r = agreement(m, p, tok, ["hello"], max_tokens=2, texts=TEXT, ctx=32, windows=2)
+    assert calls, "no layer took the unpacked-codes path"
+    assert not any(hasattr(x, train_codes.CODES) for _, x in p.named_modules())  # restored afterwards
+    assert kl > 0 and r["positions"] == n == 64
+    assert r["top1_agreement"] == agree / n and r["kl"] == kl / n
 
 
 def test_no_text_skips_next_token_part(qwen):

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
+import mlx_dupq
 from mlx_dupq.errors import DupqError
 from mlx_dupq.eval import data as datamod
-from mlx_dupq.eval.data import split_documents
-from mlx_dupq.eval.tasks import build_cloze, build_mc, parse_tasks, run_cloze, run_mc, sentences
+from mlx_dupq.eval import tasks as tasksmod
+from mlx_dupq.eval.data import split_documents, tokenize
+from mlx_dupq.eval.tasks import (build_cloze, build_mc, continuation_logprobs, parse_tasks, run_cloze, run_mc,
+                                 run_tasks, sentences)
 from mlx_dupq.io.loader import load
+from mlx_dupq.refine import train_codes
 from tests.test_cli import assert_one_line_error, run
 
 SUBJECTS = ["The farmer", "Mr. Jones", "The old teacher", "A young sailor", "The mayor", "Her brother", "The doctor"]
@@ -106,6 +111,49 @@ def test_run_on_tiny_model(tiny_dirs, docs):
     assert 0.0 <= r["acc"] <= 1.0 and r["target_nll"] > 0 and r["n"] == 4
     r = run_mc(m, tok, build_mc(docs, 4, seed=0))
     assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0 and r["n"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_packs(tiny_dirs, tmp_path_factory):
+    """A 2-bit mlx-format pack (mlx's quantized layers) and a ternary dupq-format one (DupqLinear,
+    DupqEmbedding as the tied head) of the tiny qwen2 model."""
+    root = tmp_path_factory.mktemp("task_packs")
+    mlx_dupq.convert(tiny_dirs["qwen2"], root / "w2", bits=2, group_size=32)
+    mlx_dupq.convert(tiny_dirs["qwen2"], root / "t", bits=1.58, group_size=64, symmetric=True)
+    return {"w2": root / "w2", "ternary": root / "t"}
+
+
+@pytest.mark.parametrize("which", ["w2", "ternary"])
+def test_pack_tasks_take_the_unpacked_codes_path_with_the_same_scores(tiny_packs, docs, monkeypatch, which):
+    """run_tasks runs a pack's dense matmuls from unpacked codes (the fast path) and scores exactly as the
+    plain dense path (mx.dequantize every pass) of run_cloze / run_mc called on their own."""
+    m, tok = load(tiny_packs[which])
+    kinds = {type(x).__name__ for _, x in m.named_modules()}
+    assert kinds & {"DensePrefillQuantizedLinear", "DupqLinear", "DupqEmbedding"}, kinds
+    cloze, mc = build_cloze(docs, 4, seed=0), build_mc(docs, 4, seed=0)
+    it = mc[0]
+    ctx = tokenize(tok, it["context"]).tolist()
+    assert len(ctx) >= 16  # inputs big enough for the dense path
+    conts = [list(tok.encode(" " + o, add_special_tokens=False)) for o in it["options"]]
+    slow = {"cloze": run_cloze(m, tok, cloze), "mc": run_mc(m, tok, mc), "lp": continuation_logprobs(m, ctx, conts)}
+
+    calls = []
+    plain_from_codes = train_codes.from_codes
+    monkeypatch.setattr(train_codes, "from_codes", lambda *a: calls.append(1) or plain_from_codes(*a))
+    seen = {}
+    plain_mc = tasksmod.run_mc
+
+    def spy_mc(model, tokenizer, items, progress=None):
+        seen["lp"] = continuation_logprobs(model, ctx, conts)
+        return plain_mc(model, tokenizer, items, progress=progress)
+
+    monkeypatch.setattr(tasksmod, "run_mc", spy_mc)
+    fast = run_tasks(m, tok, docs, n=4, seed=0)
+    assert calls, "no layer took the unpacked-codes path"
+    assert not any(hasattr(x, train_codes.CODES) for _, x in m.named_modules())  # restored afterwards
+    assert fast["cloze"] == slow["cloze"] and fast["mc"] == slow["mc"]
+    for a, b in zip(seen["lp"], slow["lp"]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_cli_eval_tasks(monkeypatch, capsys, tiny_dirs, tmp_path, docs):

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import DupqError
 from .ppl import windows_of
 from ..io.loader import load
+from ..refine.train_codes import codes_unpacked
 from .data import load_text, tokenize
 
 DEFAULT_PROMPTS = (
@@ -210,11 +211,12 @@ def agreement(
         wins = windows_of(tokenize(tokenizer, texts), ctx, windows)
         n = agree = 0
         kl = 0.0
-        for w in range(len(wins)):
-            dn, da, dk = next_token_stats(ref_model, model, wins[w : w + 1])
-            n, agree, kl = n + dn, agree + da, kl + dk
-            if progress is not None:
-                progress("windows", w + 1, len(wins))
+        with codes_unpacked(ref_model, model):  # one short pass per window: see mlx_dupq.refine.train_codes
+            for w in range(len(wins)):
+                dn, da, dk = next_token_stats(ref_model, model, wins[w : w + 1])
+                n, agree, kl = n + dn, agree + da, kl + dk
+                if progress is not None:
+                    progress("windows", w + 1, len(wins))
         res.update({"top1_agreement": agree / n, "kl": kl / n, "windows": len(wins), "positions": n})
     res["per_prompt"] = rows
     res["seconds"] = time.perf_counter() - t0

@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DupqError, UsageError
+from ..refine.train_codes import codes_unpacked
 from .data import Document, tokenize
 
 TASKS = ("cloze", "mc")
@@ -219,16 +220,21 @@ def parse_tasks(spec: str) -> list[str]:
 
 def run_tasks(model, tokenizer, docs: Sequence[Document], tasks: Sequence[str] = TASKS, n: int = 200, seed: int = 0,
               progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Build each task from ``docs`` (seeded) and score ``model``: ``{task: {...metrics}, "seconds"}``."""
+    """Build each task from ``docs`` (seeded) and score ``model``: ``{task: {...metrics}, "seconds"}``.
+
+    On the CPU a pack's quantized layers run their dense path from codes unpacked once for the whole
+    run (:func:`mlx_dupq.refine.train_codes.codes_unpacked`): the same scores, ~2-3x faster."""
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UsageError(f"unknown task {bad[0]!r}; use {', '.join(TASKS)}")
     t0 = time.perf_counter()
     res: dict = {}
-    for t in tasks:
-        cb = (lambda d, tot, t=t: progress(t, d, tot)) if progress is not None else None
-        if t == "cloze":
-            res[t] = run_cloze(model, tokenizer, build_cloze(docs, n, seed), progress=cb)
-        elif t == "mc":
-            res[t] = run_mc(model, tokenizer, build_mc(docs, n, seed), progress=cb)
-        else:
-            raise UsageError(f"unknown task {t!r}; use {', '.join(TASKS)}")
+    with codes_unpacked(model):  # ~100-token passes: weights rebuilt from unpacked codes (same values, faster)
+        for t in tasks:
+            cb = (lambda d, tot, t=t: progress(t, d, tot)) if progress is not None else None
+            if t == "cloze":
+                res[t] = run_cloze(model, tokenizer, build_cloze(docs, n, seed), progress=cb)
+            else:
+                res[t] = run_mc(model, tokenizer, build_mc(docs, n, seed), progress=cb)
     res["seconds"] = time.perf_counter() - t0
     return res

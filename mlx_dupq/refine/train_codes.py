@@ -8,6 +8,11 @@ from its packed codes twice per step (forward, backward). mlx's CPU ``dequantize
 matrix, one core), with the same float32 values bit for bit (``tests/test_refine_e2e.py``), and
 so the same loss and gradients. The codes cost one byte per weight while training.
 
+Evaluation that runs many short passes (``eval tasks``: one ~100-token pass per item; ``eval
+agree``'s windows) has the same cost: at ~100 rows, dequantizing a weight costs 2-10x its matmul
+(Qwen2.5-0.5B MLP shape: 18-87 ms to dequantize at 4 / 3 bits against ~9 ms for the matmul), so
+:func:`codes_unpacked` holds the codes for the length of such an evaluation (same values, same scores).
+
 :func:`unpack_codes` re-classes a model's quantized linears (and tied heads) to subclasses that
 do this on their dense path only (inputs of at least ``CPU_DENSE_MIN_ROWS`` rows on the CPU);
 decode-sized inputs, embeddings' row lookups (they gather the rows first) and switch layers keep
@@ -16,7 +21,8 @@ their own paths. It returns a function that puts the classes back and drops the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -110,3 +116,20 @@ def unpack_codes(model: nn.Module) -> Callable[[], None]:
             object.__delattr__(m, CODES)
 
     return restore
+
+
+@contextmanager
+def codes_unpacked(*models: nn.Module) -> Iterator[None]:
+    """:func:`unpack_codes` on each model for the body of a ``with`` block, then ``restore()``
+    (on the CPU only: elsewhere no layer takes the dense path, so nothing is unpacked)."""
+    if mx.default_device() != mx.cpu:
+        yield
+        return
+    restores = []
+    try:
+        for m in models:
+            restores.append(unpack_codes(m))
+        yield
+    finally:
+        for restore in reversed(restores):
+            restore()

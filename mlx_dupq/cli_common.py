@@ -46,14 +46,15 @@ def print_ranks(res: dict) -> None:
 def progress_bar(enabled: bool = True):
     """A rich progress bar; yields a callback ``(message, done, total)``."""
     if not enabled or not err.is_terminal and os.environ.get("MLX_DUPQ_PROGRESS") != "1":
-        # non-interactive: one line per message change keeps logs readable
-        last = {"msg": None}
+        # non-interactive: a line when the message changes and at each tenth of the total (so a
+        # fixed message, "cloze" or "windows", still shows its progress), never one per step
+        last = {"msg": None, "tenth": None}
 
         def plain(message: str, done: int, total: int) -> None:
-            key = message
-            if key != last["msg"]:
-                err.print(f"[dim]{message} ({done}/{total})[/dim]")
-                last["msg"] = key
+            tenth = done * 10 // total if total > 0 else 0
+            if message != last["msg"] or tenth != last["tenth"]:
+                err.print(f"[dim]{escape(message)} ({done}/{total})[/dim]")
+                last.update(msg=message, tenth=tenth)
 
         yield plain
         return

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 import mlx_dupq
+from mlx_dupq.cli_common import progress_bar
 from mlx_dupq.report.terminal import print_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +74,18 @@ def test_print_rows_never_cuts(width):
     print_rows(console, "weights", ["tensor", "shape", "quant", "mean"], rows, left=("quant",))
     text = console.export_text()
     assert_whole(text, [c for r in rows for c in r])
+
+
+def test_piped_progress_reports_each_tenth(capsys, monkeypatch):
+    """Through a pipe a fixed message (eval tasks' "cloze") still shows how far it got: a line when the
+    message changes and one per tenth of the total, not one per step (logs stay short)."""
+    monkeypatch.delenv("MLX_DUPQ_PROGRESS", raising=False)
+    with progress_bar() as cb:
+        for i in range(1, 51):
+            cb("cloze", i, 50)
+        for i in range(1, 4):
+            cb("mc", i, 3)
+        cb("quantizing [layer] 1/2", 0, 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["cloze (1/50)"] + [f"cloze ({k}/50)" for k in range(5, 51, 5)] + [
+        "mc (1/3)", "mc (2/3)", "mc (3/3)", "quantizing [layer] 1/2 (0/0)"]

@@ -58,11 +58,11 @@ def convert(
     b = parse_bits(bits) if bits is not None else None
     g = parse_group_size(group_size) if group_size is not None else None
     if e2e_steps is not None and (bpw is None or e2e_steps < 0):
-        raise DupqError("--e2e-steps needs --bpw and an integer >= 0 (a recipe sets its own [refine.e2e] steps)")
+        raise UsageError("--e2e-steps needs --bpw and an integer >= 0 (a recipe sets its own [refine.e2e] steps)")
     if bpw is not None:
         plan_auto = lib("plan_auto")
         if recipe is not None or b is not None or g is not None:
-            raise DupqError("--bpw chooses the recipe, bits and group size itself; drop --recipe/--bits/--group-size")
+            raise UsageError("--bpw chooses the recipe, bits and group size itself; drop --recipe/--bits/--group-size")
         with progress_bar() as cb:
             recipe, choices = plan_auto(model, bpw, e2e_steps=e2e_steps, progress=cb)
         table = Table(title=f"convert --bpw {bpw:g}: what was chosen and why", show_lines=False)

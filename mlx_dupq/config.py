@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .dup.specs import DupPlan
-from .errors import DupqError
+from .errors import DupqError, UsageError
 from .moe.spec import MoESpec
 from .refine.spec import RefineSpec
 from .specs import (  # noqa: F401  (re-exported: the option types were defined here before)
@@ -84,7 +84,7 @@ class Recipe:
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
-            raise DupqError(f"storage dtype {self.dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
+            raise UsageError(f"storage dtype {self.dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
         if self.version > RECIPE_VERSION:
             raise DupqError(
                 f"recipe {self.name!r} has version {self.version}, newer than this mlx-dupq "
@@ -198,7 +198,10 @@ def recipe_path(name: str) -> Path | None:
 
 
 def load_recipe(name_or_path: str | Path | None) -> Recipe:
-    """A recipe from a shipped name (see ``mlx-dupq recipes list --all``), a TOML/JSON file, or the default."""
+    """A recipe from a shipped name (see ``mlx-dupq recipes list --all``), a TOML/JSON file, or the default.
+
+    Every error here (no such recipe, a file that does not parse, a bad value in it) is a
+    :class:`UsageError`: the CLI prints one line and exits 2."""
     if name_or_path is None:
         return Recipe()
     p = Path(name_or_path)
@@ -206,14 +209,17 @@ def load_recipe(name_or_path: str | Path | None) -> Recipe:
         p = recipe_path(str(name_or_path)) or p
     if not p.is_file():
         shipped = ", ".join(list_recipes("product")) or "none"
-        raise DupqError(f"recipe {str(name_or_path)!r} not found (recipes: {shipped}; "
-                        "`mlx-dupq recipes list --all` shows the studies too; or pass a .toml file)")
+        raise UsageError(f"recipe {str(name_or_path)!r} not found (recipes: {shipped}; "
+                         "`mlx-dupq recipes list --all` shows the studies too; or pass a .toml file)")
     try:
         if p.suffix == ".json":
             data = json.loads(p.read_text())
         else:
             data = tomllib.loads(p.read_text())
     except (ValueError, OSError) as e:
-        raise DupqError(f"recipe file {p} could not be read ({e}); fix its syntax") from None
+        raise UsageError(f"recipe file {p} could not be read ({e}); fix its syntax") from None
     data.setdefault("name", p.stem)
-    return Recipe.from_dict(data)
+    try:
+        return Recipe.from_dict(data)
+    except DupqError as e:  # a bad value in the user's recipe: a usage error (exit 2), as a bad flag is
+        raise UsageError(str(e)) from None

@@ -79,7 +79,7 @@ def check_fields(cls, d: dict, what: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise DupqError(f"unknown {what} {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        raise UsageError(f"unknown {what} {sorted(unknown)}; known: {', '.join(sorted(known))}")
 
 
 @dataclass(frozen=True)

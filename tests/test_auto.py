@@ -45,7 +45,7 @@ def test_bpw_runs_the_e2e_stage(monkeypatch, capsys, tiny_dirs, tmp_path):
 ])
 def test_bad_e2e_steps_fail_in_one_line(monkeypatch, capsys, tiny_dirs, tmp_path, args, words):
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["llama"], "-o", tmp_path / "p", *args)
-    assert_one_line_error(code, e, words)
+    assert_one_line_error(code, e, words, exit_code=2)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -59,7 +59,7 @@ def test_bpw_below_reachable_fails_in_one_line(monkeypatch, capsys, tiny_dirs, t
 def test_bpw_with_recipe_is_refused(monkeypatch, capsys, tiny_dirs, tmp_path):
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["llama"], "-o", tmp_path / "p", "--bpw", "3",
                      "--recipe", "gptq2")
-    assert_one_line_error(code, e, "--bpw chooses")
+    assert_one_line_error(code, e, "--bpw chooses", exit_code=2)
 
 
 def test_a_budget_below_2_bit_layers_is_reached_with_a_ternary_embedding_and_head(tiny_dirs):

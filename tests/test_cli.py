@@ -112,7 +112,7 @@ def test_bad_inputs(monkeypatch, capsys, tiny_dirs, tmp_path):
     assert_one_line_error(code, e, "group size", exit_code=2)
 
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["qwen2"], "-o", out, "--recipe", "no-such-recipe")
-    assert_one_line_error(code, e, "recipe")
+    assert_one_line_error(code, e, "recipe", exit_code=2)
     assert not out.exists()
 
     out.mkdir()

@@ -111,7 +111,7 @@ def test_cli_refine_errors_are_one_line(e2e_env, tmp_path, monkeypatch, capsys):
     for args, needle in ((["--steps", "-1"], "steps must be >= 0"), (["--lr", "0"], "lr must be > 0"),
                          (["--trainable", "codes"], "unknown trainable")):
         code, _, err = run(monkeypatch, capsys, *base, *args)
-        assert_one_line_error(code, err, needle)
+        assert_one_line_error(code, err, needle, exit_code=2)
     code, _, err = run(monkeypatch, capsys, "refine", src, "--teacher", src, "-o", out, "--data", text)
     assert_one_line_error(code, err, "not an mlx-dupq pack")
     assert not out.exists() and not (tmp_path / "out.e2e-work").exists()

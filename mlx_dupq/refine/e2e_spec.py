@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import DupqError
+from ..errors import UsageError
 from ..specs import check_fields
 
 E2E_VERSION = 1
@@ -67,45 +67,45 @@ class E2ESpec:
         tr = tuple(tr)
         bad = [t for t in tr if t not in TRAINABLE]
         if bad:
-            raise DupqError(f"unknown trainable name(s) {bad}; use any of {', '.join(TRAINABLE)}")
+            raise UsageError(f"unknown trainable name(s) {bad}; use any of {', '.join(TRAINABLE)}")
         if not tr:
-            raise DupqError(f"nothing to train; name at least one of {', '.join(TRAINABLE)}")
+            raise UsageError(f"nothing to train; name at least one of {', '.join(TRAINABLE)}")
         object.__setattr__(self, "trainable", tuple(t for t in TRAINABLE if t in tr))
         for name in ("steps", "samples", "valid_samples", "seq_len", "batch", "top_k", "eval_every",
                      "patience", "seed", "version"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise DupqError(f"e2e option {name} must be an integer, got {v!r}")
+                raise UsageError(f"e2e option {name} must be an integer, got {v!r}")
         if self.steps < 0:
-            raise DupqError(f"e2e steps must be >= 0, got {self.steps}")
+            raise UsageError(f"e2e steps must be >= 0, got {self.steps}")
         for name in ("samples", "valid_samples", "seq_len", "batch", "top_k", "eval_every"):
             if getattr(self, name) < 1:
-                raise DupqError(f"e2e option {name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"e2e option {name} must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
-            raise DupqError(f"e2e patience must be >= 0, got {self.patience}")
+            raise UsageError(f"e2e patience must be >= 0, got {self.patience}")
         object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
         object.__setattr__(self, "relative", bool(self.relative))
         object.__setattr__(self, "lr_per_scale", bool(self.lr_per_scale))
         if self.relative and self.lr_per_scale:
-            raise DupqError("e2e options relative and lr_per_scale exclude each other (relative already "
-                            "scales every group's step); set one")
+            raise UsageError("e2e options relative and lr_per_scale exclude each other (relative already "
+                             "scales every group's step); set one")
         if self.lr_per_scale and "scales" not in self.trainable:
-            raise DupqError("e2e option lr_per_scale needs scales among trainable; add it or drop lr_per_scale")
+            raise UsageError("e2e option lr_per_scale needs scales among trainable; add it or drop lr_per_scale")
         for name in ("lr", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise DupqError(f"e2e option {name} must be a number, got {v!r}")
+                raise UsageError(f"e2e option {name} must be a number, got {v!r}")
             object.__setattr__(self, name, float(v))
         if not self.lr > 0:
-            raise DupqError(f"e2e lr must be > 0, got {self.lr}")
+            raise UsageError(f"e2e lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
-            raise DupqError(f"e2e temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"e2e temperature must be > 0, got {self.temperature}")
         if self.samples < self.batch:
-            raise DupqError(f"e2e needs samples >= batch (got samples={self.samples}, batch={self.batch})")
+            raise UsageError(f"e2e needs samples >= batch (got samples={self.samples}, batch={self.batch})")
         if ":eval" in str(self.data).lower():
-            raise DupqError(f"e2e data {self.data!r} is an evaluation split; calibrate on a :calib set")
+            raise UsageError(f"e2e data {self.data!r} is an evaluation split; calibrate on a :calib set")
         if self.version > E2E_VERSION:
-            raise DupqError(f"e2e options have version {self.version}, newer than this mlx-dupq ({E2E_VERSION}); upgrade")
+            raise UsageError(f"e2e options have version {self.version}, newer than this mlx-dupq ({E2E_VERSION}); upgrade")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -124,7 +124,7 @@ class E2ESpec:
         if table is None:
             return None
         if not isinstance(table, dict):
-            raise DupqError(f"recipe [refine.e2e] must be a table of options, got {table!r}")
+            raise UsageError(f"recipe [refine.e2e] must be a table of options, got {table!r}")
         return cls.from_dict(table)
 
     def replace(self, **kw) -> "E2ESpec":

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .config import EMBED_PATTERN, LM_HEAD_PATTERN, Recipe
-from .errors import DupqError
+from .errors import DupqError, UsageError
 from .eval.data import calibration_batches, load_text
 from .io.loader import load_model, tokenizer_of
 from .io.source import open_source
@@ -228,7 +228,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     ``e2e_steps``: steps of the end-to-end stage (None: :data:`E2E_DEFAULTS`; 0: no e2e stage).
     ``cd_sweeps``: GPTQ's coordinate-descent sweeps (``[quantizer] cd_sweeps``)."""
     if not bpw > 0:
-        raise DupqError(f"--bpw {bpw!r} must be a positive number of bits per weight, e.g. 2.5 or 3")
+        raise UsageError(f"--bpw {bpw!r} must be a positive number of bits per weight, e.g. 2.5 or 3")
     if e2e_steps is not None and (isinstance(e2e_steps, bool) or not isinstance(e2e_steps, int) or e2e_steps < 0):
         raise DupqError(f"--e2e-steps {e2e_steps!r} must be an integer >= 0 (0 skips end-to-end distillation)")
     e2e, e2e_choice = _e2e(e2e_steps)
@@ -250,7 +250,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     fits = [(p, mm) for p, mm in plans if p.recipe is not None]
     if not fits:
         lowest = min(p.lowest for p, _ in plans)
-        raise DupqError(f"--bpw {bpw:g} is below the smallest all-in budget reachable for {model} "
+        raise UsageError(f"--bpw {bpw:g} is below the smallest all-in budget reachable for {model} "
                         f"({lowest:.4f} bits/weight with 2-bit layers and a ternary embedding and head, 2-bit when tied); "
                         "raise --bpw")
     if not unties:

@@ -52,7 +52,7 @@ def test_bad_e2e_steps_fail_in_one_line(monkeypatch, capsys, tiny_dirs, tmp_path
 def test_bpw_below_reachable_fails_in_one_line(monkeypatch, capsys, tiny_dirs, tmp_path):
     out = tmp_path / "pack"
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["llama"], "-o", out, "--bpw", "1.0")
-    assert_one_line_error(code, e, "below the smallest")
+    assert_one_line_error(code, e, "below the smallest", exit_code=2)  # a bad --bpw value
     assert not out.exists() and not (tmp_path / "pack.partial").exists()
 
 

@@ -137,6 +137,41 @@ def test_auto_e2e_pack_runs_only_the_e2e_stage_on_the_auto_pack(study, tmp_path,
         # a pack made by another plan is not a base
         shutil.copytree(tmp_path / "packs" / "auto-8", tmp_path / "packs" / "auto-6")
         assert study.e2e_base("auto-6-e2e", pack_recipe("auto-6-e2e", study.path)) is None
+        # a base recorded before an option existed (cd_sweeps: its default implied) is the same plan
+        cfg_path = tmp_path / "packs" / "auto-8" / "config.json"
+        original = cfg_path.read_text()
+        cfg = json.loads(original)
+        rec = cfg["mlx_dupq"]["recipe"]
+        rec = json.loads(rec) if isinstance(rec, str) else rec
+        del rec["quantizer"]["cd_sweeps"]
+        cfg["mlx_dupq"]["recipe"] = rec
+        cfg_path.write_text(json.dumps(cfg))
+        assert study.e2e_base("auto-8-e2e", pack_recipe("auto-8-e2e", study.path)) == tmp_path / "packs" / "auto-8"
+        cfg_path.write_text(original)  # the manifest's bytes again
+        # an interrupted e2e stage continues from its work directory: the same pack as in one go
+        from mlx_dupq.moe import study as study_mod
+
+        first = json.loads((tmp_path / "packs" / "auto-8-e2e" / "config.json").read_text())["mlx_dupq"]["refine"]
+        shutil.rmtree(tmp_path / "packs" / "auto-8-e2e")
+
+        def stop_after_one_step(name):
+            def progress(phase, done, total, info):
+                if phase == "train" and done == 1:
+                    raise RuntimeError("interrupted")
+            return progress
+
+        log_of = study_mod._e2e_log
+        monkeypatch.setattr(study_mod, "_e2e_log", stop_after_one_step)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            study.run_part("packs")
+        monkeypatch.setattr(study_mod, "_e2e_log", log_of)
+        calls, distill = [], study_mod.distill_pack
+        monkeypatch.setattr(study_mod, "distill_pack", lambda *a, **k: calls.append(k.get("resume")) or distill(*a, **k))
+        again = study.run_part("packs")
+        assert calls == [True]
+        assert again["packs"]["auto-8-e2e"]["ppl"] == pytest.approx(data["packs"]["auto-8-e2e"]["ppl"])
+        refine = json.loads((tmp_path / "packs" / "auto-8-e2e" / "config.json").read_text())["mlx_dupq"]["refine"]
+        assert refine["e2e"]["steps_run"] == first["e2e"]["steps_run"] == 2
     finally:
         study.settings = old
     base, e2e = data["packs"]["auto-8"], data["packs"]["auto-8-e2e"]

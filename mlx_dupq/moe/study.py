@@ -527,8 +527,17 @@ class Study:
             if base is not None:  # only the end-to-end stage, on a copy of the pack convert made without it
                 log(f"{name}: the e2e stage on a copy of {base.name} (the same plan)")
                 shutil.rmtree(path, ignore_errors=True)
-                e2e = distill_pack(base, self.path, E2ESpec.from_dict(recipe.refine.e2e), out=path,
-                                   teacher_name=self.model_name, progress=_e2e_log(name))
+                spec = E2ESpec.from_dict(recipe.refine.e2e)
+                state = path.with_name(path.name + ".e2e-work") / "state.json"
+                try:  # an interrupted stage with the same pack, teacher, data and options continues
+                    e2e = distill_pack(base, self.path, spec, out=path, teacher_name=self.model_name,
+                                       progress=_e2e_log(name), resume=state.is_file())
+                except DupqError:
+                    if not state.is_file():
+                        raise
+                    log(f"{name}: its e2e work directory is another run's: starting over")
+                    e2e = distill_pack(base, self.path, spec, out=path, teacher_name=self.model_name,
+                                       progress=_e2e_log(name))
                 bpw = json.loads((path / "config.json").read_text())["mlx_dupq"]["bits_per_weight"]
                 extra = {"base": base.name, "e2e": {k: v for k, v in e2e.to_dict().items() if k != "out"}}
             else:
@@ -566,7 +575,7 @@ class Study:
             return None
 
         def plan(d: dict) -> dict:
-            d = json.loads(json.dumps(d))
+            d = Recipe.from_dict(d).to_dict()  # options added since the pack was made at their defaults
             d.pop("description", None)
             d["refine"] = {k: v for k, v in (d.get("refine") or {}).items() if k != "e2e"}
             return d

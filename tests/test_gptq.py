@@ -23,14 +23,21 @@ def same(a, b):
     )
 
 
+def outlier_layer(rows: int, n_in: int = IN, n_out: int = OUT) -> tuple[mx.array, mx.array]:
+    """A random (n_out, n_in) weight and ``rows`` correlated, outlier-heavy inputs (every 37th
+    channel 20x larger), seeded."""
+    k = mx.random.normal((n_in, n_in), key=mx.random.key(1)) * 0.3 + mx.eye(n_in)
+    x = mx.random.normal((rows, n_in), key=mx.random.key(2)) @ k
+    x = x * mx.where(mx.arange(n_in) % 37 == 0, 20.0, 1.0)
+    w = mx.random.normal((n_out, n_in), key=mx.random.key(3)) * 0.02
+    mx.eval(x, w)
+    return w, x
+
+
 @pytest.fixture(scope="module")
 def layer():
     """A random layer and correlated, outlier-heavy inputs (every 37th channel 20x larger)."""
-    k = mx.random.normal((IN, IN), key=mx.random.key(1)) * 0.3 + mx.eye(IN)
-    x = mx.random.normal((1024, IN), key=mx.random.key(2)) @ k
-    x = x * mx.where(mx.arange(IN) % 37 == 0, 20.0, 1.0)
-    w = mx.random.normal((OUT, IN), key=mx.random.key(3)) * 0.02
-    mx.eval(x, w)
+    w, x = outlier_layer(1024)
     return w, x, hessian_from_activations(x)
 
 

@@ -13,7 +13,7 @@ from mlx_dupq.quant.gptq import coordinate_descent, damped_hessian, gptq_quantiz
 from mlx_dupq.quant.qtensor import dequantize
 from mlx_dupq.quant.rtn import rtn_quantize
 from mlx_dupq.specs import QuantizerSpec
-from tests.test_gptq import same  # QTensors equal: spec, codes, scales, biases
+from tests.test_gptq import outlier_layer, same  # same: QTensors equal (spec, codes, scales, biases)
 
 OUT, IN = 64, 256
 FORMATS = [QuantSpec(2, 64), QuantSpec(3, 128), QuantSpec(1.58, 64, True), QuantSpec(1.58, 64), QuantSpec(1, 64, True),
@@ -23,10 +23,7 @@ FORMATS = [QuantSpec(2, 64), QuantSpec(3, 128), QuantSpec(1.58, 64, True), Quant
 @pytest.fixture(scope="module")
 def layer():
     """Correlated, outlier-heavy inputs (as tests/test_gptq.py); the first 1024 rows give H, the rest are held out."""
-    k = mx.random.normal((IN, IN), key=mx.random.key(1)) * 0.3 + mx.eye(IN)
-    x = mx.random.normal((2048, IN), key=mx.random.key(2)) @ k
-    x = x * mx.where(mx.arange(IN) % 37 == 0, 20.0, 1.0)
-    w = mx.random.normal((OUT, IN), key=mx.random.key(3)) * 0.02
+    w, x = outlier_layer(2048, IN, OUT)
     w = mx.concatenate([w[:-1], mx.zeros((1, IN))])  # a zero row: zero scales (code 0 everywhere)
     mx.eval(x, w)
     return w, x[:1024], x[1024:], hessian_from_activations(x[:1024])

@@ -139,6 +139,7 @@ class _Plan:
     recipe: Recipe | None  # None: the budget is below what this model's candidates reach
     floor: float | None
     lowest: float  # the smallest all-in bits/weight reachable with the candidates
+    highest: float  # the largest: every module at its widest candidate
     table: Sensitivity
     tied: bool  # the embedding is also the head (no ternary candidate for it)
 
@@ -151,6 +152,7 @@ def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
                                 path_bits={f"{EMBED_PATTERN}|{LM_HEAD_PATTERN}": LAYER_CANDIDATES if tied
                                            else HEAD_CANDIDATES})
     lowest = (table.fixed_bits + sum(min(b.values()) for b in table.bits.values())) / table.n_params
+    highest = (table.fixed_bits + sum(max(b.values()) for b in table.bits.values())) / table.n_params
     # 2-bit g128 layers only where the budget needs them: the proxy rates them close to g64 and spends
     # the saving elsewhere, but measured whole, SmolLM2-135M --bpw 3.0 with them (every down_proj) got
     # brown:eval 208.9 / code:eval 1,574 against 193.7 / 927.3 without (4,088 tokens each;
@@ -160,10 +162,10 @@ def _allocate(m, tokens, base: Recipe, bpw: float, progress) -> _Plan:
         for t in tables:
             try:
                 rec = allocate(t, bpw, base, measure="proxy", embed_min_bits=floor, name=base.name)
-                return _Plan(base.rotation, rec, floor, lowest, table, tied)
+                return _Plan(base.rotation, rec, floor, lowest, highest, table, tied)
             except DupqError:
                 continue
-    return _Plan(base.rotation, None, None, lowest, table, tied)
+    return _Plan(base.rotation, None, None, lowest, highest, table, tied)
 
 
 def _without(table: Sensitivity, spec: QuantSpec) -> Sensitivity:
@@ -267,6 +269,9 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     if plan.tied and plan.floor == TERNARY:
         floor_why = ("tied embedding down to 2 bits (3 bits do not fit; it is the head too and keeps mse, and an mse "
                      "ternary head measured 80.01 vs 64.27 at 2 bits on Qwen2.5-Coder-0.5B, reference 41.58)")
+    if bpw > plan.highest:  # allocate() gives every module its widest candidate: say so, the pack is smaller than asked
+        floor_why += (f"; --bpw {bpw:g} is above the widest plan ({plan.highest:.4f} bits/weight, every module at "
+                      "its widest candidate): that plan")
     choices = [
         rot_choice,
         Choice("quantizer", "GPTQ, 16 x 512 tokens" + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),

@@ -32,7 +32,7 @@ from .adapter import EMBED_KEY_RE, build_skeleton, layer_prefix, module_kind, sa
 from .input_stats import LinearStats
 from .calibration import Calibration
 from .config import Recipe, load_recipe
-from .errors import DupqError
+from .errors import DupqError, UsageError
 from .features.protocol import ConvertContext, Feature, LayerStep
 from .features.table import plan_features
 from .io import pack as packio
@@ -220,7 +220,7 @@ def convert(
     out = Path(out).expanduser()
     partial = out.with_name(out.name + ".partial")
     if out.exists() and not force:
-        raise DupqError(f"output {out} already exists; pass --force to overwrite it or choose another -o")
+        raise UsageError(f"output {out} already exists; pass --force to overwrite it or choose another -o")
     if partial.exists() and not resume:
         if not force:
             raise DupqError(

@@ -56,6 +56,18 @@ def test_bpw_below_reachable_fails_in_one_line(monkeypatch, capsys, tiny_dirs, t
     assert not out.exists() and not (tmp_path / "pack.partial").exists()
 
 
+def test_bpw_above_the_widest_plan_says_what_it_gives(tiny_dirs):
+    """A budget above every module at its widest candidate gets that plan, and the allocation says so
+    (the pack is smaller than asked for, not silently)."""
+    rec, choices = plan_auto(str(tiny_dirs["llama"]), 40.0, e2e_steps=0)
+    why = next(c for c in choices if c.step == "allocation").why
+    assert "--bpw 40 is above the widest plan" in why
+    widest = float(why.split("widest plan (")[1].split(" ")[0])
+    assert 8 <= widest < 40 and float(why.split("; ")[-1].split(" planned")[0]) <= widest + 1e-4
+    _, choices = plan_auto(str(tiny_dirs["llama"]), 3.0, e2e_steps=0)
+    assert "widest plan" not in next(c for c in choices if c.step == "allocation").why
+
+
 def test_bpw_with_recipe_is_refused(monkeypatch, capsys, tiny_dirs, tmp_path):
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["llama"], "-o", tmp_path / "p", "--bpw", "3",
                      "--recipe", "gptq2")

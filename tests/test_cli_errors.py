@@ -36,6 +36,8 @@ BAD = [  # (arguments after the model or pack, words the one line must contain)
     (["convert", "{model}", "-o", "{out}", "--dtype", "float64"], "storage dtype"),
     (["convert", "{model}", "-o", "{out}", "-r", "no-such-recipe"], "not found"),
     (["convert", "{model}", "-o", "{out}", "--e2e-steps", "3"], "--e2e-steps needs --bpw"),
+    (["convert", "{model}", "-o", "{pack}", "--bits", "4"], "pass --force"),  # an existing output
+    (["export", "{pack}", "--gguf", "{text}"], "pass --force"),
     # a bad value in a recipe file is a bad command-line value too (RECIPES below)
     (["convert", "{model}", "-o", "{out}", "-r", "{rec}/bits7.toml"], "bit width 7"),
     (["convert", "{model}", "-o", "{out}", "-r", "{rec}/group-neg.toml"], "group size -64"),

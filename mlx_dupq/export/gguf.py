@@ -38,7 +38,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
-from ..errors import DupqError
+from ..errors import DupqError, UsageError
 from ..io import pack as packio
 from ..io.gguf import gguf_name, llama3_rope_factors, permute_qk
 from ..quant.bitpack import unpack
@@ -292,7 +292,7 @@ def export_gguf(pack: str | Path, out: str | Path, requantize: str | None = None
     requantize = _check_type(requantize, "--requantize")
     fallback = _check_type(fallback, "--fallback")
     if out.exists() and not force:
-        raise DupqError(f"{out} exists; pass --force to overwrite it")
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
     config = packio.read_config(pack)
     arch = check_exportable(pack, config)
     entries: dict[str, dict] = config["mlx_dupq"]["modules"]

@@ -183,7 +183,8 @@ def _head_specs(plan: _Plan) -> str:
     out = []
     for path in sorted(plan.table.bits):
         if re.search(EMBED_PATTERN, path) or re.search(LM_HEAD_PATTERN, path):
-            out.append(f"{path.split('.')[-1]} {plan.recipe.spec_for(path).label()}")
+            stored = plan.table.stored_spec(path, plan.recipe.spec_for(path).label())  # as the pack holds it
+            out.append(f"{path.split('.')[-1]} {stored.label()}")
     return ", ".join(out)
 
 

@@ -172,9 +172,10 @@ def allocate(
     total = fixed + sum(opts[j][1] for (_, opts), j in zip(options, picked))
     score = sum(opts[j][2] for (_, opts), j in zip(options, picked))
     pinned = tuple(Rule("^" + re.escape(p) + "$", table.specs[choice[p]]) for p in sorted(choice))
-    counts: dict[str, int] = {}
-    for lab in choice.values():
-        counts[lab] = counts.get(lab, 0) + 1
+    counts: dict[str, int] = {}  # by what the pack holds (the pack records the requested group size too)
+    for p, lab in choice.items():
+        stored = table.stored_spec(p, lab).label()
+        counts[stored] = counts.get(stored, 0) + 1
     mix = ", ".join(f"{n} x {lab}" for lab, n in sorted(counts.items()))
     desc = (f"mixed precision at <= {budget_bpw:g} bits/weight all-in ({total / table.n_params:.4f} planned), "
             f"{measure} sensitivity {score:.4g}, solver {solver}; {mix}")

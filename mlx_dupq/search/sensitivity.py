@@ -99,6 +99,14 @@ class Sensitivity:
             raise DupqError(f"the sensitivity table has no {measure!r} measure; measure it with measures=({measure!r},)")
         return t
 
+    def stored_spec(self, path: str, label: str) -> QuantSpec:
+        """The spec module ``path`` is stored at for candidate ``label``: a group size that does not
+        divide its rows falls back to a smaller one (:meth:`QuantSpec.fit`; 128 -> 64 on SmolLM2's
+        576-wide rows), as the packer and the measured bits do. Tables written before the widths
+        were recorded give the candidate as it is."""
+        width = self.extra.get("widths", {}).get(path)
+        return self.specs[label] if width is None else self.specs[label].fit(width)
+
     def bpw(self, choice: dict[str, str]) -> float:
         """All-in bits per weight when module ``path`` is stored at spec label ``choice[path]``."""
         return (self.fixed_bits + sum(self.bits[p][choice[p]] for p in self.bits)) / self.n_params
@@ -376,10 +384,12 @@ def measure_sensitivity(
     bits_table: dict[str, dict[str, int]] = {}
     specs: dict[str, QuantSpec] = {}
     sizes: dict[str, int] = {}
+    widths: dict[str, int] = {}  # row width: a group size that does not divide it is stored smaller (QuantSpec.fit)
     for i, (path, (mod, kind, base)) in enumerate(mods.items()):
         say(f"measuring {path}", i, len(mods))
         w = mod.weight
         sizes[path] = int(w.size)
+        widths[path] = int(w.shape[-1])
         kl[path], proxy[path], bits_table[path] = {}, {}, {}
         cands = next((c for pat, c in (path_bits or {}).items() if re.search(pat, path)), bits)
         for spec in candidate_specs(base, cands):
@@ -416,7 +426,7 @@ def measure_sensitivity(
         extra={"bits": _candidates_json(bits),
                "path_bits": {pat: _candidates_json(c) for pat, c in (path_bits or {}).items()},
                "measures": list(measures), "only": only, "kept": sorted(kept),
-               "tail_cached": bool(tail is not None and tail.hidden is not None)},
+               "tail_cached": bool(tail is not None and tail.hidden is not None), "widths": widths},
     )
 
 

@@ -22,7 +22,7 @@ from mlx_dupq.testing import free_base_port
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_dupq
-from mlx_dupq.specs import QuantSpec
+from mlx_dupq.specs import QuantizerSpec, QuantSpec
 from mlx_dupq.errors import DupqError
 from mlx_dupq.io.loader import load
 from mlx_dupq.layers.cpu import use_dense_prefill
@@ -447,6 +447,19 @@ def test_convert_with_e2e_lowers_kl_and_records(e2e_env, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "plain"]  # no work, tmp or partial directory left
     assert not (out / "e2e-work").exists()
     verify_pack(out)
+
+
+def test_convert_gptq_with_e2e_only(e2e_env, tmp_path):
+    """A calibrated quantizer with [refine.e2e] and no [refine.block]: every layer has calibration
+    states, and the block stage must not run on them (it crashed on the missing block options)."""
+    src, _, _, text = e2e_env
+    rec = dataclasses.replace(_e2e_recipe(text, steps=4, eval_every=2),
+                              quantizer=QuantizerSpec(method="gptq", calib_data=str(text), calib_samples=4,
+                                                      calib_seq_len=32))
+    mlx_dupq.convert(src, tmp_path / "p", rec)
+    meta = json.loads((tmp_path / "p" / "config.json").read_text())["mlx_dupq"]
+    assert meta["refine"]["e2e"]["steps_run"] == 4 and "block" not in meta["refine"]
+    assert meta["recipe"]["quantizer"]["method"] == "gptq"
 
 
 def test_convert_e2e_resume_continues_the_stage(e2e_env, tmp_path, monkeypatch):

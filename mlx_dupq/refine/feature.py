@@ -54,8 +54,8 @@ class RefineFeature(Feature):
         return cls(spec, e2e)
 
     def on_layer(self, ctx: ConvertContext, step: LayerStep) -> None:
-        if step.layer is None or step.calib is None:
-            return
+        if self.spec.block is None or step.layer is None or step.calib is None:
+            return  # (a calibrated quantizer gives every layer calibration states, [refine.e2e] alone uses none)
         if self.block is None:  # its report file lives beside the calibration states (resumed with them)
             self.block = BlockStage(self.spec.block, Path(step.calib.root), resume=True)
         wrapped = {p[len(step.prefix) + 1:] for p in ctx.online if p.startswith(step.prefix + ".")}

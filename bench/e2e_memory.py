@@ -9,6 +9,14 @@ validation: resident memory (now and peak, ``ru_maxrss``), MLX's active / peak /
 whether the teacher is still alive. Then the peak of the whole run, CPU and wall seconds, the load
 and the sha256 of the refined pack (a change that only saves memory must leave it identical).
 Writes ``bench/results/e2e_memory_<name>.json`` (``--name``, default ``smollm2-135m``).
+
+The options are ``convert --bpw``'s e2e stage (``mlx_dupq.auto.E2E_DEFAULTS``, also ``mlx-dupq refine``'s)
+with ``--steps`` steps, each window seen once; ``--grad-checkpoint`` / ``--no-grad-checkpoint``: each decoder
+layer recomputed in the backward pass or not (``E2ESpec.grad_checkpoint``; default: the stage's). (``e2e_memory_smollm2-135m.json`` was measured with
+``E2ESpec``'s class defaults of then: batch 4, 64 + 8 windows, its ``e2e`` field says so.)
+
+    python bench/e2e_memory.py --pack /tmp/dupq-quiet/qwen2.5-coder-0.5b/auto_2.5 \
+        --teacher qwen2.5-coder-0.5b --steps 6 --eval-every 6 --name qwen2.5-coder-0.5b --no-grad-checkpoint
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import sys
 import time
@@ -28,6 +37,7 @@ reexec_with_fast_blas()
 
 import mlx.core as mx  # noqa: E402
 
+from mlx_dupq.auto import E2E_DEFAULTS  # noqa: E402
 from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import float_model  # noqa: E402
 from mlx_dupq.io.source import open_source  # noqa: E402
@@ -55,9 +65,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("/tmp/e2e_memory/refined"))
     ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute each decoder layer in the backward pass (default: the stage's)")
+    ap.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: the stage's)")
     args = ap.parse_args()
-    spec = E2ESpec(steps=args.steps)  # the refine defaults otherwise
-    t0, ref, phases = time.time(), {}, []
+    opts = dict(E2E_DEFAULTS, steps=args.steps)
+    if args.grad_checkpoint is not None:
+        opts["grad_checkpoint"] = args.grad_checkpoint
+    opts["samples"] = args.steps * opts["batch"]
+    if args.eval_every:
+        opts["eval_every"] = args.eval_every
+    spec = E2ESpec.from_dict(opts)
+    t0, ref, phases, steps = time.time(), {}, [], []
     c0 = resource.getrusage(resource.RUSAGE_SELF)
 
     def snap(tag: str) -> None:
@@ -72,6 +91,8 @@ def main() -> None:
     def progress(phase: str, done: int, total: int, info: dict) -> None:
         if phase != "targets" or done == total:
             snap(f"{phase} {done}/{total}")
+            if phase == "train":
+                steps.append(time.time())
 
     def handed_over(model):
         ref["t"] = weakref.ref(model)
@@ -83,13 +104,16 @@ def main() -> None:
     snap("end")
     c1 = resource.getrusage(resource.RUSAGE_SELF)
     result = {
-        "command": "OPENBLAS_NUM_THREADS=1 python bench/e2e_memory.py " + " ".join(sys.argv[1:]),
+        "command": (f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} " if "OPENBLAS_NUM_THREADS" in os.environ
+                    else "") + "python bench/e2e_memory.py " + " ".join(sys.argv[1:]),
         "pack": args.pack, "teacher": args.teacher, "e2e": spec.to_dict(),
         "valid_kl": [res.valid_kl_before, res.valid_kl_after], "kept": res.kept,
         "refined_pack_sha256": tree_sha256(args.out), "peak_rss_mb": round(c1.ru_maxrss / 1024),
         "mlx_peak_mb": round(mx.get_peak_memory() / 2**20), "cpu_seconds": round(c1.ru_utime + c1.ru_stime
                                                                                   - c0.ru_utime - c0.ru_stime, 1),
         "wall_seconds": round(time.time() - t0, 1), "phases": phases,
+        # wall seconds per training step after the first (a validation pass falls between some of them)
+        "step_seconds": [round(b - a, 1) for a, b in zip(steps, steps[1:])],
     }
     out = Path(__file__).parent / "results" / f"e2e_memory_{args.name}.json"
     write_result(out, result)

@@ -106,10 +106,12 @@ BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out
 #: Earlier, in absolute units (docs/e2e.md): SmolLM2-135M's 3-bit pack trained best at 1e-4 and got
 #: worse at 1e-3, relative 3e-3 (6x this step) raised its KL; Qwen's all-3-bit w2-t3 trained at 1e-5
 #: and diverged at 1e-4. Temperature 2 did not beat 1 at equal windows. One window of 256 tokens per
-#: step, every window seen once.
+#: step, every window seen once. Each decoder layer is recomputed in the backward pass (``grad_checkpoint``):
+#: on that Qwen pack a training step's resident memory fell from 6.1 to 3.4 GB (MLX peak 6.5 -> 3.2 GB) at
+#: the same step time, 13.6-16.4 s against 14.5-15.8 s (``bench/results/e2e_memory_qwen2.5-coder-0.5b*.json``).
 E2E_DEFAULTS = dict(steps=80, lr=5e-4, relative=True, batch=1, seq_len=256, samples=80, valid_samples=4,
                     temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0,
-                    data="mix:calib")
+                    data="mix:calib", grad_checkpoint=True)
 E2E_WHY = ("relative steps of 5e-4 per group: one absolute lr did not train Qwen2.5-Coder-0.5B's mixed "
            "2-8-bit pack, this did (docs/e2e.md)")
 

@@ -107,8 +107,8 @@ BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out
 #: worse at 1e-3, relative 3e-3 (6x this step) raised its KL; Qwen's all-3-bit w2-t3 trained at 1e-5
 #: and diverged at 1e-4. Temperature 2 did not beat 1 at equal windows. One window of 256 tokens per
 #: step, every window seen once. Each decoder layer is recomputed in the backward pass (``grad_checkpoint``):
-#: on that Qwen pack a training step's resident memory fell from 6.1 to 3.4 GB (MLX peak 6.5 -> 3.2 GB) at
-#: the same step time, 13.6-16.4 s against 14.5-15.8 s (``bench/results/e2e_memory_qwen2.5-coder-0.5b*.json``).
+#: on that Qwen pack a training step's resident memory fell from 6.1 to 3.4 GB (MLX peak 6.5 -> 3.2 GB) for
+#: 0-15 % more time per step (``bench/results/e2e_memory_qwen2.5-coder-0.5b*.json``, docs/e2e.md "Memory").
 E2E_DEFAULTS = dict(steps=80, lr=5e-4, relative=True, batch=1, seq_len=256, samples=80, valid_samples=4,
                     temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0,
                     data="mix:calib", grad_checkpoint=True)

@@ -37,7 +37,7 @@ reexec_with_fast_blas()
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_dupq.auto import E2E_DEFAULTS  # noqa: E402
+from mlx_dupq.auto import _e2e  # noqa: E402
 from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.loader import float_model  # noqa: E402
 from mlx_dupq.io.source import open_source  # noqa: E402
@@ -69,10 +69,9 @@ def main() -> None:
                     help="recompute each decoder layer in the backward pass (default: the stage's)")
     ap.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: the stage's)")
     args = ap.parse_args()
-    opts = dict(E2E_DEFAULTS, steps=args.steps)
+    opts, _ = _e2e(args.steps)  # convert --bpw's stage at these steps (every window seen once)
     if args.grad_checkpoint is not None:
         opts["grad_checkpoint"] = args.grad_checkpoint
-    opts["samples"] = args.steps * opts["batch"]
     if args.eval_every:
         opts["eval_every"] = args.eval_every
     spec = E2ESpec.from_dict(opts)

@@ -528,16 +528,18 @@ class Study:
                 log(f"{name}: the e2e stage on a copy of {base.name} (the same plan)")
                 shutil.rmtree(path, ignore_errors=True)
                 spec = E2ESpec.from_dict(recipe.refine.e2e)
-                state = path.with_name(path.name + ".e2e-work") / "state.json"
+                resume = (path.with_name(path.name + ".e2e-work") / "state.json").is_file()
+
+                def stage(resume: bool):
+                    return distill_pack(base, self.path, spec, out=path, teacher_name=self.model_name,
+                                        progress=_e2e_log(name), resume=resume)
                 try:  # an interrupted stage with the same pack, teacher, data and options continues
-                    e2e = distill_pack(base, self.path, spec, out=path, teacher_name=self.model_name,
-                                       progress=_e2e_log(name), resume=state.is_file())
+                    e2e = stage(resume)
                 except DupqError:
-                    if not state.is_file():
+                    if not resume:
                         raise
                     log(f"{name}: its e2e work directory is another run's: starting over")
-                    e2e = distill_pack(base, self.path, spec, out=path, teacher_name=self.model_name,
-                                       progress=_e2e_log(name))
+                    e2e = stage(False)
                 bpw = json.loads((path / "config.json").read_text())["mlx_dupq"]["bits_per_weight"]
                 extra = {"base": base.name, "e2e": {k: v for k, v in e2e.to_dict().items() if k != "out"}}
             else:

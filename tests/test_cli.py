@@ -117,7 +117,7 @@ def test_bad_inputs(monkeypatch, capsys, tiny_dirs, tmp_path):
 
     out.mkdir()
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["qwen2"], "-o", out, "--bits", "4")
-    assert_one_line_error(code, e, "--force")
+    assert_one_line_error(code, e, "--force", exit_code=2)
 
 
 def test_disk_write_failure_leaves_no_output(monkeypatch, capsys, tiny_dirs, tmp_path):

@@ -238,6 +238,6 @@ def test_cli_export_says_what_it_wrote_and_refuses_in_one_line(packs, tiny_dirs,
     rec = json.loads((tmp_path / "m.json").read_text())
     assert rec["exact"] and rec["command"].startswith("mlx-dupq export")
     code, out, err = run(monkeypatch, capsys, "export", packs["qwen2"], "--gguf", tmp_path / "m.gguf")
-    assert_one_line_error(code, err, "pass --force")
+    assert_one_line_error(code, err, "pass --force", exit_code=2)
     code, out, err = run(monkeypatch, capsys, "export", tiny_dirs["qwen2"], "--gguf", tmp_path / "n.gguf")
     assert_one_line_error(code, err, "not an mlx-dupq pack")

@@ -203,3 +203,34 @@ def machine_record() -> dict:
         "mlx_lm": _version_of("mlx-lm"), "mlx_dupq": __version__, "mlx_dupq_commit": _git_commit(),
         "device": None if mx is None else str(mx.default_device()), "blas": blas_record(),
     }
+
+
+def release_memory() -> int:
+    """Give memory that is free inside this process back to the operating system; returns how many
+    bytes of resident memory that released (0 where it cannot tell).
+
+    MLX's buffer cache is emptied and glibc's heap trimmed (``malloc_trim``): freed blocks of up to a
+    few MiB (a layer's tensors, numpy temporaries) come from glibc's heap, which keeps them resident
+    after they are freed unless they sit at its top (``bench/source_memory.py``). Costs milliseconds; a no-op
+    off glibc."""
+    import gc
+
+    import mlx.core as mx
+
+    before = _rss_bytes()
+    gc.collect()
+    mx.clear_cache()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc (macOS, musl): nothing to trim
+        pass
+    after = _rss_bytes()
+    return max(before - after, 0) if before and after else 0
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

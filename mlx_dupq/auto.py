@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ._env import release_memory
 from .config import EMBED_PATTERN, LM_HEAD_PATTERN, Recipe
 from .errors import DupqError, UsageError
 from .eval.data import calibration_batches, load_text
@@ -264,6 +265,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     else:
         plan, rot_choice = _untying_rotation(plans, fits, tokens, bpw)
     del plans, fits
+    release_memory()  # the float models of the plans (2-5 GB for a 0.5B model): the conversion runs next
     rec = plan.recipe
     rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(**BLOCK_DEFAULTS), e2e=e2e).to_dict()})
     floor_why = {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",

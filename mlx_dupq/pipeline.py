@@ -28,6 +28,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from ._env import release_memory
 from .adapter import EMBED_KEY_RE, build_skeleton, layer_prefix, module_kind, sanitize_group  # noqa: F401
 from .input_stats import LinearStats
 from .calibration import Calibration
@@ -310,7 +311,7 @@ def convert(
         except OSError as e:
             raise _fail_write(partial, e) from None
         del arrays
-        mx.clear_cache()
+        release_memory()  # a layer's float weights and work buffers: freed, and given back (not only to the heap)
     if calib is not None:
         calib.cleanup()
     say("writing config and tokenizer", len(groups), len(groups))

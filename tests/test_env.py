@@ -75,3 +75,18 @@ def test_openblas_kernels_named_from_the_cpu_flags(tmp_path, monkeypatch):
     assert _env.preload_env({**env}, cpuinfo=avx512) is None
     env = _env.preload_env({"OPENBLAS_CORETYPE": "Zen"}, cpuinfo=avx512)
     assert env["OPENBLAS_CORETYPE"] == "Zen" and env["LD_PRELOAD"] == "/lib/libblas.so.3"
+
+
+def test_release_memory_gives_freed_heap_back(monkeypatch):
+    """Blocks freed in the middle of glibc's heap stay resident until trimmed: release_memory() returns them."""
+    import numpy as np
+
+    if not sys.platform.startswith("linux") or _env._rss_bytes() == 0:
+        return  # RSS comes from /proc (Linux); elsewhere release_memory only empties MLX's cache
+    big, small = [], []
+    for _ in range(2000):  # 100 KB blocks (below glibc's mmap threshold) with small live blocks between
+        big.append(np.ones(100_000 // 8))
+        small.append(np.ones(2000))
+    del big
+    assert _env.release_memory() > 100e6  # of 200 MB freed
+    assert _env.release_memory() < 20e6  # nothing left to give back

@@ -327,6 +327,57 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
     assert prompt == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_large_tensors_dequantize_in_chunks_identically(tmp_path, monkeypatch):
+    """Row chunks (what a 150k-token embedding takes) give the bytes a whole-tensor dequantization gives."""
+    import mlx_dupq.io.gguf as g
+
+    types = {k: t for k, (t, _) in TYPES.items() if k in build_keys("qwen2")}
+    path, _, _ = make_float_gguf(tmp_path, "qwen2", types=types)
+    src = GGUFSource(path)
+    whole = {k: src.get(k) for k in src.keys()}
+    monkeypatch.setattr(g, "_DEQUANT_CHUNK_BYTES", 100)  # a few rows per chunk
+    chunked = [k for k, t in src._tensors.items() if t.data.ndim == 2 and t.data.nbytes > 100]
+    assert chunked  # some quantized tensors really go by chunks of rows
+    for k in src.keys():
+        assert mx.array_equal(src.get(k), whole[k]), k
+
+
+def test_large_metadata_arrays_keep_their_values_only(tmp_path, monkeypatch):
+    """The reader's vocabulary and merges are reduced to values (a 150k vocabulary's numpy views are
+    ~0.45 GB): metadata, config and tokenizer read the same, and a tensor read leaves no file pages mapped in."""
+    import mlx_dupq.io.gguf as g
+
+    path, _, _ = make_float_gguf(tmp_path, "qwen2")
+    full = GGUFSource(path)
+    tok_full, cfg_full = full.tokenizer_metadata()
+    monkeypatch.setattr(g, "_COMPACT_PARTS", 16)
+    g._open_reader.cache_clear()
+    small = GGUFSource(path)
+    assert small._reader is not full._reader
+    compact = [k for k, f in small._reader.fields.items() if isinstance(f, g._Values)]
+    assert "tokenizer.ggml.tokens" in compact and "tokenizer.ggml.merges" in compact
+    assert small._reader.get_field("tokenizer.ggml.tokens").contents(3) == TOKENS[3]
+    assert small.tokenizer_metadata() == (tok_full, cfg_full)
+    assert small.config == full.config
+    for key in small.keys():
+        assert mx.array_equal(small.get(key), full.get(key))
+    if Path("/proc/self/smaps").exists():  # Linux: the file's pages of both mappings were dropped
+        assert _mapped_kb(path) == 0
+    g._open_reader.cache_clear()
+
+
+def _mapped_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:
+            inside = line.endswith(str(Path(path).resolve()))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
 def test_tokenizer_adds_bos_when_the_file_says_so(tmp_path):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 

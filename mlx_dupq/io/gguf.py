@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 from functools import cache, lru_cache
 from pathlib import Path
@@ -138,13 +139,49 @@ def _can_dequantize(qtype) -> bool:
     return True
 
 
+class _Values:
+    """A metadata field of a :class:`gguf.GGUFReader` reduced to its values: the reader keeps two or
+    three numpy views of the file per array element, ~0.45 GB of Python objects for Qwen2.5's
+    151,936-token vocabulary and merges, where a list of ``str`` takes ~20 MB."""
+
+    __slots__ = ("name", "types", "_values")
+
+    def __init__(self, field):
+        self.name, self.types, self._values = field.name, field.types, field.contents()
+
+    def contents(self, index_or_slice: int | slice = slice(None)):
+        return self._values[index_or_slice]
+
+
+#: a quantized tensor larger than this dequantizes in chunks of rows of about this size
+_DEQUANT_CHUNK_BYTES = 8 << 20
+
+#: a metadata field with more parts than this keeps its values only (:class:`_Values`)
+_COMPACT_PARTS = 4096
+
+
 @lru_cache(maxsize=2)
 def _open_reader(path: str, size: int, mtime_ns: int):
     """A memory-mapped reader, shared by sources on the same unchanged file (parsing a header with
-    a 150k-token vocabulary takes seconds)."""
+    a 150k-token vocabulary takes seconds), its large metadata arrays kept as values."""
     import gguf
 
-    return gguf.GGUFReader(path, "r")
+    reader = gguf.GGUFReader(path, "r")
+    for key, field in list(reader.fields.items()):
+        if len(field.parts) > _COMPACT_PARTS:
+            reader.fields[key] = _Values(field)
+    return reader
+
+
+def _drop_pages(reader) -> None:
+    """Drop the file pages a tensor read mapped in: they stay resident (and in RSS) while the mapping
+    lives, though the tensor was copied out; a later read maps them in again from the page cache."""
+    m = getattr(reader.data, "_mmap", None)
+    if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def _plain_float(qtype) -> bool:
@@ -420,10 +457,18 @@ class GGUFSource(Source):
 
         shape = tuple(int(d) for d in reversed(t.shape))
         if _plain_float(t.tensor_type):
-            arr = np.asarray(t.data, dtype=np.float32)
-        else:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        return arr.reshape(shape)
+            return np.asarray(t.data, dtype=np.float32).reshape(shape)
+        data = t.data
+        if data.ndim < 2 or data.nbytes <= _DEQUANT_CHUNK_BYTES:
+            return gguf.quants.dequantize(data, t.tensor_type).reshape(shape)
+        # by rows: gguf's numpy dequantization holds several float copies of its input at once, 1.5 GB
+        # for a 150k-token embedding, where a chunk of rows holds a few MB
+        rows = data.reshape(-1, data.shape[-1])
+        out = np.empty((rows.shape[0], int(np.prod(shape)) // rows.shape[0]), np.float32)
+        step = max(1, _DEQUANT_CHUNK_BYTES // rows.shape[1])
+        for i in range(0, rows.shape[0], step):
+            out[i : i + step] = gguf.quants.dequantize(rows[i : i + step], t.tensor_type)
+        return out.reshape(shape)
 
     def get(self, key: str) -> mx.array:
         """One tensor as an evaluated float32 ``mx.array`` of the Hugging Face shape ``(out, in)``.
@@ -439,6 +484,8 @@ class GGUFSource(Source):
             arr = arr.reshape(1, -1)
         out = mx.array(np.ascontiguousarray(arr, dtype=np.float32))
         mx.eval(out)
+        del arr
+        _drop_pages(self._reader)
         return out
 
     # ---- tokenizer ------------------------------------------------------------------------

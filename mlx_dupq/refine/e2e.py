@@ -60,6 +60,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.tuner.losses import kl_div_loss
 from mlx_lm.tuner.trainer import grad_checkpoint, iterate_batches
 
+from .._env import release_memory
 from ..errors import DupqError
 from ..eval.data import load_text, tokenize
 from ..io import pack as packio
@@ -433,7 +434,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     # from here on only the cached targets are used: drop the float model (freed unless the caller keeps
     # a reference; convert hands it over) and give its forward passes' buffers back
     del teacher, t_model
-    mx.clear_cache()
+    release_memory()
 
     flat = dict(tree_flatten(student.trainable_parameters()))
     unit = _units(student, flat) if spec.relative else {}

@@ -249,9 +249,11 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     if rotation is None or unties:
         plans.append((_allocate(m, tokens, base, bpw, progress), m))
     if rotation is not None:
-        rm = rotate_float_model(m, config, rotation)
+        # the unrotated model is not planned unless the rotation unties the head: then rotate it in place,
+        # each layer freed as it is rotated (Qwen2.5-Coder-0.5B: 2.4 GB in float32)
+        rm = rotate_float_model(m, config, rotation, consume=not unties)
         if not unties:
-            del m  # the unrotated model is not planned: free it (Qwen2.5-0.5B: 2.5 GB in float32)
+            del m
         plans.append((_allocate(rm, tokens, dataclasses.replace(base, rotation=rotation), bpw, progress), rm))
     fits = [(p, mm) for p, mm in plans if p.recipe is not None]
     if not fits:

@@ -6,6 +6,7 @@ import itertools
 import math
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
@@ -161,6 +162,11 @@ def test_rotated_only_decoder_planned_equals_stored(tiny_dirs, tmp_path, model_t
                   rotation=RotationSpec(kind="block_hadamard", online_down=True))
     rot = rotate_float_model(model, config, base.rotation)
     assert float(mx.max(mx.abs(rot(x) - model(x))).item()) < 1e-3 * float(mx.max(mx.abs(model(x))).item())
+    given, _, _ = load_model(src)  # consume=True: the same rotated model, the source's weights freed
+    same = rotate_float_model(given, config, base.rotation, consume=True)
+    assert [k for k, _ in tree_flatten(same.parameters())] == [k for k, _ in tree_flatten(rot.parameters())]
+    assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(tree_flatten(same.parameters()), tree_flatten(rot.parameters())))
+    assert all(v.size == 0 for _, v in tree_flatten(given.parameters()))
     t = measure_sensitivity(rot, x, base, bits=((2, 64), (3, 128)), only=r"\.layers\.")
     assert all(".layers." in p and not p.endswith(".linear") for p in t.bits)
     assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"} <= set(t.bits)

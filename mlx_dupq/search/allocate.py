@@ -279,7 +279,7 @@ def allocate_model(
     tok = tokenizer_of(tok_dir, config)
     tokens = calibration_batches(tok, load_text(data), samples, seq_len, seed)
     if base.rotation is not None:
-        m = rotate_float_model(m, config, base.rotation)
+        m = rotate_float_model(m, config, base.rotation, consume=True)
     table = measure_sensitivity(m, tokens, base, bits=bits, measures=(measure,), progress=progress, only=only)
     table.extra["rotated"] = base.rotation is not None
     rec = allocate(table, budget_bpw, base, measure=measure, embed_min_bits=embed_min_bits, solver=solver)

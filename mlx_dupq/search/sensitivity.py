@@ -49,7 +49,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..adapter import LAYER_RE, LayerTail, build_skeleton, layer_index, module_kind
 from ..config import LM_HEAD_PATTERN, Recipe
@@ -209,7 +209,7 @@ def quantizable_modules(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.
     return out
 
 
-def rotate_float_model(model: nn.Module, config: dict, spec) -> nn.Module:
+def rotate_float_model(model: nn.Module, config: dict, spec, consume: bool = False) -> nn.Module:
     """A new float model: ``model`` (an mlx-lm llama/qwen model, ``config`` its config.json dict) with
     rotation ``spec`` folded in as the converter folds it and the run-time rotations installed.
 
@@ -217,23 +217,36 @@ def rotate_float_model(model: nn.Module, config: dict, spec) -> nn.Module:
     tied head that the rotation unties is stored (its bits count) but is not a parameter of the
     source model: ``source_n_params`` (set on the returned model) keeps the source's count, the
     bits/weight denominator a pack uses.
+
+    ``consume``: the caller gives ``model`` up (it is left without weights): each layer's float
+    weights are freed as soon as its rotated ones exist, so the peak is one model plus one layer
+    rather than two models (Qwen2.5-Coder-0.5B in float32: 2.4 GB less).
     """
     weights = dict(tree_flatten(model.parameters()))
     plan = plan_rotation(spec, config, list(weights), lambda k: weights[k].astype(mx.float32))
+    dtype = next(iter(weights.values())).dtype
+    n_params = sum(int(v.size) for v in weights.values())
     groups: dict[str, dict[str, mx.array]] = {}
     for k, v in weights.items():
         i = layer_index(k)
         groups.setdefault(EMBED_GROUP if i is None else f"layer.{i}", {})[k] = v
+    if consume:
+        model.update(tree_map(lambda _: mx.zeros((0,)), model.parameters()))
+    del weights
     folded: dict[str, mx.array] = {}
-    for name, g in groups.items():
-        folded.update(g if name == EMBED_GROUP and plan.partial else plan.fold_group(name, g))
-    dtype = next(iter(weights.values())).dtype
+    for name in list(groups):
+        g = groups.pop(name)
+        f = g if name == EMBED_GROUP and plan.partial else plan.fold_group(name, g)
+        f = {k: v.astype(dtype) for k, v in f.items()}
+        mx.eval(f)  # group by group: with ``consume`` the group's float weights go here
+        folded.update(f)
+        del g, f
     out = build_skeleton({**config, **plan.config_update})
     out.eval()
-    out.load_weights([(k, v.astype(dtype)) for k, v in folded.items()], strict=True)
+    out.load_weights(list(folded.items()), strict=True)
     apply_online_rotations(out, plan.online)
     mx.eval(out.parameters())
-    out.source_n_params = sum(int(v.size) for v in weights.values())
+    out.source_n_params = n_params
     return out
 
 

@@ -399,7 +399,8 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     if spec.batch % size:
         raise DupqError(f"the batch ({spec.batch}) must be a multiple of the number of processes ({size})")
 
-    student, tokenizer = load(pack)
+    # lazy: the student's bytes are read once the teacher is gone (its targets phase is the stage's peak)
+    student, tokenizer = load(pack, lazy=True)
     names = mark_trainable(student, spec.trainable)
     if isinstance(teacher, nn.Module):
         t_model, t_name = teacher, teacher_name or "model"
@@ -435,6 +436,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     # a reference; convert hands it over) and give its forward passes' buffers back
     del teacher, t_model
     release_memory()
+    mx.eval(student.parameters())
 
     flat = dict(tree_flatten(student.trainable_parameters()))
     unit = _units(student, flat) if spec.relative else {}

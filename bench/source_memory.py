@@ -76,7 +76,7 @@ def main() -> None:
     if a.variant:
         print(json.dumps(measure(a.model, a.variant)))
         return
-    from mlx_dupq._env import machine_record
+    from mlx_dupq.io.atomic import write_result
 
     rows = []
     for v in VARIANTS:
@@ -87,8 +87,8 @@ def main() -> None:
             print(f"{v:12s} {p['phase']:22s} rss {p['rss_mb']:6d} MB  peak {p['peak_rss_mb']:6d} MB  "
                   f"mlx {p['mlx_active_mb']:6d} MB" + (f"  released {p['released_mb']} MB" if "released_mb" in p else ""))
     out = Path(a.out or Path(__file__).parent / "results" / f"source_memory_{a.model}.json")
-    out.write_text(json.dumps({"command": "python bench/source_memory.py " + " ".join(sys.argv[1:]), "model": a.model,
-                               "variants": rows, "machine": machine_record()}, indent=1) + "\n")
+    write_result(out, {"command": "python bench/source_memory.py " + " ".join(sys.argv[1:]), "model": a.model,
+                       "variants": rows})
     print("->", out)
 
 

@@ -267,7 +267,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
     else:
         plan, rot_choice = _untying_rotation(plans, fits, tokens, bpw)
     del plans, fits
-    release_memory()  # the float models of the plans (2-5 GB for a 0.5B model): the conversion runs next
+    release_memory()  # the plans' float models: the conversion runs next
     rec = plan.recipe
     rec = Recipe.from_dict({**rec.to_dict(), "refine": RefineSpec(block=BlockSpec(**BLOCK_DEFAULTS), e2e=e2e).to_dict()})
     floor_why = {4: "embedding/head >= 4 bits (fits)", 3: "embedding/head >= 3 bits (4 does not fit)",

@@ -141,8 +141,8 @@ def _can_dequantize(qtype) -> bool:
 
 class _Values:
     """A metadata field of a :class:`gguf.GGUFReader` reduced to its values: the reader keeps two or
-    three numpy views of the file per array element, ~0.45 GB of Python objects for Qwen2.5's
-    151,936-token vocabulary and merges, where a list of ``str`` takes ~20 MB."""
+    three numpy views of the file per array element (Qwen2.5-Coder-0.5B's 151,936-token vocabulary and
+    merges: 575 MB resident once open, 331 MB with them as values; ``bench/source_memory.py``)."""
 
     __slots__ = ("name", "types", "_values")
 
@@ -461,8 +461,8 @@ class GGUFSource(Source):
         data = t.data
         if data.ndim < 2 or data.nbytes <= _DEQUANT_CHUNK_BYTES:
             return gguf.quants.dequantize(data, t.tensor_type).reshape(shape)
-        # by rows: gguf's numpy dequantization holds several float copies of its input at once, 1.5 GB
-        # for a 150k-token embedding, where a chunk of rows holds a few MB
+        # by rows: gguf's numpy dequantization holds several float copies of its input at once (of a
+        # 150k-row embedding: several times its 545 MB), a chunk of rows a few MB
         rows = data.reshape(-1, data.shape[-1])
         out = np.empty((rows.shape[0], int(np.prod(shape)) // rows.shape[0]), np.float32)
         step = max(1, _DEQUANT_CHUNK_BYTES // rows.shape[1])

@@ -80,7 +80,7 @@ def float_model(src: Source, compute_dtype: str = "float32", lazy: bool = False)
     if not lazy:
         mx.eval(m.parameters())
         del weights
-        release_memory()  # the dequantized tensors' copies (float32 -> compute dtype): ~1 GB for a 0.5B model
+        release_memory()  # the dequantization's temporaries, freed into the heap
     return m
 
 

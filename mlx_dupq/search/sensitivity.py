@@ -220,7 +220,7 @@ def rotate_float_model(model: nn.Module, config: dict, spec, consume: bool = Fal
 
     ``consume``: the caller gives ``model`` up (it is left without weights): each layer's float
     weights are freed as soon as its rotated ones exist, so the peak is one model plus one layer
-    rather than two models (Qwen2.5-Coder-0.5B in float32: 2.4 GB less).
+    rather than two (Qwen2.5-Coder-0.5B in float32: 2.4 GB each, bench/source_memory.py).
     """
     weights = dict(tree_flatten(model.parameters()))
     plan = plan_rotation(spec, config, list(weights), lambda k: weights[k].astype(mx.float32))

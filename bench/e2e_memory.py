@@ -31,7 +31,7 @@ import time
 import weakref
 from pathlib import Path
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import reexec_with_fast_blas, resident_bytes  # noqa: E402
 
 reexec_with_fast_blas()
 
@@ -46,8 +46,7 @@ from mlx_dupq.refine.e2e_spec import E2ESpec  # noqa: E402
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    return resident_bytes() / 2**20
 
 
 def tree_sha256(root: Path) -> str:

@@ -20,16 +20,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlx_dupq._env import reexec_with_fast_blas  # noqa: E402
+from mlx_dupq._env import reexec_with_fast_blas, resident_bytes  # noqa: E402
 
 reexec_with_fast_blas()
+
+from mlx_dupq.eval.speed import max_rss_bytes  # noqa: E402
 
 VARIANTS = ("compact", "full-reader")
 
 
 def _status() -> dict:
-    d = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return {"rss_mb": int(d["VmRSS"].split()[0]) // 1024, "peak_rss_mb": int(d["VmHWM"].split()[0]) // 1024}
+    return {"rss_mb": resident_bytes() // 2**20, "peak_rss_mb": max_rss_bytes() // 2**20}
 
 
 def measure(model: str, variant: str) -> dict:

@@ -217,18 +217,19 @@ def release_memory() -> int:
 
     import mlx.core as mx
 
-    before = _rss_bytes()
+    before = resident_bytes()
     gc.collect()
     mx.clear_cache()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):  # not glibc (macOS, musl): nothing to trim
         pass
-    after = _rss_bytes()
+    after = resident_bytes()
     return max(before - after, 0) if before and after else 0
 
 
-def _rss_bytes() -> int:
+def resident_bytes() -> int:
+    """This process's resident memory now, in bytes (0 where /proc is not there)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

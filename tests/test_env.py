@@ -81,7 +81,7 @@ def test_release_memory_gives_freed_heap_back(monkeypatch):
     """Blocks freed in the middle of glibc's heap stay resident until trimmed: release_memory() returns them."""
     import numpy as np
 
-    if not sys.platform.startswith("linux") or _env._rss_bytes() == 0:
+    if not sys.platform.startswith("linux") or _env.resident_bytes() == 0:
         return  # RSS comes from /proc (Linux); elsewhere release_memory only empties MLX's cache
     big, small = [], []
     for _ in range(2000):  # 100 KB blocks (below glibc's mmap threshold) with small live blocks between

@@ -102,7 +102,7 @@ def test_scale_bias_gradients_match_finite_differences(spec):
 
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"steps": -3}, {"lr": 0}, {"lr_weights": -1e-5},
                                  {"trainable": ["scales", "codes"]}, {"trainable": []}, {"batch": 0},
-                                 {"target": "teacher"}, {"unknown": 1}])
+                                 {"target": "teacher"}, {"unknown": 1}, {"min_gain": 1.0}, {"min_gain": -0.1}])
 def test_bad_options_fail_in_one_line(bad):
     with pytest.raises(DupqError) as e:
         Recipe.from_dict({"name": "x", "refine": {"block": bad}})
@@ -169,6 +169,24 @@ def test_block_keeps_init_when_training_hurts(tiny_dirs, tmp_path, calib_file):
     assert all(r["kept"] == "init" for r in rep.values()), rep
     a, b = _arrays(plain), _arrays(bad)
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_block_min_gain_stops_after_a_weak_epoch(tiny_dirs, tmp_path, calib_file):
+    """min_gain: a layer stops after the first epoch that lowers its held-out error by less than that
+    fraction (0.99: every layer after epoch 1); without it every epoch runs. Same first epoch, so the
+    stopped run is the first quarter of the full one."""
+    block = dict(epochs=4, batch=2, lr=5e-3, samples=None, holdout=2)
+    reps = {}
+    for name, gain in (("all", 0.0), ("stop", 0.99)):
+        out = tmp_path / name
+        mlx_dupq.convert(tiny_dirs["llama"], out, _recipe(calib_file, block={**block, "min_gain": gain}))
+        reps[name] = json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["block"]
+    per_epoch = 3  # 8 calibration sequences, 2 held out, batch 2
+    assert [r["steps"] for r in reps["all"]["layers"].values()] == [4 * per_epoch] * 2
+    assert [r["steps"] for r in reps["stop"]["layers"].values()] == [per_epoch] * 2
+    assert reps["stop"]["options"]["min_gain"] == 0.99
+    for r in reps["stop"]["layers"].values():
+        assert r["error"] == min(r["init_error"], r["trained_error"])
 
 
 def test_block_with_latent_weights_and_rotation(tiny_dirs, tmp_path, calib_file):

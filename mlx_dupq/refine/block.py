@@ -196,6 +196,7 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
     per_epoch = max(1, -(-windows // spec.batch))
     total = spec.steps if spec.steps is not None else spec.epochs * per_epoch
     loss_val = float("nan")
+    ran, last_err = total, init_err
     if total > 0 and n_trainable > 0:
         opt = optim.MultiOptimizer([optim.Adam(learning_rate=spec.lr_weights), optim.Adam(learning_rate=spec.lr)],
                                    [lambda path, _: path.endswith("latent")])
@@ -219,6 +220,14 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
             if step % 4 == 3 or step == total - 1:
                 eta = (time.time() - t_train) / (step + 1) * (total - step - 1)
                 say(f"refine {prefix}: step {step + 1}/{total}, loss {loss_val:.4g}, ETA {eta:.0f}s")
+            if spec.min_gain > 0 and hold and (step + 1) % per_epoch == 0 and step + 1 < total:
+                err = _error(layer, x_ho, y_ho)  # the fake-quantized layer as it trains
+                if not err < last_err * (1 - spec.min_gain):
+                    say(f"refine {prefix}: held-out error {last_err:.4g} -> {err:.4g} in epoch "
+                        f"{(step + 1) // per_epoch}, below min_gain {spec.min_gain:g}: stopped")
+                    ran = step + 1
+                    break
+                last_err = err
     layer.unfreeze()
 
     trained = {rel: m.to_qtensor(storage) for rel, m in fq.items()}
@@ -246,7 +255,7 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
                 out[f"{lin[rel][0]}.{k}"] = a
         for p, w in trained_norms.items():
             out[f"{prefix}.{p}.weight"] = w.astype(storage)
-    report = LayerReport(init_err, trained_err, "trained" if keep_trained else "init", min(init_err, trained_err), total,
+    report = LayerReport(init_err, trained_err, "trained" if keep_trained else "init", min(init_err, trained_err), ran,
                          time.time() - t0, loss_val)
     return out, dequantized, report
 

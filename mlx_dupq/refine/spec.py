@@ -48,6 +48,8 @@ class BlockSpec:
                 alongside); "quantized": the float layer applied to the quantized stream's input
     holdout:    calibration sequences held out to choose between initialisation and trained result
     seed:       shuffling of the training windows
+    min_gain:   stop after an epoch that lowered the held-out error by less than this fraction of
+                its value before the epoch (0: run every epoch); needs ``holdout`` >= 1
     """
 
     epochs: int = 2
@@ -61,6 +63,7 @@ class BlockSpec:
     target: str = "float"
     holdout: int = 2
     seed: int = 0
+    min_gain: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -83,6 +86,10 @@ class BlockSpec:
             raise DupqError(f"refine.block trainable {list(trainable)} is not a non-empty list of "
                             f"{', '.join(TRAINABLE)}")
         object.__setattr__(self, "trainable", tuple(t for t in TRAINABLE if t in trainable))
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) \
+                or not 0 <= self.min_gain < 1:
+            raise DupqError(f"refine.block min_gain {self.min_gain!r} must be a fraction in [0, 1) (e.g. 0.01)")
+        object.__setattr__(self, "min_gain", float(self.min_gain))
         if self.target not in TARGETS:
             raise DupqError(f"refine.block target {self.target!r} is unknown; use float or quantized")
 

@@ -11,6 +11,7 @@ asks instead of guessing:
 - :func:`layer_index` / :func:`layer_prefix`  the decoder layer a tensor or module name belongs to
   (the one regex :data:`LAYER_RE`);
 - :func:`layer_owner`     the module holding the decoder-layer list (layer walking);
+- :func:`final_logits`    the logits from the last decoder layer's output (final norm, then the head);
 - :class:`LayerTail`      logits from any decoder layer on, with the layer inputs cached.
 """
 
@@ -149,6 +150,14 @@ def layer_owner(model: nn.Module) -> nn.Module:
                     "duplication supports mlx-lm's text models")
 
 
+def final_logits(model: nn.Module, h: mx.array) -> mx.array:
+    """Logits from the last decoder layer's output h (..., hidden) -> (..., vocab): the final norm,
+    then ``lm_head`` or, for a tied model, the input embedding (mlx-lm's text models end so)."""
+    owner = layer_owner(model)
+    out = owner.norm(h)
+    return model.lm_head(out) if "lm_head" in model else owner.embed_tokens.as_linear(out)
+
+
 class LayerTail:
     """The float model's logits from any decoder layer on, with the layer inputs cached.
 
@@ -185,10 +194,7 @@ class LayerTail:
             self.hidden = None
 
     def head(self, h: mx.array) -> mx.array:
-        out = self.inner.norm(h)
-        if "lm_head" in self.model:
-            return self.model.lm_head(out)
-        return self.inner.embed_tokens.as_linear(out)
+        return final_logits(self.model, h)
 
     def logits_from(self, start: int | None) -> mx.array:
         """Logits re-running layers ``start..`` (None: everything, from the tokens)."""

@@ -320,7 +320,7 @@ def convert(
         release_memory()  # a layer's float weights and work buffers: freed, and given back (not only to the heap)
     if calib is not None:
         calib.cleanup()
-    # the features' finish (the e2e stage loads the float model) starts without the loop's last layer,
+    # the features' finish (the e2e stage streams the float model) starts without the loop's last layer,
     # its statistics and the calibration states
     step = stats = layer = a = e = calib = None
     release_memory()

@@ -290,7 +290,7 @@ def test_teacher_released_before_training(e2e_env, tmp_path):
 
 def test_kept_targets_do_not_hold_the_teacher_logits():
     """The top-k indices kept per window are copies, not views of the (chunk, L, vocab) argpartition."""
-    from mlx_dupq.refine.e2e import Targets
+    from mlx_dupq.refine.teacher import Targets, build_targets
 
     vocab, n, seq, k = 8192, 8, 32, 8
     windows = np.arange(n * (seq + 1)).reshape(n, seq + 1) % 100
@@ -301,11 +301,156 @@ def test_kept_targets_do_not_hold_the_teacher_logits():
     t = Targets(None, "train", keep=True)
     mx.clear_cache()
     before = mx.get_active_memory()
-    t.build(teacher, windows, list(range(n)), k, 1.0, 4, None)
+    build_targets(teacher, [(t, windows, list(range(n)), 1.0)], k, 4)
     grown = mx.get_active_memory() - before
     assert grown < 64 * n * seq * k  # the targets (6 bytes an entry), not 2 x (4, 32, 8192) uint32 (2 MiB)
     vals, idx = t.get(windows[:2])
     assert vals.shape == idx.shape == (2, seq, k)
+
+
+# --------------------------------------------------------------------------- the teacher, streamed
+
+
+def _teacher_windows(src: Path, spec: E2ESpec) -> tuple[np.ndarray, np.ndarray]:
+    from mlx_dupq.eval.data import tokenize
+    from mlx_dupq.io.loader import tokenizer_of
+    from mlx_dupq.io.source import open_source
+    from mlx_dupq.refine.e2e import calibration_windows
+
+    s = open_source(src)
+    return calibration_windows(tokenize(tokenizer_of(s.tokenizer_dir(), s.config), TEXT), spec)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek"])  # tied; untied; MoE with per-expert tensors
+def test_streamed_teacher_gives_the_loaded_teachers_targets(e2e_env, tiny_dirs, family):
+    """The source streamed one layer at a time gives the whole float model's logits (log-probs within
+    1e-5, the same top-k) and targets, both splits at their temperatures; progress comes per layer."""
+    from mlx_dupq.io.loader import float_model
+    from mlx_dupq.io.source import open_source
+    from mlx_dupq.refine.teacher import Targets, build_targets, teacher_logits
+
+    src = e2e_env[0] if family == "qwen2" else tiny_dirs[family]
+    spec = small_spec(e2e_env[3], samples=6, valid_samples=3)
+    train_w, valid_w = _teacher_windows(src, spec)
+    batches = [train_w[j : j + 4, :-1] for j in range(0, len(train_w), 4)]
+    whole, streamed, seen = {}, {}, []
+    teacher_logits(float_model(open_source(src)), batches, whole.__setitem__)
+    teacher_logits(open_source(src), batches, streamed.__setitem__, lambda *a: seen.append(a))
+    n_layers = open_source(src).config["num_hidden_layers"]
+    assert [(p, d, t) for p, d, t, _ in seen] == [("targets", i, n_layers + 1) for i in range(1, n_layers + 2)]
+    assert all(info == {"windows": len(train_w), "unit": "layers and head"} for *_, info in seen)
+    k = spec.top_k
+    for j in whole:
+        lw, ls = nn.log_softmax(whole[j], axis=-1), nn.log_softmax(streamed[j], axis=-1)
+        assert ls.shape == lw.shape == (*batches[j].shape, open_source(src).config["vocab_size"])
+        assert mx.abs(ls - lw).max().item() <= 1e-5
+        top = [mx.sort(mx.argpartition(x, kth=-k, axis=-1)[..., -k:], axis=-1) for x in (lw, ls)]
+        assert mx.array_equal(*top).item()
+
+    def targets(teacher):
+        t, v = Targets(None, "train", keep=True), Targets(None, "valid", keep=True)
+        build_targets(teacher, [(t, train_w, list(range(len(train_w))), 2.0), (v, valid_w, [0, 2], 1.0)], k, 4)
+        return t, v
+
+    for a, b in zip(targets(float_model(open_source(src))), targets(open_source(src))):
+        assert sorted(a.mem) == sorted(b.mem) and a.mem
+        for i in a.mem:
+            (va, ia), (vb, ib) = a.mem[i], b.mem[i]
+            order_a, order_b = mx.argsort(ia, axis=-1), mx.argsort(ib, axis=-1)
+            assert mx.array_equal(mx.take_along_axis(ia, order_a, -1), mx.take_along_axis(ib, order_b, -1)).item()
+            assert mx.allclose(mx.take_along_axis(va, order_a, -1).astype(mx.float32),
+                               mx.take_along_axis(vb, order_b, -1).astype(mx.float32), rtol=1e-3, atol=1e-4).item()
+
+
+def test_streamed_teacher_holds_one_layer_at_a_time(tmp_path, monkeypatch):
+    """MLX's allocated bytes while each decoder layer runs: one float layer (plus the hidden states),
+    never two; the pass's peak stays under 3 layers where the whole model's is 8 layers."""
+    import gc
+
+    from mlx_dupq.io.loader import float_model
+    from mlx_dupq.io.source import open_source
+    from mlx_dupq.refine import teacher as T
+    from mlx_dupq.testing import make_hf_dir
+
+    src = make_hf_dir(tmp_path / "m", "llama", num_hidden_layers=8, hidden_size=256, intermediate_size=1024)
+    m = float_model(open_source(src))
+    layer = sum(v.nbytes for _, v in tree_flatten(m.model.layers[0].parameters()))
+    del m
+    batches = [np.random.default_rng(0).integers(0, 320, (4, 32)).astype(np.int32) for _ in range(2)]
+    held, real = [], T.run_layer
+
+    def watched(layer_module, h, batch):
+        held.append(mx.get_active_memory() - base)
+        return real(layer_module, h, batch)
+
+    def peak(teacher) -> int:  # MLX's peak bytes while the teacher is opened (or loaded) and run
+        nonlocal base
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        T.teacher_logits(teacher(), batches, lambda j, x: mx.eval(x))
+        return mx.get_peak_memory() - base
+
+    base = 0
+    monkeypatch.setattr(T, "run_layer", watched)
+    streamed = peak(lambda: open_source(src))
+    assert len(held) == 8 and max(held) < 1.3 * layer, (held, layer)
+    whole = peak(lambda: float_model(open_source(src)))
+    assert streamed < 3 * layer < whole, (streamed, layer, whole)
+
+
+def test_streamed_teacher_refuses_sliding_window_layers(tmp_path):
+    from mlx_dupq.io.source import open_source
+    from mlx_dupq.refine.teacher import teacher_logits
+    from mlx_dupq.testing import make_hf_dir
+
+    src = make_hf_dir(tmp_path / "m", "llama", layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    with pytest.raises(DupqError, match="sliding-window layers") as e:
+        teacher_logits(open_source(src), [np.zeros((1, 16), dtype=np.int32)], lambda j, x: None)
+    assert "\n" not in str(e.value)
+
+
+def test_cached_targets_read_no_layer(e2e_env, tmp_path):
+    """A run whose targets are all in its work directory reads no tensor of the source."""
+    from mlx_dupq.io.source import open_source
+
+    src, pack, _, text = e2e_env
+    out = tmp_path / "p"
+
+    def die(phase, done, total, info):
+        if phase == "train":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_pack(pack, src, small_spec(text), out=out, progress=die)
+    teacher, reads, phases = open_source(src), [], []
+    real_get = teacher.get
+    teacher.get = lambda key: reads.append(key) or real_get(key)
+    distill_pack(pack, teacher, small_spec(text, steps=2), out=out, progress=lambda p, *a: phases.append(p))
+    assert reads == [] and "targets" not in phases and "train" in phases
+
+
+def test_convert_e2e_streams_rotated_and_moe_sources(tiny_dirs, e2e_env, tmp_path, monkeypatch):
+    """convert's e2e stage streams its teacher (progress per layer) for a source with online
+    rotations (the teacher is the un-rotated float source) and a MoE one, and distills."""
+    import mlx_dupq.refine.e2e as e2e_mod
+    from mlx_dupq.io.base import Source
+    from mlx_dupq.io.source import open_source
+    from mlx_dupq.specs import RotationSpec
+
+    teachers, real = [], e2e_mod.build_targets
+    monkeypatch.setattr(e2e_mod, "build_targets", lambda teacher, *a: teachers.append(teacher) or real(teacher, *a))
+    text = e2e_env[3]
+    sources = (("rot", e2e_env[0], RotationSpec(online_down=True)), ("moe", tiny_dirs["deepseek"], None))
+    for name, src, rotation in sources:
+        rec = dataclasses.replace(_e2e_recipe(text, steps=4, eval_every=2), rotation=rotation)
+        seen = []
+        mlx_dupq.convert(src, tmp_path / name, rec, progress=lambda m, d, t: seen.append(m))
+        assert isinstance(teachers[-1], Source) and teachers[-1].fingerprint() == open_source(src).fingerprint()
+        e2e = json.loads((tmp_path / name / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+        assert e2e["steps_run"] == 4 and e2e["valid_kl_after"] <= e2e["valid_kl_before"], (name, e2e)
+        assert any("teacher targets of" in m and "layers and head" in m for m in seen), seen
 
 
 def test_relative_units_train_the_same_parameters(e2e_env, tmp_path):
@@ -513,14 +658,14 @@ def test_restart_with_other_lr_reuses_the_interrupted_runs_targets(e2e_env, tmp_
         if phase == "train" and done == 2:
             raise KeyboardInterrupt
 
-    def computed(run) -> int:  # teacher windows a run computed (targets progress: done of total to do)
+    def computed(run) -> int:  # teacher windows a run computed (what its targets progress says)
         seen = {}
 
         def progress(phase, done, total, info):
             if phase == "targets":
-                seen[info["split"]] = total
+                seen["windows"] = info["windows"]
         run(progress)
-        return sum(seen.values())
+        return seen.get("windows", 0)
 
     out, work = tmp_path / "p", tmp_path / "p.e2e-work"
     with pytest.raises(KeyboardInterrupt):

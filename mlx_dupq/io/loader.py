@@ -5,6 +5,11 @@
 - anything :func:`mlx_dupq.io.source.open_source` accepts (named model, .gguf, HF directory,
   hub id): the float model, dequantized, in ``compute_dtype`` — the "full-precision reference".
 
+The same float model streamed from a source, for passes that must not hold it whole:
+:func:`float_embedding` (the first hidden states), :func:`float_layers` (one decoder layer at a
+time) and :func:`load_float_head` (the final norm and the head, for
+:func:`~mlx_dupq.adapter.final_logits`).
+
 Models are mlx-lm ``nn.Module``s; tokenizers mlx-lm ``TokenizerWrapper``s. On the CPU compute
 in float32 (mlx's CPU build runs fp16/bf16 quantized matmuls ~9x slower).
 """
@@ -12,6 +17,7 @@ in float32 (mlx's CPU build runs fp16/bf16 quantized matmuls ~9x slower).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +28,7 @@ from . import pack as packio
 from .manifest import check_sizes
 from .source import Source, open_source
 from ..layers.cpu import use_dense_prefill
-from ..adapter import build_skeleton, model_classes
+from ..adapter import EMBED_KEY_RE, build_skeleton, layer_owner, layer_prefix, model_classes, sanitize_group
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -82,6 +88,69 @@ def float_model(src: Source, compute_dtype: str = "float32", lazy: bool = False)
         del weights
         release_memory()  # the dequantization's temporaries, freed into the heap
     return m
+
+
+def float_embedding(src: Source, tokens: mx.array) -> mx.array:
+    """The float32 embedding rows of ``tokens`` (n, T) -> (n, T, hidden), read from ``src``: the first
+    hidden states of a streamed pass (the embedding itself is not kept)."""
+    keys = [k for name, keys in src.groups() if name == "other" for k in keys if EMBED_KEY_RE.search(k)]
+    if not keys:
+        raise DupqError(f"{src.name} has no token embedding (model.embed_tokens.weight); pass the original float model")
+    h = src.get(keys[0])[tokens].astype(mx.float32)
+    mx.eval(h)
+    return h
+
+
+def _load_float(src: Source, skeleton: nn.Module, module: nn.Module, prefix: str, keys: list[str]) -> None:
+    """Load the tensors ``keys`` of ``src`` (sanitized: experts stacked) into ``module``, the module at
+    ``prefix`` in ``skeleton``, in float32; every parameter of the module must be among them. Cast
+    one tensor at a time, each stored tensor freed once cast: about the module's float32 bytes, not more."""
+    weights = sanitize_group(skeleton, {k: src.get(k) for k in keys})
+    items = []
+    for k in list(weights):
+        v = weights.pop(k)
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != mx.float32:
+            v = v.astype(mx.float32)
+        mx.eval(v)
+        items.append((k[len(prefix) + 1:], v))
+    try:
+        module.load_weights(items, strict=True)
+    except ValueError as e:
+        raise DupqError(f"the weights of {src.name} {prefix} do not match its config "
+                        f"({' '.join(str(e).split())})") from None
+
+
+def float_layers(src: Source, skeleton: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+    """``(i, decoder layer i of skeleton)`` holding the float32 weights of ``src``'s layer i, one layer
+    at a time: the streamed twin of :func:`float_model`. Layer i is read when the loop asks for it
+    and gets its lazy (never evaluated) skeleton parameters back before layer i + 1 is read, so a
+    pass holds one float layer; leaving the loop early reads no further layer."""
+    layers = layer_owner(skeleton).layers
+    groups = dict(src.groups())
+    for i, layer in enumerate(layers):
+        keys = groups.get(f"layer.{i}")
+        if not keys:
+            raise DupqError(f"{src.name} has no weights for decoder layer {i} of its {len(layers)}; "
+                            "the checkpoint does not match its config.json")
+        original = layer.parameters()
+        try:
+            _load_float(src, skeleton, layer, layer_prefix(keys), keys)
+            yield i, layer
+        finally:
+            layer.update(original)
+            mx.clear_cache()
+
+
+def load_float_head(src: Source, skeleton: nn.Module) -> None:
+    """Load the final norm and the head (``lm_head``, or the input embedding of a tied model) of
+    ``src`` into ``skeleton`` in float32: what :func:`~mlx_dupq.adapter.final_logits` uses, nothing more
+    (an untied model's input embedding stays unread)."""
+    owner = layer_owner(skeleton)
+    path = {id(m): p for p, m in skeleton.named_modules()}
+    other = [k for name, keys in src.groups() if name == "other" for k in keys]
+    for module in (owner.norm, skeleton["lm_head"] if "lm_head" in skeleton else owner.embed_tokens):
+        prefix = path[id(module)]
+        _load_float(src, skeleton, module, prefix, [k for k in other if k.startswith(prefix + ".")])
 
 
 def load(model: str | Path, compute_dtype: str = "float32", lazy: bool = False):

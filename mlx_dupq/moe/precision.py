@@ -38,14 +38,14 @@ from ..config import QuantSpec, Recipe
 from ..errors import DupqError
 from ..quant.bitpack import FORMAT_DUPQ, FORMAT_MLX, packed_shapes
 from .spec import SHARED_PATTERN, MoESpec
-from ..adapter import EMBED_KEY_RE, layer_prefix, module_kind, sanitize_group
+from ..adapter import module_kind
 from ..input_stats import run_layer
 from ..eval.data import calibration_batches, load_text
 from ..io import loader
 from ..io.source import Source, open_source
 from .duplication import expert_copies
 from .experts import expert_rotation
-from .routing import find_blocks, install, layers_of, Routing, uninstall
+from .routing import find_blocks, install, Routing, uninstall
 from .expert_sensitivity import expert_sensitivity
 from .stats import frequency, record_routing
 
@@ -323,60 +323,33 @@ def stream_frequency(src, skeleton: nn.Module, batches: mx.array, batch: int = 4
     """{layer: (E,) routing share} on ``batches`` (n, T), streaming the float weights of ``src``.
 
     The same shares as :func:`expert_frequency` on the loaded float model, without loading it: the
-    float32 embedding rows of the tokens start the hidden states h (n, T, hidden); then for each
-    decoder layer up to the last MoE one, only that layer's weights are read from ``src`` (experts
-    stacked by :func:`mlx_dupq.pipeline.sanitize_group`) into ``skeleton``'s layer in float32, h is run through it
-    (causal mask, ``batch`` sequences at a time) while its router's picks are recorded
-    (:mod:`mlx_dupq.moe.routing`), and the layer gets its original (lazy, never evaluated)
+    float32 embedding rows of the tokens start the hidden states h (n, T, hidden)
+    (:func:`~mlx_dupq.io.loader.float_embedding`); then each decoder layer up to the last MoE one
+    is read from ``src`` into ``skeleton``'s layer in float32 (:func:`~mlx_dupq.io.loader.float_layers`),
+    h is run through it (causal mask, ``batch`` sequences at a time) while its router's picks are
+    recorded (:mod:`mlx_dupq.moe.routing`), and the layer gets its original (lazy, never evaluated)
     parameters back. Peak memory: one layer + h + the embedding while h is built.
     """
     blocks = {b.layer: b for b in find_blocks(skeleton)}
-    layers = layers_of(skeleton)
-    groups = dict(src.groups())
-    embed = [k for k in groups.get("other", []) if EMBED_KEY_RE.search(k)]
-    if not embed:
-        raise DupqError(f"{src.name} has no token embedding (model.embed_tokens.weight), so the experts cannot be "
-                        "scored; convert the original float model")
-    w = src.get(embed[0])
-    h = w.astype(mx.float32)[batches]
-    mx.eval(h)
-    del w
+    h = loader.float_embedding(src, batches)
     say = progress or (lambda *a: None)
     last = max(blocks)
     record: list = []
     install(skeleton, Routing(record=record))
     freqs: dict[int, np.ndarray] = {}
     try:
-        for i in range(last + 1):
-            keys = groups.get(f"layer.{i}")
-            if not keys:
-                raise DupqError(f"{src.name} has no weights for decoder layer {i} of its {len(layers)}; "
-                                "the checkpoint does not match its config.json")
+        for i, layer in loader.float_layers(src, skeleton):
             say(f"scoring experts: layer {i + 1} of {last + 1}", i, last + 1)
-            prefix = layer_prefix(keys)
-            layer = layers[i]
-            original = layer.parameters()
-            weights = sanitize_group(skeleton, {k: src.get(k) for k in keys})
-            items = [(k[len(prefix) + 1:], v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
-                     for k, v in weights.items()]
-            del weights
-            try:
-                try:
-                    layer.load_weights(items, strict=True)
-                except ValueError as e:
-                    raise DupqError(f"the weights of {src.name} layer {i} do not match its config "
-                                    f"({' '.join(str(e).split())})") from None
-                del items
-                record.clear()
-                h = run_layer(layer, h, batch)
-                if i in blocks:
-                    inds = np.concatenate([np.asarray(r["inds"].reshape(-1, r["inds"].shape[-1]).astype(mx.int32))
-                                           for r in record])
-                    freqs[i] = frequency(inds, blocks[i].num_experts)
-            finally:
-                record.clear()
-                layer.update(original)
-                mx.clear_cache()
+            record.clear()
+            h = run_layer(layer, h, batch)
+            if i in blocks:
+                inds = np.concatenate([np.asarray(r["inds"].reshape(-1, r["inds"].shape[-1]).astype(mx.int32))
+                                       for r in record])
+                freqs[i] = frequency(inds, blocks[i].num_experts)
+            record.clear()
+            if i == last:
+                break
     finally:
+        record.clear()
         uninstall(skeleton)
     return freqs

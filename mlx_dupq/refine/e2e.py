@@ -15,8 +15,10 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
   kind not listed is refused in one line;
 - data: ``samples + valid_samples`` disjoint windows of ``seq_len + 1`` tokens, picked at random
   (``seed``) among the non-overlapping windows of the calibration text; the validation windows are
-  never trained on. The teacher runs once: the top-``top_k`` log-probabilities per position
-  (float16, at ``temperature``) and their indices are kept in memory and in the work directory;
+  never trained on. The teacher runs once (:mod:`mlx_dupq.refine.teacher`; a model name, path or
+  source is streamed one decoder layer at a time, never loaded whole): the top-``top_k``
+  log-probabilities per position (float16, at ``temperature``) and their indices are kept in memory
+  and in the work directory;
 - loss: ``KL(teacher || student)`` over the teacher's top-k tokens plus one bucket for the rest
   of the vocabulary, at ``temperature`` (DWQ's cached loss renormalises over the top-k and misses
   student mass outside it), averaged over positions; Adam on float32 copies of the trained arrays;
@@ -49,7 +51,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,10 +66,13 @@ from ..errors import DupqError
 from ..eval.data import load_text, tokenize
 from ..io import pack as packio
 from ..io.manifest import read_manifest, write_manifest
-from ..io.loader import load, load_model
+from ..io.base import Source
+from ..io.loader import load
+from ..io.source import open_source
 from ..layers.act_quant import ActQuantInput
 from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
 from .e2e_spec import E2ESpec
+from .teacher import Progress, Targets, build_targets, window_key
 from .train_codes import unpack_codes
 
 QUANT_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, DupqLinear, DupqEmbedding,
@@ -76,8 +80,6 @@ QUANT_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinea
 NORM_CLASSES = (nn.RMSNorm, nn.LayerNorm)
 STATE_FILE, CKPT_FILE, TARGETS_FILE = "state.json", "checkpoint.safetensors", "targets.json"
 MEMORY_TARGETS_BYTES = 1 << 30  # keep the teacher targets in memory below this size
-
-Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, info)
 
 
 @dataclass
@@ -165,72 +167,13 @@ def calibration_windows(ids: np.ndarray, spec: E2ESpec) -> tuple[np.ndarray, np.
     return chunks[order[spec.valid_samples : need]], chunks[order[: spec.valid_samples]]
 
 
-def _key(row: np.ndarray) -> bytes:
-    return np.ascontiguousarray(row, dtype=np.int32).tobytes()
-
-
-class Targets:
-    """Teacher top-k targets per window: ``(log-probs at the temperature (L, k) float16, indices (L, k) uint32)``.
-
-    Computed once for the windows this rank uses, saved under ``root`` (one file per window, so a
-    resumed or data-parallel run reuses them) and kept in memory when they fit."""
-
-    def __init__(self, root: Path | None, split: str, keep: bool):
-        self.root, self.split, self.keep = root, split, keep
-        self.mem: dict[int, tuple[mx.array, mx.array]] = {}
-        self.index: dict[bytes, int] = {}
-
-    def _file(self, i: int) -> Path:
-        return self.root / f"{self.split}-{i:06d}.safetensors"
-
-    def build(self, teacher: nn.Module, windows: np.ndarray, mine: list[int], top_k: int, temperature: float,
-              chunk: int, progress: Progress | None) -> None:
-        self.index = {_key(windows[i]): i for i in range(len(windows))}
-        todo = [i for i in mine if self.root is None or not self._file(i).exists()]
-        for j in range(0, len(todo), chunk):
-            ids = todo[j : j + chunk]
-            logp = nn.log_softmax(teacher(mx.array(windows[ids, :-1])).astype(mx.float32) / temperature, axis=-1)
-            k = min(top_k, logp.shape[-1])
-            idx = mx.argpartition(logp, kth=-k, axis=-1)[..., -k:]
-            vals = mx.take_along_axis(logp, idx, axis=-1).astype(mx.float16)
-            idx = mx.contiguous(idx.astype(mx.uint32))  # a copy: the slice, a view, would keep the whole
-            # (chunk, seq_len, vocab) argpartition alive for as long as the targets (~200 MB per chunk)
-            mx.eval(vals, idx)
-            for r, i in enumerate(ids):
-                if self.root is not None:
-                    tmp = self.root / f"tmp-{self.split}-{i:06d}.safetensors"
-                    mx.save_safetensors(str(tmp), {"logits": vals[r], "indices": idx[r]})
-                    os.replace(tmp, self._file(i))
-                if self.keep:
-                    self.mem[i] = (vals[r], idx[r])
-            if progress:
-                progress("targets", min(j + chunk, len(todo)), len(todo), {"split": self.split})
-
-    def get(self, rows: np.ndarray) -> tuple[mx.array, mx.array]:
-        """Targets of a batch of windows (B, L+1) -> (log-probs (B, L, k) float32, indices (B, L, k))."""
-        vals, idx = [], []
-        for row in rows:
-            i = self.index[_key(row)]
-            if i not in self.mem:
-                d = mx.load(str(self._file(i)))
-                pair = (d["logits"], d["indices"])
-                if not self.keep:
-                    vals.append(pair[0])
-                    idx.append(pair[1])
-                    continue
-                self.mem[i] = pair
-            vals.append(self.mem[i][0])
-            idx.append(self.mem[i][1])
-        return mx.stack(vals).astype(mx.float32), mx.stack(idx)
-
-
 def _rank_windows(windows: np.ndarray, batch: int, seq_len: int, group) -> list[int]:
     """Indices of the training windows this rank ever sees (its share of every batch)."""
-    index = {_key(windows[i]): i for i in range(len(windows))}
+    index = {window_key(windows[i]): i for i in range(len(windows))}
     data = [(list(map(int, w)), 0) for w in windows]
     mine = []
     for b, _ in iterate_batches(data, batch, seq_len + 1, loop=False, seed=0, comm_group=group):
-        mine.extend(index[_key(r)] for r in np.array(b))
+        mine.extend(index[window_key(r)] for r in np.array(b))
     return sorted(set(mine))
 
 
@@ -374,14 +317,16 @@ def _text_ids(tokenizer, data) -> tuple[np.ndarray, str]:
     return tokenize(tokenizer, load_text(name)), name
 
 
-def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2ESpec, data=None,
+def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module, spec: E2ESpec, data=None,
                  progress: Progress | None = None, out: str | Path | None = None, resume: bool = False,
                  teacher_name: str | None = None, work: str | Path | None = None) -> E2EResult:
-    """Distill the pack at ``pack_dir`` against ``teacher`` (a model name/path, or a loaded float
-    model); write the refined pack to ``out`` (default: in place). See the module doc.
+    """Distill the pack at ``pack_dir`` against ``teacher`` (the float model: a name, path or opened
+    :class:`Source`, streamed one layer at a time, or a loaded model); write the refined pack to
+    ``out`` (default: in place). See the module doc.
 
     data: a text name or file (default ``spec.data``) or a 1-D array of token ids.
-    progress(phase, done, total, info): phases ``targets``, ``train`` (info: loss), ``valid`` (info: kl).
+    progress(phase, done, total, info): phases ``targets`` (per decoder layer of a streamed teacher; info:
+    windows, unit), ``train`` (info: loss), ``valid`` (info: kl).
     work: the work directory (default ``OUT.e2e-work``; convert puts it inside its partial pack).
     """
     t0 = time.perf_counter()
@@ -403,11 +348,12 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     student, tokenizer = load(pack, lazy=True)
     names = mark_trainable(student, spec.trainable)
     if isinstance(teacher, nn.Module):
-        t_model, t_name = teacher, teacher_name or "model"
+        float_teacher, t_name = teacher, teacher_name or "model"
+        float_teacher.eval()
+    elif isinstance(teacher, Source):
+        float_teacher, t_name = teacher, teacher_name or teacher.name
     else:
-        t_model, _, _ = load_model(teacher)
-        t_name = teacher_name or str(teacher)
-    t_model.eval()
+        float_teacher, t_name = open_source(teacher), teacher_name or str(teacher)
     ids, data_name = _text_ids(tokenizer, spec.data if data is None else data)
     train_w, valid_w = calibration_windows(ids, spec)
 
@@ -430,11 +376,13 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | nn.Module, spec: E2
     mine_valid = [i for i in range(len(valid_w)) if i % size == rank]
     chunk = max(1, spec.batch // size)
     t = spec.temperature
-    train_t.build(t_model, train_w, _rank_windows(train_w, spec.batch, spec.seq_len, group), k, t, chunk, progress)
-    valid_t.build(t_model, valid_w, mine_valid, k, 1.0, chunk, progress)  # validation: the real distribution
-    # from here on only the cached targets are used: drop the float model (freed unless the caller keeps
-    # a reference; convert hands it over) and give its forward passes' buffers back
-    del teacher, t_model
+    mine_train = _rank_windows(train_w, spec.batch, spec.seq_len, group)
+    # (validation targets at temperature 1: the real distribution)
+    parts = [(train_t, train_w, mine_train, t), (valid_t, valid_w, mine_valid, 1.0)]
+    build_targets(float_teacher, parts, k, chunk, progress)
+    # from here on only the cached targets are used: drop a loaded float model (freed unless the caller
+    # keeps a reference) and give the teacher pass's buffers back
+    del teacher, float_teacher
     release_memory()
     mx.eval(student.parameters())
 

@@ -6,7 +6,8 @@
   each layer's held-out errors before / after in config.json (``mlx_dupq.refine.block``).
 - ``[refine.e2e]``: :meth:`finish` distills the finished (still partial) pack end to end against
   the float source (:func:`mlx_dupq.refine.e2e.distill_pack`, the same stage as ``mlx-dupq refine``),
-  in place; its work directory (teacher targets, checkpoint) lives inside ``OUT.partial/``, so
+  in place, the teacher streamed from the source one decoder layer at a time (never the whole float
+  model); its work directory (teacher targets, checkpoint) lives inside ``OUT.partial/``, so
   ``convert --resume`` continues an interrupted e2e stage and a fresh convert starts it over. The
   options are validated in :meth:`plan`, before anything is written; config.json records them and
   the validation KL before / after (``mlx_dupq.refine.e2e``).
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from ..errors import DupqError
 from ..features.protocol import ConvertContext, Feature, LayerStep
-from ..io.loader import float_model
 from . import e2e as e2e_stage
 from .e2e_spec import E2ESpec
 from .spec import RefineSpec
@@ -80,7 +80,8 @@ class RefineFeature(Feature):
 
         def progress(phase: str, done: int, total: int, info: dict) -> None:
             if phase == "targets":
-                ctx.progress(f"e2e distillation: teacher targets ({info.get('split')}) {done}/{total}", done, total)
+                ctx.progress(f"e2e distillation: teacher targets of {info['windows']} windows: {done}/{total} "
+                             f"{info['unit']}", done, total)
                 return
             if phase == "train":
                 first.setdefault("step", (done - 1, time.time()))
@@ -91,8 +92,7 @@ class RefineFeature(Feature):
             else:
                 ctx.progress(f"e2e distillation: validation KL {info['kl']:.4f} at step {done}", done, total)
 
-        # the teacher is handed over, not kept here: distill_pack frees it once its targets are built
-        res = e2e_stage.distill_pack(pack_dir, float_model(ctx.source), spec, progress=progress,
+        res = e2e_stage.distill_pack(pack_dir, ctx.source, spec, progress=progress,
                                      resume=(work / e2e_stage.STATE_FILE).exists(),
                                      teacher_name=ctx.source.name, work=work)
         ctx.progress(f"e2e distillation: validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "

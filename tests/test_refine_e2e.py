@@ -768,3 +768,14 @@ def test_unpacked_codes_dupq_layers_and_tied_head(bits, group):
         k = lin._kernel()
         assert k.weight is codes
         assert mx.array_equal(k.scales, mx.repeat(lin["scales"], group // k.group_size, axis=-1))
+
+
+def test_quantized_teacher_is_loaded_whole(e2e_env, tmp_path):
+    """A pack as the teacher (e.g. an 8-bit pack distilling a 2-bit one): no float source reads it, so
+    it is loaded whole, as before the streamed teacher; the stage runs and records it."""
+    src, pack, _, text = e2e_env
+    teacher = tmp_path / "w8"
+    mlx_dupq.convert(src, teacher, bits=8, group_size=32)
+    res = distill_pack(pack, teacher, small_spec(text, steps=2, eval_every=2), out=tmp_path / "out")
+    rec = json.loads((tmp_path / "out" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+    assert rec["teacher"] == str(teacher) and res.steps_run == 2

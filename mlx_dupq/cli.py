@@ -140,6 +140,8 @@ def refine(
     batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step, split across processes \\[default: 1]."),
     trainable: Optional[str] = typer.Option(None, "--trainable", help="Any of scales,biases,norms \\[default: scales,biases]."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text: a :calib set or a file \\[default: mix:calib]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, or cosine (--lr decayed to 0 at the "
+                                           "last step) \\[default: convert --bpw's]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
 ):
     """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed).
@@ -150,7 +152,8 @@ def refine(
     if lr_per_scale:
         relative = False
     spec = E2ESpec.from_dict(base).replace(steps=steps, lr=lr, relative=relative, seq_len=seq_len, batch=batch,
-                                           trainable=trainable, data=data, lr_per_scale=lr_per_scale or None)
+                                           trainable=trainable, data=data, lr_per_scale=lr_per_scale or None,
+                                           schedule=schedule)
     spec = spec.replace(samples=samples if samples is not None else max(spec.steps, 1) * spec.batch)
     with training_bar() as cb:
         res = distill_pack(pack, teacher, spec, out=output, resume=resume, progress=cb)

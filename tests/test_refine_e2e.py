@@ -82,6 +82,7 @@ def test_spec_round_trip_and_recipe_table():
     (dict(samples=2, batch=4), "samples >= batch"),
     (dict(relative=True, lr_per_scale=True), "exclude each other"),
     (dict(lr_per_scale=True, trainable="biases"), "needs scales among trainable"),
+    (dict(schedule="linear"), "schedule 'linear' is unknown"),
 ])
 def test_bad_options_one_line(kw, words):
     with pytest.raises(DupqError) as e:
@@ -503,9 +504,11 @@ def test_never_worse_than_start(e2e_env, tmp_path):
     assert all(mx.array_equal(a[k], b[k]) for k in a)
 
 
-def test_resume_gives_identical_pack(e2e_env, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_gives_identical_pack(e2e_env, tmp_path, schedule):
+    """Also with the cosine schedule: the resumed run continues its learning rate from the saved step."""
     src, pack, _, text = e2e_env
-    spec = small_spec(text, steps=12, eval_every=4)
+    spec = small_spec(text, steps=12, eval_every=4, schedule=schedule)
     full = distill_pack(pack, src, spec, out=tmp_path / "full")
 
     def die(phase, done, total, info):
@@ -779,3 +782,28 @@ def test_quantized_teacher_is_loaded_whole(e2e_env, tmp_path):
     res = distill_pack(pack, teacher, small_spec(text, steps=2, eval_every=2), out=tmp_path / "out")
     rec = json.loads((tmp_path / "out" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
     assert rec["teacher"] == str(teacher) and res.steps_run == 2
+def test_cosine_schedule_decays_to_zero(e2e_env, tmp_path, monkeypatch):
+    """schedule = "cosine": Adam's learning rate follows lr * (1 + cos(pi * t / steps)) / 2 (the lr at
+    the first step, ~0 at the last); "constant" keeps lr."""
+    import mlx.optimizers as optim
+
+    src, pack, _, text = e2e_env
+    seen = {}
+    real = optim.Adam.apply_gradients
+
+    def spy(self, gradients, parameters):  # the rate this step used is the state's after the update
+        out = real(self, gradients, parameters)
+        seen.setdefault(id(self), []).append(float(self.learning_rate))
+        return out
+
+    monkeypatch.setattr(optim.Adam, "apply_gradients", spy)
+    lrs = {}
+    for schedule in ("constant", "cosine"):
+        seen.clear()
+        distill_pack(pack, src, small_spec(text, steps=8, eval_every=4, lr=1e-3, schedule=schedule),
+                     out=tmp_path / schedule)
+        (used,) = seen.values()
+        lrs[schedule] = used
+    assert lrs["constant"] == pytest.approx([1e-3] * 8)
+    want = [1e-3 * (1 + np.cos(np.pi * t / 8)) / 2 for t in range(8)]
+    assert lrs["cosine"] == pytest.approx(want, rel=1e-5, abs=1e-9)

@@ -422,7 +422,8 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
     initial = {n: v.astype(mx.float32) for n, v in flat.items()}
     params = {n: v / unit[n] if n in unit else v for n, v in initial.items()}  # what Adam moves
     lr = spec.lr * median_scale(flat) if spec.lr_per_scale else spec.lr
-    opt = optim.Adam(learning_rate=lr, bias_correction=True)
+    opt = optim.Adam(learning_rate=optim.cosine_decay(lr, max(spec.steps, 1)) if spec.schedule == "cosine" else lr,
+                     bias_correction=True)
     opt.init(params)
     saved_call = None
     if spec.grad_checkpoint and hasattr(student, "layers") and len(student.layers):

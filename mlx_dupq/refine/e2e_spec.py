@@ -26,6 +26,8 @@ lr_per_scale   ``lr`` is in units of the pack's median |scale| (over every train
                models whose weights differ in size (SmolLM2-135M's 3-bit pack: median 0.24,
                Qwen2.5-Coder-0.5B's w2-t3: 0.017, where absolute lr 1e-4 diverged)
 grad_checkpoint  recompute each decoder layer in the backward pass (mlx-lm's ``grad_checkpoint``)
+schedule       ``constant`` (``lr`` at every step, as DWQ) or ``cosine`` (``lr`` decayed along a half
+               cosine to 0 at ``steps``, as EfficientQAT's end-to-end stage)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..specs import check_fields
 
 E2E_VERSION = 1
 TRAINABLE = ("scales", "biases", "norms")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class E2ESpec:
     grad_checkpoint: bool = False
     relative: bool = False
     lr_per_scale: bool = False
+    schedule: str = "constant"
     version: int = E2E_VERSION
 
     def __post_init__(self):
@@ -104,6 +108,8 @@ class E2ESpec:
             raise UsageError(f"e2e needs samples >= batch (got samples={self.samples}, batch={self.batch})")
         if ":eval" in str(self.data).lower():
             raise UsageError(f"e2e data {self.data!r} is an evaluation split; calibrate on a :calib set")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"e2e schedule {self.schedule!r} is unknown; use {' or '.join(SCHEDULES)}")
         if self.version > E2E_VERSION:
             raise UsageError(f"e2e options have version {self.version}, newer than this mlx-dupq ({E2E_VERSION}); upgrade")
 

@@ -36,7 +36,11 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
   when the teacher, data, seq_len, seed, valid_samples, top_k and temperature are the same;
 - data parallel: under ``mx.distributed.init()`` with ``size > 1`` (``mlx.launch``), each rank takes
   ``batch / size`` windows of every batch, gradients are averaged (``nn.average_gradients``), and
-  rank 0 writes; the result equals one process with the same global batch up to float rounding.
+  rank 0 writes; the result equals one process with the same global batch up to float rounding;
+- memory: a step holds the trained arrays in float32 as what Adam moves, its m and v, the gradients
+  and the student's own values, plus (relative) one unit per quantized layer that its scales and
+  biases share: about 5 to 5.5 times their float32 bytes. The start and the best so far are not
+  held: the best lives in the checkpoint and is read back at the end.
 
 The refined pack is written to ``OUT.tmp`` and renamed; its config.json records the options and
 the validation KL before and after under ``mlx_dupq.refine.e2e``.
@@ -233,9 +237,12 @@ def _fresh_work(work: Path, targets_fp: str) -> None:
     (work / TARGETS_FILE).write_text(json.dumps({"fingerprint": targets_fp}))
 
 
-def _save_ckpt(work: Path, state: dict, params: dict, best: dict, opt: optim.Adam) -> None:
+def _save_ckpt(work: Path, state: dict, params: dict, opt: optim.Adam, improved: bool) -> None:
+    """Write ``params``, Adam's state and the best parameters so far: ``params`` when they have just
+    improved, else the previous checkpoint's (read back here rather than held through training)."""
+    old = None if improved else mx.load(str(work / CKPT_FILE))
     arrays = {f"p:{k}": v for k, v in params.items()}
-    arrays.update({f"b:{k}": v for k, v in best.items()})
+    arrays.update({f"b:{k}": v if improved else old[f"b:{k}"] for k, v in params.items()})
     for k in params:
         arrays[f"m:{k}"] = opt.state[k]["m"]
         arrays[f"v:{k}"] = opt.state[k]["v"]
@@ -246,7 +253,7 @@ def _save_ckpt(work: Path, state: dict, params: dict, best: dict, opt: optim.Ada
     packio.write_json_atomic(work / STATE_FILE, state)
 
 
-def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict, dict]:
+def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict]:
     try:
         state = json.loads((work / STATE_FILE).read_text())
         arrays = mx.load(str(work / CKPT_FILE))
@@ -254,13 +261,26 @@ def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict, d
         raise DupqError(f"the checkpoint in {work} could not be read ({type(e).__name__}); "
                         "run again without --resume to start over") from None
     params = {k: arrays[f"p:{k}"] for k in params}
-    best = {k: arrays[f"b:{k}"] for k in params}
     opt.init(params)
     for k in params:
         opt.state[k]["m"] = arrays[f"m:{k}"]
         opt.state[k]["v"] = arrays[f"v:{k}"]
     opt.state["step"] = arrays["step"]
-    return state, params, best
+    return state, params
+
+
+def _checkpoint_best(work: Path, params: dict, group) -> dict:
+    """The best parameters of rank 0's checkpoint, on every rank. The other ranks' work directories may
+    be on other machines: rank 0 sends them, summed as integers with the others' zeros (exact)."""
+    arrays = mx.load(str(work / CKPT_FILE)) if group.rank() == 0 else None
+    best = {}
+    for k, p in params.items():
+        b = arrays[f"b:{k}"] if arrays is not None else mx.zeros_like(p)
+        if group.size() > 1:
+            b = mx.distributed.all_sum(b.view(mx.uint32), group=group, stream=mx.cpu).view(mx.float32)
+        best[k] = b
+        mx.eval(b)  # one array at a time, in the same order on every rank
+    return best
 
 
 # --------------------------------------------------------------------------- writing
@@ -352,7 +372,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
 
     # lazy: the student's bytes are read once the teacher is gone (its targets phase is the stage's peak)
     student, tokenizer = load(pack, lazy=True)
-    names = mark_trainable(student, spec.trainable)
+    mark_trainable(student, spec.trainable)
     if isinstance(teacher, nn.Module):
         float_teacher, t_name = teacher, teacher_name or "model"
         float_teacher.eval()
@@ -419,9 +439,12 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
         return float(total.item()) / len(valid_w)
 
     stored = _stored_dtypes(pack)
-    initial = {n: v.astype(mx.float32) for n, v in flat.items()}
-    params = {n: v / unit[n] if n in unit else v for n, v in initial.items()}  # what Adam moves
+    # what Adam moves; the loaded arrays are not kept (the student's own are replaced at its first pass,
+    # and a pack kept as it was is written unchanged)
+    params = {n: v.astype(mx.float32) / unit[n] if n in unit else v.astype(mx.float32) for n, v in flat.items()}
     lr = spec.lr * median_scale(flat) if spec.lr_per_scale else spec.lr
+    mx.eval(params, unit)
+    del flat
     opt = optim.Adam(learning_rate=optim.cosine_decay(lr, max(spec.steps, 1)) if spec.schedule == "cosine" else lr,
                      bias_correction=True)
     opt.init(params)
@@ -432,14 +455,13 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
     restore_codes = unpack_codes(student)  # the dense matmuls rebuild weights from unpacked codes (same values)
     try:
         if state is not None:
-            state, params, best = _load_ckpt(work, params, opt)
+            state, params = _load_ckpt(work, params, opt)
         else:
             v0 = validate(params)
             state = {"fingerprint": fp, "step": 0, "valid_before": v0, "best": v0, "best_step": 0, "bad": 0,
                      "history": [{"step": 0, "valid_kl": v0}], "stopped": False}
-            best = dict(params)
             if rank == 0:
-                _save_ckpt(work, state, params, best, opt)
+                _save_ckpt(work, state, params, opt, improved=True)
         if progress:
             progress("valid", state["step"], spec.steps, {"kl": state["history"][-1]["valid_kl"]})
         data = [(list(map(int, w)), 0) for w in train_w]
@@ -455,6 +477,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
             grads = dict(tree_flatten(nn.average_gradients(grads)))  # (it returns a nested tree)
             params = opt.apply_gradients(grads, params)
             mx.eval(loss, params, opt.state)
+            del grads  # not held through validation and the checkpoint
             if size > 1:
                 loss = mx.distributed.all_sum(loss, stream=mx.cpu) / size
             step += 1
@@ -463,27 +486,28 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
             if step % spec.eval_every == 0 or step == spec.steps:
                 v = validate(params)
                 state["history"].append({"step": step, "valid_kl": v})
-                if v < state["best"]:
+                improved = v < state["best"]
+                if improved:
                     state.update(best=v, best_step=step, bad=0)
-                    best = dict(params)
                 else:
                     state["bad"] += 1
                     if spec.patience and state["bad"] >= spec.patience:
                         state["stopped"] = True
                 state["step"] = step
                 if rank == 0:
-                    _save_ckpt(work, state, params, best, opt)
+                    _save_ckpt(work, state, params, opt, improved)
                 if progress:
                     progress("valid", step, spec.steps, {"kl": v})
         # the kept parameters: the best, rounded to the stored dtype, and only if better than the start
-        rounded = {n: v.astype(stored.get(n, mx.float32)).astype(mx.float32) for n, v in absolute(best).items()}
-        back = {n: v / unit[n] if n in unit else v for n, v in rounded.items()}
-        v_after = validate(back) if state["best_step"] > 0 else state["valid_before"]
-        kept = "trained" if state["best_step"] > 0 and v_after < state["valid_before"] else "initial"
-        final = rounded if kept == "trained" else initial
-        if kept == "initial":
-            v_after = state["valid_before"]
-        student.update(tree_unflatten(list(final.items())))
+        # (else the pack is written unchanged: the start is not needed again)
+        del opt  # Adam's m and v
+        kept, v_after, final = "initial", state["valid_before"], {}
+        if state["best_step"] > 0:
+            best = params if state["best_step"] == state["step"] else _checkpoint_best(work, params, group)
+            rounded = {n: v.astype(stored.get(n, mx.float32)).astype(mx.float32) for n, v in absolute(best).items()}
+            v = validate({n: v / unit[n] if n in unit else v for n, v in rounded.items()})
+            if v < state["valid_before"]:
+                kept, v_after, final = "trained", v, rounded
     finally:
         restore_codes()
         if saved_call is not None:
@@ -497,7 +521,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
         record = {"options": spec.to_dict(), "teacher": t_name, "data": data_name, "processes": size,
                   **{k: v for k, v in result.to_dict().items() if k != "seconds"}}
         inside = (work.name,) if work.parent == pack else ()
-        write_refined(pack, out, {n: final[n] for n in names} if kept == "trained" else {}, record, skip=inside)
+        write_refined(pack, out, final, record, skip=inside)
         shutil.rmtree(work, ignore_errors=True)
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others wait for rank 0's pack
@@ -516,14 +540,17 @@ def _units(model: nn.Module, trainable: dict[str, mx.array]) -> dict[str, mx.arr
     """``{name: unit}`` of the relative parametrisation: a quantized layer's ``scales`` and
     ``biases`` train in units of the group's initial ``|scale|`` (Adam's step is then a fraction of
     a quantization step whatever the layer's magnitude: SmolLM2's folded scales span 30x); norms
-    train in absolute units (they start near 1)."""
+    train in absolute units (they start near 1). A layer's scales and biases share one unit array."""
     allp = dict(tree_flatten(model.parameters()))
-    out = {}
+    out, of_scales = {}, {}
     for n in trainable:
-        if n.endswith(".scales") or n.endswith(".biases"):
-            s = allp.get(n[: -len("scales")] + "scales" if n.endswith(".scales") else n[: -len("biases")] + "scales")
+        if n.endswith((".scales", ".biases")):
+            key = n[: -len("scales")] + "scales"
+            s = allp.get(key)
             if s is not None and s.shape == trainable[n].shape:
-                out[n] = mx.maximum(mx.abs(s.astype(mx.float32)), 1e-8)
+                if key not in of_scales:
+                    of_scales[key] = mx.maximum(mx.abs(s.astype(mx.float32)), 1e-8)
+                out[n] = of_scales[key]
     return out
 
 

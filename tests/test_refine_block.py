@@ -102,7 +102,8 @@ def test_scale_bias_gradients_match_finite_differences(spec):
 
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"steps": -3}, {"lr": 0}, {"lr_weights": -1e-5},
                                  {"trainable": ["scales", "codes"]}, {"trainable": []}, {"batch": 0},
-                                 {"target": "teacher"}, {"unknown": 1}, {"min_gain": 1.0}, {"min_gain": -0.1}])
+                                 {"target": "teacher"}, {"unknown": 1}, {"min_gain": 1.0}, {"min_gain": -0.1},
+                                 {"min_gain": 0.01, "holdout": 0}])
 def test_bad_options_fail_in_one_line(bad):
     with pytest.raises(DupqError) as e:
         Recipe.from_dict({"name": "x", "refine": {"block": bad}})

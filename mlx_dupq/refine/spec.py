@@ -90,6 +90,8 @@ class BlockSpec:
                 or not 0 <= self.min_gain < 1:
             raise DupqError(f"refine.block min_gain {self.min_gain!r} must be a fraction in [0, 1) (e.g. 0.01)")
         object.__setattr__(self, "min_gain", float(self.min_gain))
+        if self.min_gain > 0 and self.holdout < 1:
+            raise DupqError("refine.block min_gain needs held-out sequences to measure the gain; set holdout >= 1")
         if self.target not in TARGETS:
             raise DupqError(f"refine.block target {self.target!r} is unknown; use float or quantized")
 

@@ -531,6 +531,35 @@ def test_resume_gives_identical_pack(e2e_env, tmp_path, schedule):
         distill_pack(pack, src, spec, out=tmp_path / "other", resume=True)
 
 
+def test_resume_after_a_stop_between_checkpoint_and_state(e2e_env, tmp_path, monkeypatch):
+    """A run stopped after the checkpoint of step 8 was written but before state.json was: state.json
+    still says step 4, the checkpoint holds its own state, and the resumed pack is the full run's."""
+    import mlx_dupq.refine.e2e as e2e_mod
+
+    src, pack, _, text = e2e_env
+    spec = small_spec(text, steps=12, eval_every=4)
+    full = distill_pack(pack, src, spec, out=tmp_path / "full")
+    real, calls = e2e_mod.packio.write_json_atomic, []
+
+    def stop_at_second_state(path, data):
+        if Path(path).name == e2e_mod.STATE_FILE:
+            calls.append(data["step"])
+            if data["step"] == 8:
+                raise KeyboardInterrupt
+        return real(path, data)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(e2e_mod.packio, "write_json_atomic", stop_at_second_state)
+    with pytest.raises(KeyboardInterrupt):
+        distill_pack(pack, src, spec, out=out)
+    monkeypatch.setattr(e2e_mod.packio, "write_json_atomic", real)
+    assert json.loads((tmp_path / "resumed.e2e-work" / "state.json").read_text())["step"] == 4
+    res = distill_pack(pack, src, spec, out=out, resume=True)
+    assert res.history == full.history
+    a, b = _arrays(tmp_path / "full"), _arrays(out)
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+
+
 def test_training_holds_few_copies_of_the_trained_arrays(e2e_env, tmp_path):
     """After each step the trained arrays are held in float32 as what Adam moves, its m and v and the
     student's own values, no more: not the start, nor the best so far (in the checkpoint), nor the

@@ -248,15 +248,17 @@ def _save_ckpt(work: Path, state: dict, params: dict, opt: optim.Adam, improved:
         arrays[f"v:{k}"] = opt.state[k]["v"]
     arrays["step"] = mx.array(opt.state["step"])
     tmp = work / f"tmp-{CKPT_FILE}"
-    mx.save_safetensors(str(tmp), arrays)
+    # the state goes inside the checkpoint too: one atomic write, so a run stopped between the two
+    # files resumes from a matching pair (state.json is the readable copy the resume check opens)
+    mx.save_safetensors(str(tmp), arrays, metadata={"state": json.dumps(state)})
     os.replace(tmp, work / CKPT_FILE)
     packio.write_json_atomic(work / STATE_FILE, state)
 
 
 def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict]:
     try:
-        state = json.loads((work / STATE_FILE).read_text())
-        arrays = mx.load(str(work / CKPT_FILE))
+        arrays, meta = mx.load(str(work / CKPT_FILE), return_metadata=True)
+        state = json.loads(meta["state"]) if "state" in meta else json.loads((work / STATE_FILE).read_text())
     except (OSError, ValueError, RuntimeError) as e:
         raise DupqError(f"the checkpoint in {work} could not be read ({type(e).__name__}); "
                         "run again without --resume to start over") from None

@@ -92,7 +92,7 @@ def _lazy_model(path: Path, plan: StagePlan, compute_dtype: str) -> tuple[nn.Mod
 def load_stage(path: str | Path, rank: int, size: int, compute_dtype: str = "float32") -> tuple[Stage, dict, list[StagePlan]]:
     """(this rank's stage, the model config, every rank's plan) for the pack or mlx-lm directory ``path``."""
     p = Path(str(path)).expanduser()
-    if not (p.is_dir() and (p / "config.json").exists() and (packio.is_pack(p) or "quantization" in packio.read_config(p))):
+    if not packio.is_quantized_dir(p):
         raise DupqError(f"{path} is not a pack or an mlx-lm model directory; --pipeline runs packs "
                         "(make one with `mlx-dupq convert MODEL -o PACK`)")
     plans = plan_stages(tensor_sizes(p, compute_dtype), size)

@@ -54,7 +54,7 @@ def load_model(model: str | Path, compute_dtype: str = "float32", lazy: bool = F
     if p.is_dir() and packio.is_pack(p):
         m, config = packio.load_pack(p, compute_dtype=compute_dtype, lazy=lazy)
         return m, config, p
-    if p.is_dir() and (p / "config.json").exists() and "quantization" in packio.read_config(p):
+    if packio.is_quantized_dir(p):  # (a pack went above: an mlx-lm quantized model)
         from mlx_lm.utils import load_model as mlx_load_model
 
         try:

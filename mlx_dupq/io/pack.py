@@ -206,6 +206,12 @@ def is_pack(path: str | Path) -> bool:
         return False
 
 
+def is_quantized_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory of quantized weights: a pack, or an mlx-lm quantized model."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / "config.json").is_file() and (is_pack(p) or "quantization" in read_config(p))
+
+
 def weight_files(path: Path, only: Callable[[str], bool] | None = None) -> list[Path]:
     """The pack's safetensors files; with ``only``, those the index says hold a selected tensor."""
     index = path / "model.safetensors.index.json"

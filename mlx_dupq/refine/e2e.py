@@ -339,12 +339,6 @@ def _text_ids(tokenizer, data) -> tuple[np.ndarray, str]:
     return tokenize(tokenizer, load_text(name)), name
 
 
-def _quantized_dir(model: str | Path) -> bool:
-    """Whether ``model`` is a directory of quantized weights (a pack, or mlx-lm's), which no float source reads."""
-    p = Path(str(model)).expanduser()
-    return p.is_dir() and (p / "config.json").is_file() and (packio.is_pack(p) or "quantization" in packio.read_config(p))
-
-
 def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module, spec: E2ESpec, data=None,
                  progress: Progress | None = None, out: str | Path | None = None, resume: bool = False,
                  teacher_name: str | None = None, work: str | Path | None = None) -> E2EResult:
@@ -380,7 +374,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
         float_teacher.eval()
     elif isinstance(teacher, Source):
         float_teacher, t_name = teacher, teacher_name or teacher.name
-    elif _quantized_dir(teacher):  # a pack or an mlx-lm quantized model as the teacher: small, loaded whole
+    elif packio.is_quantized_dir(str(teacher)):  # a pack or an mlx-lm quantized model as the teacher: small, loaded whole
         float_teacher, t_name = load_model(teacher)[0], teacher_name or str(teacher)
         float_teacher.eval()
     else:

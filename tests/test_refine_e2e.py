@@ -615,6 +615,52 @@ def test_two_ranks_equal_one_process(e2e_env, tmp_path):
         assert np.allclose(np.array(a[k].astype(mx.float32)), np.array(b[k].astype(mx.float32)), rtol=1e-3, atol=1e-5), k
 
 
+def test_two_machines_resume_to_the_identical_pack(e2e_env, tmp_path):
+    """Two ranks as if on two machines (the same work path, different file systems): rank 1 never sees
+    rank 0's work directory, so it keeps its targets in its own ``e2e-work.rank1`` (never the stale
+    ones another run left where rank 0's would be), and a run stopped at step 7 and resumed gets
+    rank 0's checkpoint (parameters, Adam's state, history) on both ranks: the pack and history of
+    the uninterrupted two-machine run, bit for bit."""
+    from mlx_dupq.refine.e2e import TARGETS_FILE
+
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
+    src, pack, _, text = e2e_env
+    spec = small_spec(text, steps=12, eval_every=4, batch=4)
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def launch(out: str, machines: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}",
+               "--", sys.executable, str(WORKER), str(pack), str(src), str(tmp_path / "spec.json"),
+               str(tmp_path / out), str(tmp_path / machines), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    full = launch("full", "m-full")
+    assert (tmp_path / "full" / "config.json").exists(), full.stdout[-3000:] + full.stderr[-3000:]
+    # another run's targets where rank 1 would find them if it took rank 0's directory for its own
+    stale = tmp_path / "m-res" / "machine1" / "e2e-work"
+    stale.mkdir(parents=True)
+    (stale / TARGETS_FILE).write_text(json.dumps({"fingerprint": "0" * 16}))
+    junk = {"logits": mx.zeros((spec.seq_len, spec.top_k), mx.float16),
+            "indices": mx.zeros((spec.seq_len, spec.top_k), mx.uint32)}
+    for i in range(spec.samples):
+        mx.save_safetensors(str(stale / f"train-{i:06d}.safetensors"), junk)
+    launch("resumed", "m-res", "7")
+    state = json.loads((tmp_path / "m-res" / "machine0" / "e2e-work" / "state.json").read_text())
+    assert state["step"] == 4 and not (tmp_path / "resumed").exists()
+    assert not (tmp_path / "m-res" / "machine1" / "e2e-work" / "state.json").exists()
+    r = launch("resumed", "m-res", "0", "resume")
+    assert (tmp_path / "resumed" / "config.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    rec = {k: json.loads((tmp_path / k / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+           for k in ("full", "resumed")}
+    assert rec["resumed"]["history"] == rec["full"]["history"] and rec["full"]["processes"] == 2
+    a, b = _arrays(tmp_path / "full"), _arrays(tmp_path / "resumed")
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "m-res" / "machine1" / "e2e-work.rank1").exists()  # rank 1 cleaned up its own
+
+
 BEST_WORKER = """
 import sys
 from pathlib import Path

@@ -37,6 +37,8 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
 - data parallel: under ``mx.distributed.init()`` with ``size > 1`` (``mlx.launch``), each rank takes
   ``batch / size`` windows of every batch, gradients are averaged (``nn.average_gradients``), and
   rank 0 writes; the result equals one process with the same global batch up to float rounding;
+  a rank on another machine (it does not see rank 0's work directory) keeps its teacher targets in
+  its own ``WORK.rank<r>``, and a resumed run gets rank 0's checkpoint from rank 0;
 - memory: a step holds the trained arrays in float32 as what Adam moves, its m and v, the gradients
   and the student's own values, plus (relative) one unit per quantized layer that its scales and
   biases share: about 5 to 5.5 times their float32 bytes. The start and the best so far are not
@@ -83,6 +85,7 @@ QUANT_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinea
                  DupqSwitchLinear)
 NORM_CLASSES = (nn.RMSNorm, nn.LayerNorm)
 STATE_FILE, CKPT_FILE, TARGETS_FILE = "state.json", "checkpoint.safetensors", "targets.json"
+OWNER_FILE = "rank0"  # rank 0's token: which ranks share its work directory
 MEMORY_TARGETS_BYTES = 1 << 30  # keep the teacher targets in memory below this size
 
 
@@ -255,34 +258,98 @@ def _save_ckpt(work: Path, state: dict, params: dict, opt: optim.Adam, improved:
     packio.write_json_atomic(work / STATE_FILE, state)
 
 
-def _load_ckpt(work: Path, params: dict, opt: optim.Adam) -> tuple[dict, dict]:
-    try:
-        arrays, meta = mx.load(str(work / CKPT_FILE), return_metadata=True)
-        state = json.loads(meta["state"]) if "state" in meta else json.loads((work / STATE_FILE).read_text())
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DupqError(f"the checkpoint in {work} could not be read ({type(e).__name__}); "
-                        "run again without --resume to start over") from None
-    params = {k: arrays[f"p:{k}"] for k in params}
+def _load_ckpt(work: Path, params: dict, opt: optim.Adam, group) -> tuple[dict, dict]:
+    """Rank 0 reads its checkpoint (the parameters, Adam's state and the run's state); every rank gets
+    them, and Adam starts from them. The other ranks' work directories may be on other machines."""
+    arrays = state = None
+    if group.rank() == 0:
+        try:
+            arrays, meta = mx.load(str(work / CKPT_FILE), return_metadata=True)
+            state = json.loads(meta["state"]) if "state" in meta else json.loads((work / STATE_FILE).read_text())
+        except (OSError, ValueError, RuntimeError) as e:
+            state = {"error": f"the checkpoint in {work} could not be read ({type(e).__name__}); "
+                              "run again without --resume to start over"}
+    state = _from_rank0_json(state, group)
+    if "error" in state:  # on every rank, not only the one that read it
+        raise DupqError(state["error"])
+    like = {f"{p}:{k}": v for k, v in params.items() for p in "pmv"}
+    got = _from_rank0_arrays(arrays, like, group)
+    params = {k: got[f"p:{k}"] for k in params}
     opt.init(params)
     for k in params:
-        opt.state[k]["m"] = arrays[f"m:{k}"]
-        opt.state[k]["v"] = arrays[f"v:{k}"]
-    opt.state["step"] = arrays["step"]
+        opt.state[k]["m"] = got[f"m:{k}"]
+        opt.state[k]["v"] = got[f"v:{k}"]
+    opt.state["step"] = mx.array(state["step"], opt.state["step"].dtype)  # one update per training step
     return state, params
 
 
 def _checkpoint_best(work: Path, params: dict, group) -> dict:
-    """The best parameters of rank 0's checkpoint, on every rank. The other ranks' work directories may
-    be on other machines: rank 0 sends them, summed as integers with the others' zeros (exact)."""
+    """The best parameters of rank 0's checkpoint, on every rank."""
     arrays = mx.load(str(work / CKPT_FILE)) if group.rank() == 0 else None
-    best = {}
-    for k, p in params.items():
-        b = arrays[f"b:{k}"] if arrays is not None else mx.zeros_like(p)
+    got = _from_rank0_arrays(arrays, {f"b:{k}": p for k, p in params.items()}, group)
+    return {k: got[f"b:{k}"] for k in params}
+
+
+def _from_rank0_arrays(arrays: dict | None, like: dict[str, mx.array], group) -> dict[str, mx.array]:
+    """``arrays[k]`` of rank 0 (None elsewhere) for every ``k`` of ``like`` (4-byte dtypes), on every rank,
+    bit for bit: rank 0's bits summed as integers with the others' zeros."""
+    out = {}
+    for k, p in like.items():
+        a = arrays[k] if arrays is not None else mx.zeros_like(p)
         if group.size() > 1:
-            b = mx.distributed.all_sum(b.view(mx.uint32), group=group, stream=mx.cpu).view(mx.float32)
-        best[k] = b
-        mx.eval(b)  # one array at a time, in the same order on every rank
-    return best
+            a = mx.distributed.all_sum(a.view(mx.uint32), group=group, stream=mx.cpu).view(p.dtype)
+        out[k] = a
+        mx.eval(a)  # one array at a time, in the same order on every rank
+    return out
+
+
+def _from_rank0_json(obj, group):
+    """Rank 0's JSON-able ``obj`` on every rank (the others pass anything); also a barrier."""
+    if group.size() == 1:
+        return obj
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
+    n = int(mx.distributed.all_sum(mx.array(len(data), mx.int32), group=group, stream=mx.cpu).item())
+    buf = np.zeros(n, np.int32)
+    buf[: len(data)] = data
+    got = mx.distributed.all_sum(mx.array(buf), group=group, stream=mx.cpu)
+    return json.loads(np.array(got).astype(np.uint8).tobytes().decode())
+
+
+def _prepare_work(work: Path, resume: bool, fp: str, targets_fp: str, group) -> tuple[bool, Path]:
+    """Rank 0 decides from ``work`` whether the run resumes (``resume`` and a state of the same run
+    there) or starts over (keeping matching teacher targets); every rank learns the decision. Returns
+    it and where this rank keeps its teacher targets: ``work`` when it sees rank 0's directory, else
+    (another machine) its own ``WORK.rank<r>`` prepared the same way, never another run's targets."""
+    rank = group.rank()
+    said = None
+    if rank == 0:
+        said = {"resume": False, "token": os.urandom(8).hex()}
+        if resume and (work / STATE_FILE).exists():
+            try:
+                same = json.loads((work / STATE_FILE).read_text()).get("fingerprint") == fp
+            except (OSError, ValueError, AttributeError):
+                same = False
+            if not same:
+                said["error"] = (f"{work} was started with another pack, teacher, data or options; "
+                                 "run without --resume to start over")
+            said["resume"] = True
+        if not said["resume"]:
+            _fresh_work(work, targets_fp)
+        if "error" not in said:
+            (work / OWNER_FILE).write_text(said["token"])
+    said = _from_rank0_json(said, group)
+    if "error" in said:
+        raise DupqError(said["error"])
+    mine = work
+    if rank > 0:
+        try:
+            shared = (work / OWNER_FILE).read_text() == said["token"]
+        except OSError:
+            shared = False
+        if not shared:
+            mine = work.with_name(f"{work.name}.rank{rank}")
+            _fresh_work(mine, targets_fp)
+    return said["resume"], mine
 
 
 # --------------------------------------------------------------------------- writing
@@ -384,20 +451,10 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
 
     work = out.with_name(out.name + ".e2e-work") if work is None else Path(work)
     fp = _fingerprint(pack, t_name, spec, data_name, size)
-    state = None
-    if resume and (work / STATE_FILE).exists():
-        state = json.loads((work / STATE_FILE).read_text())
-        if state.get("fingerprint") != fp:
-            raise DupqError(f"{work} was started with another pack, teacher, data or options; "
-                            "run without --resume to start over")
-    elif rank == 0:
-        _fresh_work(work, _targets_fingerprint(t_name, spec, data_name))
-    if size > 1:
-        mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # rank 0 has prepared the work directory
-        work.mkdir(parents=True, exist_ok=True)  # (another machine's ranks have their own)
+    resuming, mine_work = _prepare_work(work, resume, fp, _targets_fingerprint(t_name, spec, data_name), group)
     k = spec.top_k
     keep = (len(train_w) + len(valid_w)) * spec.seq_len * k * 6 <= MEMORY_TARGETS_BYTES
-    train_t, valid_t = Targets(work, "train", keep), Targets(work, "valid", keep)
+    train_t, valid_t = Targets(mine_work, "train", keep), Targets(mine_work, "valid", keep)
     mine_valid = [i for i in range(len(valid_w)) if i % size == rank]
     chunk = max(1, spec.batch // size)
     t = spec.temperature
@@ -450,8 +507,8 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
         grad_checkpoint(student.layers[0])
     restore_codes = unpack_codes(student)  # the dense matmuls rebuild weights from unpacked codes (same values)
     try:
-        if state is not None:
-            state, params = _load_ckpt(work, params, opt)
+        if resuming:
+            state, params = _load_ckpt(work, params, opt, group)
         else:
             v0 = validate(params)
             state = {"fingerprint": fp, "step": 0, "valid_before": v0, "best": v0, "best_step": 0, "bad": 0,
@@ -519,6 +576,8 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
         inside = (work.name,) if work.parent == pack else ()
         write_refined(pack, out, final, record, skip=inside)
         shutil.rmtree(work, ignore_errors=True)
+    elif mine_work != work:
+        shutil.rmtree(mine_work, ignore_errors=True)
     if size > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others wait for rank 0's pack
     return result

@@ -4,8 +4,8 @@
 # prompt.
 #
 # The model is Qwen2.5-Coder-0.5B with the `w2-t3` recipe (block-Hadamard rotation, GPTQ 3-bit groups
-# of 128 on the decoder, ternary embedding and head: 2.60 bits/weight all-in, PPL 56.81 against the
-# reference's 41.58 = 1.37x on brown:eval, 4 x 512 tokens: bench/results/quickstart_qwen2.5-coder-0.5b_avx512.json),
+# of 128 on the decoder, ternary embedding and head: 2.60 bits/weight all-in, PPL 57.34 against the
+# reference's 41.58 = 1.38x on brown:eval, 4 x 512 tokens: bench/results/quickstart_qwen2.5-coder-0.5b_epyc.json),
 # not the built-in default SmolLM2-135M: at <= 3 bits/weight SmolLM2's best pack, `convert --bpw 3.0`
 # with its end-to-end distillation stage, is 3.3x its reference (96.2 vs 29.3,
 # bench/results/learned_smollm2-135m_bpw3.0_e2e.json) and answers the prompt below with nothing

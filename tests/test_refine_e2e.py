@@ -593,18 +593,25 @@ def _free_port(n: int = 2) -> int:
         pytest.skip("no free consecutive ports on localhost")
 
 
-def test_two_ranks_equal_one_process(e2e_env, tmp_path):
+def _two_ranks(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python3 ARGV`` as 2 ranks under ``mlx.launch`` (ring backend, localhost)."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
+        pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
+    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}", "--",
+           sys.executable, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_two_ranks_equal_one_process(e2e_env, tmp_path):
+    if shutil.which("mlx.launch") is None:
         pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
     src, pack, _, text = e2e_env
     spec = small_spec(text, steps=8, eval_every=4, batch=4)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
     one = distill_pack(pack, src, spec, out=tmp_path / "one")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}", "--",
-           sys.executable, str(WORKER), str(pack), str(src), str(tmp_path / "spec.json"), str(tmp_path / "two")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    r = _two_ranks(str(WORKER), str(pack), str(src), str(tmp_path / "spec.json"), str(tmp_path / "two"))
     # (mlx.launch may exit 0 when a rank failed: the pack is the evidence)
     assert r.returncode == 0 and (tmp_path / "two" / "config.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
@@ -623,19 +630,13 @@ def test_two_machines_resume_to_the_identical_pack(e2e_env, tmp_path):
     the uninterrupted two-machine run, bit for bit."""
     from mlx_dupq.refine.e2e import TARGETS_FILE
 
-    launcher = shutil.which("mlx.launch")
-    if launcher is None:
-        pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
     src, pack, _, text = e2e_env
     spec = small_spec(text, steps=12, eval_every=4, batch=4)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def launch(out: str, machines: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}",
-               "--", sys.executable, str(WORKER), str(pack), str(src), str(tmp_path / "spec.json"),
-               str(tmp_path / out), str(tmp_path / machines), *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        return _two_ranks(str(WORKER), str(pack), str(src), str(tmp_path / "spec.json"), str(tmp_path / out),
+                          str(tmp_path / machines), *extra)
 
     full = launch("full", "m-full")
     assert (tmp_path / "full" / "config.json").exists(), full.stdout[-3000:] + full.stderr[-3000:]
@@ -680,18 +681,13 @@ def test_best_reaches_the_ranks_without_the_checkpoint(tmp_path):
     sends them, bit for bit (-0.0 and NaN included)."""
     from mlx_dupq.refine.e2e import CKPT_FILE
 
-    launcher = shutil.which("mlx.launch")
-    if launcher is None:
-        pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
     (tmp_path / "work0").mkdir()
     (tmp_path / "work1").mkdir()
     want = {"a.scales": mx.random.normal((3, 5), key=mx.random.key(0)),
             "b.biases": mx.array([-0.0, 0.0, float("nan"), 1e-42, -3.5, float("inf"), 2.0])}
     arrays = {f"b:{k}": v for k, v in want.items()} | {f"p:{k}": v + 1 for k, v in want.items()}
     mx.save_safetensors(str(tmp_path / "work0" / CKPT_FILE), arrays)
-    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}", "--",
-           sys.executable, "-c", BEST_WORKER, str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = _two_ranks("-c", BEST_WORKER, str(tmp_path), timeout=120)
     for rank in (0, 1):
         f = tmp_path / f"best{rank}.safetensors"
         assert r.returncode == 0 and f.exists(), r.stdout[-3000:] + r.stderr[-3000:]

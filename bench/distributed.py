@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,27 +24,9 @@ import time
 from pathlib import Path
 
 from mlx_dupq.io.atomic import write_result
+from mlx_dupq.testing import free_base_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_base_port(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for i in range(n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("no free ports on 127.0.0.1")
 
 
 def main() -> None:

@@ -10,7 +10,11 @@ Families: :data:`CONFIGS` (dense qwen2 / llama; MoE deepseek, qwen2_moe, qwen3_m
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -177,3 +181,26 @@ def free_base_port(n: int) -> int:
             for t in socks:
                 t.close()
     raise RuntimeError("no free ports")
+
+
+def mlx_launch(n: int, argv: list[str], *, timeout: float | None = None, env: dict | None = None,
+               cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``mlx.launch -n N --backend ring -- ARGV`` on localhost, output captured.
+
+    The launcher and its ranks run in a process group of their own: past ``timeout`` the whole group
+    is killed (a timed-out ``subprocess.run`` kills only the launcher and leaves ranks spinning in a
+    collective) and ``subprocess.TimeoutExpired`` is raised. mlx.launch may exit 0 when a rank failed:
+    check what the ranks write. Raises FileNotFoundError when mlx.launch is not on PATH."""
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        raise FileNotFoundError("mlx.launch is not on PATH (it ships with mlx)")
+    args = [launcher, "-n", str(n), "--backend", "ring", "-p", str(free_base_port(n)), "--", *argv]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(args, p.returncode, out, err)

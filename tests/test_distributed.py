@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from mlx_dupq.dup.specs import CopySpec, DupPlan
 from mlx_dupq.errors import DupqError
 from mlx_dupq.eval.data import load_text
 from mlx_dupq.eval.ppl import perplexity
-from mlx_dupq.testing import free_base_port
+from mlx_dupq.testing import free_base_port, mlx_launch
 from tests.tiny import TOKENS, make_hf_dir
 
 
@@ -167,10 +166,39 @@ def _env() -> dict:
 
 
 def _launch(n: int, cmd: list[str]) -> subprocess.CompletedProcess:
-    launcher = shutil.which("mlx.launch")
-    assert launcher, "mlx.launch (shipped with mlx) is not on PATH"
-    args = [launcher, "-n", str(n), "--backend", "ring", "-p", str(free_base_port(n)), "--", *cmd]
-    return subprocess.run(args, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=REPO)
+    return mlx_launch(n, cmd, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=REPO)
+
+
+HANG = """
+import os, sys, time
+from pathlib import Path
+import mlx.core as mx
+g = mx.distributed.init()
+Path(sys.argv[1], f"pid{g.rank()}").write_text(str(os.getpid()))
+if g.rank() == 1:
+    time.sleep(600)
+mx.eval(mx.distributed.all_sum(mx.array(1.0)))
+"""
+
+
+def test_a_timed_out_launch_leaves_no_rank_running(tmp_path):
+    """Rank 0 waits in a collective for rank 1, which sleeps: past the timeout both ranks are gone,
+    not only the launcher (a hung test must not leave ranks spinning on the CPU for the rest of the run)."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        mlx_launch(2, [sys.executable, "-c", HANG, str(tmp_path)], timeout=20, env=_env(), cwd=REPO)
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(map(alive, pids)):
+        time.sleep(0.2)
+    assert not any(map(alive, pids)), pids
 
 
 def _reference(path) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mlx_dupq.io.manifest import verify_pack
-from mlx_dupq.testing import free_base_port
+from mlx_dupq.testing import mlx_launch
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_dupq
@@ -586,22 +586,14 @@ def test_training_holds_few_copies_of_the_trained_arrays(e2e_env, tmp_path):
 # --------------------------------------------------------------------------- data parallel
 
 
-def _free_port(n: int = 2) -> int:
-    try:
-        return free_base_port(n)
-    except RuntimeError:
-        pytest.skip("no free consecutive ports on localhost")
-
-
 def _two_ranks(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python3 ARGV`` as 2 ranks under ``mlx.launch`` (ring backend, localhost)."""
-    launcher = shutil.which("mlx.launch")
-    if launcher is None:
+    if shutil.which("mlx.launch") is None:
         pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
-    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port()), "--env", f"PYTHONPATH={ROOT}", "--",
-           sys.executable, *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        return mlx_launch(2, [sys.executable, *argv], timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    except RuntimeError:
+        pytest.skip("no free consecutive ports on localhost")
 
 
 def test_two_ranks_equal_one_process(e2e_env, tmp_path):

@@ -241,15 +241,15 @@ def _fresh_work(work: Path, targets_fp: str) -> None:
 
 
 def _save_ckpt(work: Path, state: dict, params: dict, opt: optim.Adam, improved: bool) -> None:
-    """Write ``params``, Adam's state and the best parameters so far: ``params`` when they have just
-    improved, else the previous checkpoint's (read back here rather than held through training)."""
+    """Write ``params``, Adam's m and v (its step is the state's) and the best parameters so far:
+    ``params`` when they have just improved, else the previous checkpoint's (read back here rather than
+    held through training)."""
     old = None if improved else mx.load(str(work / CKPT_FILE))
     arrays = {f"p:{k}": v for k, v in params.items()}
     arrays.update({f"b:{k}": v if improved else old[f"b:{k}"] for k, v in params.items()})
     for k in params:
         arrays[f"m:{k}"] = opt.state[k]["m"]
         arrays[f"v:{k}"] = opt.state[k]["v"]
-    arrays["step"] = mx.array(opt.state["step"])
     tmp = work / f"tmp-{CKPT_FILE}"
     # the state goes inside the checkpoint too: one atomic write, so a run stopped between the two
     # files resumes from a matching pair (state.json is the readable copy the resume check opens)
@@ -326,16 +326,15 @@ def _prepare_work(work: Path, resume: bool, fp: str, targets_fp: str, group) -> 
         said = {"resume": False, "token": os.urandom(8).hex()}
         if resume and (work / STATE_FILE).exists():
             try:
-                same = json.loads((work / STATE_FILE).read_text()).get("fingerprint") == fp
+                said["resume"] = json.loads((work / STATE_FILE).read_text()).get("fingerprint") == fp
             except (OSError, ValueError, AttributeError):
-                same = False
-            if not same:
+                pass
+            if not said["resume"]:
                 said["error"] = (f"{work} was started with another pack, teacher, data or options; "
                                  "run without --resume to start over")
-            said["resume"] = True
-        if not said["resume"]:
-            _fresh_work(work, targets_fp)
         if "error" not in said:
+            if not said["resume"]:
+                _fresh_work(work, targets_fp)
             (work / OWNER_FILE).write_text(said["token"])
     said = _from_rank0_json(said, group)
     if "error" in said:

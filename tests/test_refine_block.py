@@ -103,7 +103,7 @@ def test_scale_bias_gradients_match_finite_differences(spec):
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"steps": -3}, {"lr": 0}, {"lr_weights": -1e-5},
                                  {"trainable": ["scales", "codes"]}, {"trainable": []}, {"batch": 0},
                                  {"target": "teacher"}, {"unknown": 1}, {"min_gain": 1.0}, {"min_gain": -0.1},
-                                 {"min_gain": 0.01, "holdout": 0}])
+                                 {"min_gain": 0.01, "holdout": 0}, {"experts": "yes"}])
 def test_bad_options_fail_in_one_line(bad):
     with pytest.raises(DupqError) as e:
         Recipe.from_dict({"name": "x", "refine": {"block": bad}})
@@ -242,20 +242,63 @@ def test_block_asking_for_more_calibration_fails_in_one_line(tiny_dirs, tmp_path
 
 
 
-def test_block_trains_around_held_moe_experts(tiny_dirs, tmp_path, calib_file):
-    """A plain (no [moe]) GPTQ recipe with a block stage on a DeepSeek-MoE model: the experts are held at
-    their quantized values, the attention / shared experts / norms train, every layer is reported."""
-    out = tmp_path / "p"
-    block = dict(epochs=4, batch=2, lr=5e-3, trainable=["scales", "biases", "norms"], holdout=2)
-    mlx_dupq.convert(tiny_dirs["deepseek"], out, _recipe(calib_file, "gptq", block))
-    cfg = json.loads((out / "config.json").read_text())["mlx_dupq"]
-    layers = cfg["refine"]["block"]["layers"]
-    assert sorted(layers) == [f"model.layers.{i}" for i in range(3)]
-    for r in layers.values():
-        assert r["error"] == min(r["init_error"], r["trained_error"])
-    assert cfg["modules"]["model.layers.1.mlp.switch_mlp.up_proj"]["kind"] == "switch_linear"
-    model, _ = mlx_dupq.load(out)
-    assert mx.isfinite(model(mx.array([[1, 2, 3, 4]]))).all().item()
+def test_block_on_moe_experts_trained_or_held(tiny_dirs, tmp_path, calib_file):
+    """A plain (no [moe]) GPTQ recipe with a block stage on a DeepSeek-MoE model, experts trained (the
+    default) or held: every layer is reported, the option is recorded, the packs load."""
+    block = dict(epochs=2, batch=2, lr=1e-3, trainable=["scales", "biases", "norms"], holdout=2)
+    for name, experts in (("held", False), ("trained", True)):
+        out = tmp_path / name
+        mlx_dupq.convert(tiny_dirs["deepseek"], out, _recipe(calib_file, "gptq", {**block, "experts": experts}))
+        cfg = json.loads((out / "config.json").read_text())["mlx_dupq"]
+        rep = cfg["refine"]["block"]
+        assert rep["options"]["experts"] is experts
+        assert sorted(rep["layers"]) == [f"model.layers.{i}" for i in range(3)]
+        for r in rep["layers"].values():
+            assert r["error"] == min(r["init_error"], r["trained_error"])
+        assert cfg["modules"]["model.layers.1.mlp.switch_mlp.up_proj"]["kind"] == "switch_linear"
+        model, _ = mlx_dupq.load(out)
+        assert mx.isfinite(model(mx.array([[1, 2, 3, 4]]))).all().item()
+
+
+@pytest.mark.parametrize("bits", [2, 1.58])
+def test_block_trains_switch_layers(tiny_dirs, bits):
+    """refine_layer on a MoE layer whose experts (and attention) are packed: with experts trained the
+    experts' scales and biases move and the layer gets closer to its targets than with the experts held
+    (same data, same steps); held, the experts' arrays come back unchanged. mlx's 2-bit format and
+    our ternary one."""
+    from mlx_dupq.io.loader import load_model
+    from mlx_dupq.layers.quant_linear import quantize_tensor
+    from mlx_dupq.quant.bitpack import unpack
+    from mlx_dupq.quant.qtensor import dequantize
+    from mlx_dupq.refine.block import refine_layer
+
+    model, _, _ = load_model(tiny_dirs["deepseek"])
+    layer, prefix = model.model.layers[1], "model.layers.1"
+    x = mx.random.normal((4, 16, 64), key=mx.random.key(0))
+    y = layer(x, mask="causal")
+    spec_q = QuantSpec(bits=bits, group_size=32, symmetric=bits == 1.58)
+    arrays, entries, fixed = {}, {}, {}
+    for path, m in layer.named_modules():
+        if type(m).__name__ in ("Linear", "SwitchLinear") and "gate" != path.split(".")[-1]:
+            full = f"{prefix}.{path}"
+            a, e = quantize_tensor(m.weight, spec_q, dtype=mx.float16)
+            entries[full] = dict(e, kind="switch_linear" if m.weight.ndim == 3 else "linear")
+            arrays.update({f"{full}.{k}": v for k, v in a.items()})
+            if m.weight.ndim == 3:
+                fixed[f"{full}.weight"] = dequantize(unpack(a, entries[full]))
+    sw = f"{prefix}.mlp.switch_mlp.up_proj"
+    assert sw in entries
+    reps, outs = {}, {}
+    for experts in (False, True):
+        spec = BlockSpec(epochs=30, batch=4, lr=5e-3, holdout=0, samples=None, seq_len=None, experts=experts)
+        outs[experts], _, reps[experts] = refine_layer(layer, prefix, arrays, entries, x, y, spec, mx.float16,
+                                                        fixed=fixed)
+    for k in ("scales", "biases") if bits == 2 else ("scales",):
+        assert mx.array_equal(outs[False][f"{sw}.{k}"], arrays[f"{sw}.{k}"]).item()
+        assert not mx.array_equal(outs[True][f"{sw}.{k}"], arrays[f"{sw}.{k}"]).item()
+    assert reps[True].init_error == pytest.approx(reps[False].init_error, rel=1e-5)
+    assert reps[True].kept == reps[False].kept == "trained"
+    assert reps[True].error < 0.95 * reps[False].error, (reps[False], reps[True])
 
 
 def test_block_holds_switch_layers_at_their_quantized_weights(tiny_dirs, calib_file):
@@ -272,7 +315,7 @@ def test_block_holds_switch_layers_at_their_quantized_weights(tiny_dirs, calib_f
     entries = {f"{prefix}.mlp.switch_mlp.up_proj": {"kind": "switch_linear", "format": "mlx"}}
     x = mx.random.normal((4, 8, 64), key=mx.random.key(0))
     y = layer(x, mask="causal")
-    spec = BlockSpec(epochs=0)
+    spec = BlockSpec(epochs=0, experts=False)
     with pytest.raises(DupqError) as e:
         refine_layer(layer, prefix, {}, entries, x, y, spec, mx.float16)
     assert "\n" not in str(e.value)

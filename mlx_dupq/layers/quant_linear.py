@@ -261,6 +261,14 @@ class DupqSwitchLinear(SwitchShape, _DupqBase):
             self.bias = mx.zeros((num_experts, output_dims))
 
 
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
+        """(E, out, in) weight in ``dtype`` for :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`."""
+        k = self._kernel()
+        if k is None:
+            return self.dequantized().astype(dtype)
+        return mx.dequantize(k.weight, k.scales.astype(dtype), k.biases.astype(dtype), group_size=k.group_size,
+                             bits=k.bits)
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = route.switch(self, [(list(range(self.num_experts)), self._stored(), self.entry)], x, indices)
         if y is not None:

@@ -19,9 +19,12 @@ error ``|layer_q(x) - y|^2`` over minibatches of calibration sequences. The last
 sequences are not trained on (the training set is the first ``samples`` other sequences, cut
 to their first ``seq_len`` tokens, so the training cost can be set apart from GPTQ's calibration): the trained layer is kept only if its error there, with the values
 exactly as stored (storage dtype, re-rounded codes), is below the initialisation's; otherwise the
-initialisation is returned unchanged. Switch (MoE expert) layers do not train: they are held at
-their quantized values (``fixed``, the weights the converter dequantized), so the attention, the
-shared experts and the norms learn around the quantized experts (the router stays float and frozen).
+initialisation is returned unchanged. Switch (MoE expert) layers train like the other linears
+(:class:`~mlx_dupq.refine.fakequant.FakeQuantSwitchLinear`: every expert's scales, biases, latent
+weights; on the CPU the block runs all experts densely, :class:`~mlx_dupq.layers.cpu.DensePrefillSwitchGLU`);
+with ``experts = false``, and always for per-expert-width layers (``moe_mixed``), they are held at
+their quantized values (``fixed``, the weights the converter dequantized) and the rest of the layer
+learns around them. The router stays float and frozen.
 Memory: the layer, ``x``, ``x_f``, ``y`` and Adam's two
 moments of the trainable parameters.
 """
@@ -40,9 +43,10 @@ from mlx.utils import tree_flatten
 
 from ..errors import DupqError
 from ..input_stats import run_layer
+from ..layers.cpu import dense_prefill
 from ..quant.bitpack import FORMATS, pack, unpack
 from ..quant.qtensor import dequantize
-from .fakequant import FakeQuantLinear
+from .fakequant import FakeQuantLinear, FakeQuantSwitchLinear
 from .spec import BlockSpec
 
 Say = Callable[[str], None]
@@ -65,9 +69,14 @@ class LayerReport:
                 "steps": self.steps, "seconds": round(self.seconds, 2), "train_loss": self.train_loss}
 
 
+def trains(entry: dict, spec: BlockSpec) -> bool:
+    """Whether block reconstruction trains this packed module (else a switch layer is held fixed)."""
+    return entry.get("format") in FORMATS and (entry.get("kind") != "switch_linear" or spec.experts)
+
+
 def check_block_supported(entries: dict[str, dict]) -> None:
     """Refuse, in one line, layers block reconstruction cannot train (duplicated linears). Switch
-    (MoE expert) layers of any format are held fixed at their quantized values, not trained."""
+    (MoE expert) layers it cannot train are held fixed at their quantized values."""
     for path, e in entries.items():
         if e.get("kind") == "switch_linear":
             continue
@@ -128,15 +137,20 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
     ``<path>.weight/scales/biases`` with ``entries[path]``); x, y: (n, L, d) inputs and targets;
     ``wrapped``: layer-relative paths behind an online rotation (their linear is ``<rel>.linear``);
     ``fixed``: {``<path>.weight``: float32 dequantized weight} of the layer's switch (expert) layers,
-    required for each one, held at those values while the rest trains and returned unchanged.
+    required for each one it does not train (:func:`trains`), held at those values while the rest
+    trains and returned unchanged.
     Returns (arrays to store, dequantized float weights and norms to run the layer with, report);
     the layer is left with its original linear modules and weights.
     """
     check_block_supported(entries)
-    fixed = dict(fixed or {})
+    with dense_prefill(layer):  # on the CPU: the MoE block runs every expert as one matmul
+        return _refine_layer(layer, prefix, arrays, entries, x, y, spec, storage, wrapped, say, dict(fixed or {}))
+
+
+def _refine_layer(layer, prefix, arrays, entries, x, y, spec, storage, wrapped, say, fixed):
     held = {}  # switch weight key -> (module slot, its float weight, to put back)
     for path, e in entries.items():
-        if e.get("kind") == "switch_linear" and path.startswith(prefix + "."):
+        if e.get("kind") == "switch_linear" and path.startswith(prefix + ".") and not trains(e, spec):
             key = f"{path}.weight"
             if key not in fixed:
                 raise DupqError(f"refine.block needs the quantized weights of the switch layer {path} to hold it fixed")
@@ -154,7 +168,7 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
 
     lin = {}  # layer-relative module path -> (full path, the module slot's relative path)
     for path, e in entries.items():
-        if e.get("kind") == "linear" and path.startswith(prefix + "."):
+        if e.get("kind") in ("linear", "switch_linear") and path.startswith(prefix + ".") and trains(e, spec):
             rel = path[len(prefix) + 1 :]
             lin[rel] = (path, f"{rel}.linear" if rel in wrapped else rel)
     init = {rel: unpack({k: arrays[f"{path}.{k}"] for k in ("weight", "scales", "biases") if f"{path}.{k}" in arrays},
@@ -177,8 +191,9 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
     init_err = _error(layer, x_ho, y_ho)
 
     # --- train
-    fq = {rel: FakeQuantLinear(qt, originals[slot].get("bias"), weights="weights" in spec.trainable)
-          for rel, qt in init.items() for slot in [lin[rel][1]]}
+    fq = {rel: (FakeQuantSwitchLinear if qt.codes.ndim == 3 else FakeQuantLinear)(
+        qt, originals[slot].get("bias"), weights="weights" in spec.trainable) for rel, qt in init.items()
+        for slot in [lin[rel][1]]}
     for rel, m in fq.items():
         _set_module(layer, lin[rel][1], m)
     gains = {p: GainRMSNorm(_module(layer, p)) for p in norms}

@@ -141,3 +141,21 @@ class FakeQuantLinear(nn.Module):
             off = symmetric_offsets(s, self.spec.levels) if b is None else b
             codes = codes_for(w, s, off, self.spec)
         return QTensor(codes=codes, scales=s, biases=b, spec=self.spec)
+
+
+class FakeQuantSwitchLinear(FakeQuantLinear):
+    """Stacked experts (E, out, in) as :class:`FakeQuantLinear` trains them, called like mlx-lm's
+    ``SwitchLinear``; in a :class:`~mlx_dupq.layers.cpu.DensePrefillSwitchGLU` on the CPU the block
+    takes the whole fake-quantized stack (``dense_weight``) and runs every expert as one matmul."""
+
+    @property
+    def num_experts(self) -> int:
+        return self._rows[0]
+
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
+        return self.weight_hat().astype(dtype)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self.weight_hat().astype(x.dtype).swapaxes(-1, -2)
+        y = mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + mx.expand_dims(self.bias[indices], -2) if "bias" in self else y

@@ -50,6 +50,8 @@ class BlockSpec:
     seed:       shuffling of the training windows
     min_gain:   stop after an epoch that lowered the held-out error by less than this fraction of
                 its value before the epoch (0: run every epoch); needs ``holdout`` >= 1
+    experts:    train the switch (MoE expert) layers too, as every other quantized linear (False:
+                hold them at their quantized values; per-expert-width layers are always held)
     """
 
     epochs: int = 2
@@ -64,6 +66,7 @@ class BlockSpec:
     holdout: int = 2
     seed: int = 0
     min_gain: float = 0.0
+    experts: bool = True
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -94,6 +97,8 @@ class BlockSpec:
             raise DupqError("refine.block min_gain needs held-out sequences to measure the gain; set holdout >= 1")
         if self.target not in TARGETS:
             raise DupqError(f"refine.block target {self.target!r} is unknown; use float or quantized")
+        if not isinstance(self.experts, bool):
+            raise DupqError(f"refine.block experts {self.experts!r} must be true or false")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -49,8 +49,8 @@ class BlockStage:
                  say: Callable[[str], None], dequantized: dict[str, mx.array] | None = None
                  ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
         """Refine one layer: (arrays to store, dequantized weights to advance ``calib.h`` with).
-        ``dequantized``: the converter's dequantized weights of the layer; those of its switch (expert)
-        layers are held fixed while the rest trains (:func:`~mlx_dupq.refine.block.refine_layer`)."""
+        ``dequantized``: the converter's dequantized weights of the layer; those of the switch (expert)
+        layers it does not train are held fixed (:func:`~mlx_dupq.refine.block.refine_layer`)."""
         check_block_supported(entries)
         y, x_float = block_targets(layer, calib.h, calib.hf, self.spec)
         switch = {f"{p}.weight" for p, e in entries.items() if e.get("kind") == "switch_linear"}

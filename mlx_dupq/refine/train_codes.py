@@ -15,8 +15,10 @@ agree``'s windows) has the same cost: at ~100 rows, dequantizing a weight costs 
 
 :func:`unpack_codes` re-classes a model's quantized linears (and tied heads) to subclasses that
 do this on their dense path only (inputs of at least ``CPU_DENSE_MIN_ROWS`` rows on the CPU);
-decode-sized inputs, embeddings' row lookups (they gather the rows first) and switch layers keep
-their own paths. It returns a function that puts the classes back and drops the codes.
+decode-sized inputs and embeddings' row lookups (they gather the rows first) keep their own paths.
+Switch (expert) layers give the dense-experts path of :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`
+their weights from the codes the same way (``dense_weight``). It returns a function that puts the
+classes back and drops the codes.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..layers.cpu import DensePrefillQuantizedEmbedding, DensePrefillQuantizedLinear, _dense
-from ..layers.quant_linear import DupqEmbedding, DupqLinear
+from ..layers.cpu import (DensePrefillQuantizedEmbedding, DensePrefillQuantizedLinear,
+                          DensePrefillQuantizedSwitchLinear, _dense)
+from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
 
 CODES = "_train_codes"  # plain attribute (not a parameter): (rows, in) uint8
 
@@ -65,6 +68,11 @@ class _CodesQuantizedEmbedding(DensePrefillQuantizedEmbedding):
         return x @ from_codes(codes, self["scales"], self["biases"], x.dtype).T
 
 
+class _CodesQuantizedSwitchLinear(DensePrefillQuantizedSwitchLinear):
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
+        return from_codes(getattr(self, CODES), self["scales"], self["biases"], dtype)
+
+
 class _CodesDupqMixin:
     def _matmul(self, x: mx.array) -> mx.array:
         codes = getattr(self, CODES, None)
@@ -78,6 +86,12 @@ class _CodesDupqLinear(_CodesDupqMixin, DupqLinear):
     pass
 
 
+class _CodesDupqSwitchLinear(DupqSwitchLinear):
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
+        k = self._kernel()
+        return from_codes(getattr(self, CODES), k.scales, k.biases, dtype)
+
+
 class _CodesDupqEmbedding(_CodesDupqMixin, DupqEmbedding):
     pass
 
@@ -85,7 +99,8 @@ class _CodesDupqEmbedding(_CodesDupqMixin, DupqEmbedding):
 # only the classes whose dense path dequantizes (a bare nn.QuantizedLinear runs mx.quantized_matmul:
 # other float rounding; the loader gives every mlx layer of a pack its dense prefill class)
 _SWAP = {DensePrefillQuantizedLinear: _CodesQuantizedLinear, DensePrefillQuantizedEmbedding: _CodesQuantizedEmbedding,
-         DupqLinear: _CodesDupqLinear, DupqEmbedding: _CodesDupqEmbedding}
+         DensePrefillQuantizedSwitchLinear: _CodesQuantizedSwitchLinear,
+         DupqLinear: _CodesDupqLinear, DupqEmbedding: _CodesDupqEmbedding, DupqSwitchLinear: _CodesDupqSwitchLinear}
 
 
 def unpack_codes(model: nn.Module) -> Callable[[], None]:
@@ -96,7 +111,7 @@ def unpack_codes(model: nn.Module) -> Callable[[], None]:
         cls = type(m)
         if cls not in _SWAP:
             continue
-        if isinstance(m, (DupqLinear, DupqEmbedding)):
+        if isinstance(m, (DupqLinear, DupqEmbedding, DupqSwitchLinear)):
             k = m._kernel()
             if k is None or k.bits > 8:
                 continue

@@ -33,8 +33,9 @@ the same per input row as a whole GEMV (Qwen2.5-0.5B MLP shape 4864x896, 2-bit, 
 ~4 ms at 1 row, ~470 ms at 64 rows), while dequantizing the weight once and calling BLAS costs
 ~20-40 ms flat. So on the CPU, inputs with at least :data:`CPU_DENSE_MIN_ROWS` rows (prompt
 processing, perplexity windows) are computed as ``x @ mx.dequantize(...).T`` in ``x``'s dtype;
-single-token decode keeps the packed kernel. (Switch layers keep ``gather_qmm``: dequantizing
-all experts costs more than it saves until thousands of token-expert pairs.)
+single-token decode keeps the packed kernel. (A switch layer called on its own keeps
+``gather_qmm``; inside mlx-lm's ``SwitchGLU`` on the CPU, :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`
+runs every expert densely when tokens pick enough of them, from :meth:`DupqSwitchLinear.dense_weight`.)
 """
 
 from __future__ import annotations
@@ -259,7 +260,6 @@ class DupqSwitchLinear(SwitchShape, _DupqBase):
         super().__init__((num_experts, output_dims, input_dims), entry)
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
-
 
     def dense_weight(self, dtype: mx.Dtype) -> mx.array:
         """(E, out, in) weight in ``dtype`` for :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`."""

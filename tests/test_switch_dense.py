@@ -33,11 +33,11 @@ def _block(kind: str, experts: int, bias: bool = False) -> SwitchGLU:
     if kind == "mlx":
         for name in ("up_proj", "gate_proj", "down_proj"):
             setattr(sw, name, getattr(sw, name).to_quantized(group_size=32, bits=2))
-    elif kind == "fake":  # what block reconstruction trains: latent weights, scales, biases
+    elif kind == "fake":  # what block reconstruction trains (codes fixed: scales, offsets)
         for name in ("up_proj", "gate_proj", "down_proj"):
             p = getattr(sw, name)
             qt = rtn_quantize(p.weight, QuantSpec(bits=2, group_size=32))
-            setattr(sw, name, FakeQuantSwitchLinear(qt, p.get("bias"), weights=True))
+            setattr(sw, name, FakeQuantSwitchLinear(qt, p.get("bias")))
     elif kind == "dupq":
         for name, spec in (("up_proj", QuantSpec(bits=1.58, group_size=128, symmetric=True)),
                            ("gate_proj", QuantSpec(bits=3, group_size=64)), ("down_proj", QuantSpec(bits=2, group_size=32))):
@@ -64,6 +64,15 @@ def _spy(monkeypatch, sw) -> list:
         orig = cls.dense_weight
         monkeypatch.setattr(cls, "dense_weight", lambda self, dtype, orig=orig: calls.append(1) or orig(self, dtype))
     return calls
+
+
+def _close(a, b) -> None:
+    """Same loss and gradients to float32 rounding (relative to each gradient's largest entry)."""
+    assert a[1].keys() == b[1].keys() and a[1]
+    np.testing.assert_allclose(a[0].item(), b[0].item(), rtol=1e-5)
+    for k in a[1]:
+        want = np.array(b[1][k])
+        np.testing.assert_allclose(np.array(a[1][k]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=k)
 
 
 def _loss_and_grads(sw, x, idx, r):
@@ -96,10 +105,7 @@ def test_dense_experts_equal_the_gather_path(kind, bias, monkeypatch):
     assert len(calls) == 3  # the dense path ran
     sw.__class__ = SwitchGLU
     gather = _loss_and_grads(sw, x, idx, r)
-    assert dense[1].keys() == gather[1].keys() and dense[1]
-    np.testing.assert_allclose(dense[0].item(), gather[0].item(), rtol=1e-5)
-    for k in dense[1]:
-        np.testing.assert_allclose(np.array(dense[1][k]), np.array(gather[1][k]), rtol=1e-4, atol=1e-4, err_msg=k)
+    _close(dense, gather)
 
 
 def test_decode_and_many_experts_keep_the_gather_path(monkeypatch):
@@ -139,19 +145,30 @@ def test_unpacked_codes_of_switch_layers_give_the_same_loss_and_gradients(kind, 
     assert all(mx.array_equal(plain[1][k], fast[1][k]) for k in plain[1])
 
 
-def test_mixed_width_experts_keep_their_own_path():
-    """A block with a projection that gives no dense weight (per-expert widths) runs mlx-lm's path."""
-    from mlx_dupq.layers.moe_linear import quantize_experts, MixedSwitchLinear
+@pytest.mark.parametrize("rotated", [False, True])
+def test_mixed_width_experts_take_the_dense_path(rotated, monkeypatch):
+    """Per-expert widths (``MixedSwitchLinear``, optionally behind an expert rotation): the dense path
+    runs on their effective weights and agrees with the grouped gather path; gradients of the groups'
+    scales too."""
+    from mlx_dupq.layers.moe_linear import MixedSwitchLinear, quantize_experts
+    from mlx_dupq.moe.experts import expert_rotation
 
     sw = _block("float", experts=6)
-    w = sw.up_proj.weight
     specs = [QuantSpec(bits=2, group_size=32)] * 3 + [QuantSpec(bits=4, group_size=32)] * 3
-    arrays, entry = quantize_experts(w, specs, dtype=mx.float32)
-    mixed = MixedSwitchLinear(D, H, 6, entry)
-    mixed.load_weights(list(arrays.items()))
-    sw.up_proj = mixed
+    for name in ("up_proj", "gate_proj", "down_proj"):
+        w = getattr(sw, name).weight
+        rot = expert_rotation("hadamard", w.shape[-1]) if rotated else None
+        arrays, entry = quantize_experts(w, specs, dtype=mx.float32, rotation=rot)
+        m = MixedSwitchLinear(w.shape[-1], w.shape[1], 6, entry)
+        m.load_weights(list(arrays.items()))
+        setattr(sw, name, m)
     use_dense_prefill(sw)
+    mark_trainable(sw, ("scales", "biases"))
+    calls = _spy(monkeypatch, sw)
     x, idx = _inputs(6, 4, 24)
-    y = sw(x, idx)
+    r = mx.random.normal((2, 24, 4, D), key=mx.random.key(4))
+    dense = _loss_and_grads(sw, x, idx, r)
+    assert len(calls) == 3
     sw.__class__ = SwitchGLU
-    assert mx.array_equal(y, sw(x, idx))
+    gather = _loss_and_grads(sw, x, idx, r)
+    _close(dense, gather)

@@ -17,9 +17,9 @@ picked. That computes ``E / k`` times the picked pairs' FLOPs, but mlx's CPU ``g
 ``gather_mm`` cost about one GEMV per pair: on smollm2-135m-moe (12 experts, top-10, 96 x 576
 experts, 2-bit g32/g64, 256 tokens, fp32, OpenBLAS) forward + backward of one block's scales is
 ~95 ms against ~500 ms. Each projection gives its weight through ``dense_weight(dtype)``
-(float and mlx-quantized switch linears here, ``DupqSwitchLinear``, the codes-unpacked classes of
-:mod:`mlx_dupq.refine.train_codes`); a block with another projection kind (per-expert widths:
-``MixedSwitchLinear``) keeps mlx-lm's path.
+(float and mlx-quantized switch linears here, ``DupqSwitchLinear``, ``MixedSwitchLinear``'s
+effective weight, the codes-unpacked classes of :mod:`mlx_dupq.refine.train_codes`, block
+reconstruction's ``FakeQuantSwitchLinear``); a block with a projection that has none keeps mlx-lm's path.
 """
 
 from __future__ import annotations

@@ -239,6 +239,10 @@ class MixedSwitchLinear(SwitchShape, nn.Module):
         order = np.argsort(np.concatenate([g["experts"] for g in self.entry["groups"]]))
         return mx.concatenate(parts)[mx.array(order)]
 
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
+        """The effective (E, out, in) weight in ``dtype`` for :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`."""
+        return self.dequantized().astype(dtype)
+
     def dequantized(self) -> mx.array:
         """Float32 (E, out, in) effective weight in the input's basis: ``Q(W R) R^T`` (reference path)."""
         w = self.stored_dequantized()

@@ -138,7 +138,7 @@ def refine(
                                           "each seen once]."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window \\[default: 256]."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step, split across processes \\[default: 1]."),
-    trainable: Optional[str] = typer.Option(None, "--trainable", help="Any of scales,biases,norms \\[default: scales,biases]."),
+    trainable: Optional[str] = typer.Option(None, "--trainable", help="Any of scales,biases,norms,routers (MoE routers) \\[default: scales,biases]."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text: a :calib set or a file \\[default: mix:calib]."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, or cosine (--lr decayed to 0 at the "
                                            "last step) \\[default: convert --bpw's]."),

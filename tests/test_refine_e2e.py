@@ -931,3 +931,24 @@ def test_cosine_schedule_decays_to_zero(e2e_env, tmp_path, monkeypatch):
     assert lrs["constant"] == pytest.approx([1e-3] * 8)
     want = [1e-3 * (1 + np.cos(np.pi * t / 8)) / 2 for t in range(8)]
     assert lrs["cosine"] == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
+def test_routers_train_and_nothing_else_moves(e2e_env, tiny_dirs, tmp_path):
+    """``trainable = routers`` on a MoE pack: only the float routers (``mlp.gate.weight``) change, the
+    validation KL does not rise, the refined pack loads; on a dense pack there is nothing to train
+    (one line, no output)."""
+    src, w2, _, text = e2e_env
+    moe = tmp_path / "moe"
+    mlx_dupq.convert(tiny_dirs["deepseek"], moe, bits=2, group_size=32)
+    out = tmp_path / "routers"
+    res = distill_pack(moe, tiny_dirs["deepseek"], small_spec(text, lr=1e-3, trainable="routers"), out=out)
+    assert res.n_trainable > 0 and res.valid_kl_after <= res.valid_kl_before
+    a, b = _arrays(moe), _arrays(out)
+    changed = sorted(k for k in a if not mx.array_equal(a[k], b[k]))
+    assert changed and all(k.endswith(".mlp.gate.weight") for k in changed), changed
+    model, _ = mlx_dupq.load(out)
+    assert mx.isfinite(model(mx.array([[1, 2, 3, 4]]))).all().item()
+    with pytest.raises(DupqError) as e:
+        distill_pack(w2, src, small_spec(text, trainable="routers"), out=tmp_path / "dense")
+    assert "nothing to train" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "dense").exists()

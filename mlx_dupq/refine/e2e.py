@@ -1,5 +1,5 @@
 """End-to-end distillation of a pack (``mlx-dupq refine PACK``): train its scales / biases
-(and norms when asked) against the float model's next-token distribution; the codes never move.
+(and norms, MoE routers when asked) against the float model's next-token distribution; the codes never move.
 
 The method is mlx-lm's DWQ (``mlx_lm/quant/dwq.py``), reused where it can be: its loss
 (``mlx_lm.tuner.losses.kl_div_loss``), its batching (``mlx_lm.tuner.trainer.iterate_batches``,
@@ -121,15 +121,29 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, NORM_CLASSES) or type(m).__name__.endswith("Norm")
 
 
+def _router(block: nn.Module) -> nn.Module | None:
+    """The float router of an MoE block (mlx-lm's ``switch_mlp`` + ``gate``), None for other modules
+    and for a quantized router (its scales train as any quantized layer's)."""
+    if "switch_mlp" not in block or not isinstance(block.get("gate"), nn.Module):
+        return None
+    gate = block["gate"]
+    return None if isinstance(gate, QUANT_CLASSES) else gate
+
+
 def mark_trainable(model: nn.Module, trainable: tuple[str, ...]) -> list[str]:
     """Freeze ``model``, then unfreeze the requested stored arrays; returns their parameter names.
 
     Quantized layers (``QUANT_CLASSES``): ``scales`` / ``biases`` where stored; norms: ``weight`` /
-    ``bias`` when ``"norms"`` is asked. Refuses (one line) activation-quantized packs, non-affine mlx
-    modes and any other module that holds packed integer arrays.
+    ``bias`` when ``"norms"`` is asked; the float routers of MoE blocks (their float arrays: weight,
+    bias, a score-correction bias) when ``"routers"`` is asked. Refuses (one line) activation-quantized
+    packs, non-affine mlx modes and any other module that holds packed integer arrays.
     """
     model.freeze()
     for path, m in model.named_modules():
+        router = _router(m) if "routers" in trainable else None
+        if router is not None:
+            router.unfreeze(keys=[k for k, v in router.items() if isinstance(v, mx.array)
+                                  and mx.issubdtype(v.dtype, mx.floating)], recurse=False)
         if isinstance(m, ActQuantInput):
             raise DupqError(f"refine cannot train {path}: activation fake-quant has no gradient; "
                             "refine a pack converted without [activations]")
@@ -151,7 +165,8 @@ def mark_trainable(model: nn.Module, trainable: tuple[str, ...]) -> list[str]:
                                 f"unknown layer kind; known: {', '.join(c.__name__ for c in QUANT_CLASSES)}")
     names = [k for k, _ in tree_flatten(model.trainable_parameters())]
     if not names:
-        raise DupqError(f"the pack has nothing to train for {', '.join(trainable)} (no quantized layer or norm)")
+        raise DupqError(f"the pack has nothing to train for {', '.join(trainable)} "
+                        "(no quantized layer, norm or MoE router)")
     return names
 
 

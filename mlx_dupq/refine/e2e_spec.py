@@ -11,7 +11,8 @@ samples        training windows of ``seq_len`` tokens drawn from the calibration
 valid_samples  validation windows, drawn from a held-out tail of the calibration text
 seq_len        tokens per window
 batch          windows per step (the global batch; data-parallel ranks split it)
-trainable      what moves: any of ``scales``, ``biases``, ``norms`` (the codes never do)
+trainable      what moves: any of ``scales``, ``biases``, ``norms``, ``routers`` (the float router of
+               each MoE block: which experts a token picks and their weights); the codes never do
 temperature    softmax temperature of teacher and student (mlx-lm's DWQ uses 2.0)
 top_k          teacher logits kept per position (the cached target)
 eval_every     steps between validations (also the checkpoint interval)
@@ -39,7 +40,7 @@ from ..errors import UsageError
 from ..specs import check_fields
 
 E2E_VERSION = 1
-TRAINABLE = ("scales", "biases", "norms")
+TRAINABLE = ("scales", "biases", "norms", "routers")
 SCHEDULES = ("constant", "cosine")
 
 

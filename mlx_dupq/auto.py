@@ -291,7 +291,8 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
                f"{calib_data}; lm_head calibrated on the final states"),
         Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
                f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),
-        Choice("block refine", "scales, biases, norms", f"reproduce each float layer: {BLOCK_WHY}"),
+        Choice("block refine", "scales, biases, norms" + (", MoE experts too" if any(
+            ".switch_mlp." in p for p in plan.table.params) else ""), f"reproduce each float layer: {BLOCK_WHY}"),
         e2e_choice,
     ]
     desc = f"convert --bpw {bpw:g}: " + "; ".join(f"{c.step}: {c.choice}" for c in choices)

@@ -150,3 +150,11 @@ def test_planned_kl_is_zero_for_float_and_grows_as_bits_drop(tiny_dirs):
                 for b in (8, 2))
     assert 0 <= kl8 < kl2
     assert mx.allclose(m(tokens), before).item()  # the float weights are back
+
+
+def test_block_refine_says_it_trains_the_experts_of_a_moe(tiny_dirs):
+    """The block stage's choice names the MoE experts on a MoE model and not on a dense one."""
+    for name, says in (("deepseek", True), ("llama", False)):
+        _, choices = plan_auto(str(tiny_dirs[name]), 4.0, e2e_steps=0)
+        block = next(c for c in choices if c.step == "block refine").choice
+        assert ("MoE experts too" in block) is says, (name, block)

@@ -16,7 +16,7 @@ matmuls over its dense ``(E, out, in)`` weights, and each token takes the rows o
 picked. That computes ``E / k`` times the picked pairs' FLOPs, but mlx's CPU ``gather_qmm`` /
 ``gather_mm`` cost about one GEMV per pair: on smollm2-135m-moe (12 experts, top-10, 96 x 576
 experts, 2-bit g32/g64, 256 tokens, fp32, OpenBLAS) forward + backward of one block's scales is
-~95 ms against ~500 ms. Each projection gives its weight through ``dense_weight(dtype)``
+107 against 492 ms, a whole forward 2.1 against 12.6 s (``bench/moe_dense_experts.py``). Each projection gives its weight through ``dense_weight(dtype)``
 (float and mlx-quantized switch linears here, ``DupqSwitchLinear``, ``MixedSwitchLinear``'s
 effective weight, the codes-unpacked classes of :mod:`mlx_dupq.refine.train_codes`, block
 reconstruction's ``FakeQuantSwitchLinear``); a block with a projection that has none keeps mlx-lm's path.

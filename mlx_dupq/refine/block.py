@@ -147,7 +147,9 @@ def refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], ent
         return _refine_layer(layer, prefix, arrays, entries, x, y, spec, storage, wrapped, say, dict(fixed or {}))
 
 
-def _refine_layer(layer, prefix, arrays, entries, x, y, spec, storage, wrapped, say, fixed):
+def _refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], entries: dict[str, dict], x: mx.array,
+                  y: mx.array, spec: BlockSpec, storage: mx.Dtype, wrapped: set[str], say: Say | None,
+                  fixed: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, mx.array], LayerReport]:
     held = {}  # switch weight key -> (module slot, its float weight, to put back)
     for path, e in entries.items():
         if e.get("kind") == "switch_linear" and path.startswith(prefix + ".") and not trains(e, spec):

@@ -182,16 +182,20 @@ class _DupqBase(nn.Module):
         if y is not None:
             return y
         k = self._kernel()
-        if k is None:
-            return x @ self.dequantized().astype(x.dtype).T
-        if x.size >= CPU_DENSE_MIN_ROWS * x.shape[-1] and mx.default_device() == mx.cpu:
-            w = mx.dequantize(
-                k.weight, k.scales.astype(x.dtype), k.biases.astype(x.dtype), group_size=k.group_size, bits=k.bits
-            )
-            return x @ w.T
+        if k is None or (x.size >= CPU_DENSE_MIN_ROWS * x.shape[-1] and mx.default_device() == mx.cpu):
+            return x @ self.dense_weight(x.dtype).T
         return mx.quantized_matmul(
             x, k.weight, k.scales, k.biases, transpose=True, group_size=k.group_size, bits=k.bits
         )
+
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
+        """The float weight in ``dtype``: the kernel arrays dequantized, or the stored ones where no
+        kernel layout exists (the CPU's dense path; :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`)."""
+        k = self._kernel()
+        if k is None:
+            return self.dequantized().astype(dtype)
+        return mx.dequantize(k.weight, k.scales.astype(dtype), k.biases.astype(dtype), group_size=k.group_size,
+                             bits=k.bits)
 
     def _extra_repr(self) -> str:
         return f"shape={tuple(self.entry['shape'])}, {self.spec.label()}"
@@ -260,14 +264,6 @@ class DupqSwitchLinear(SwitchShape, _DupqBase):
         super().__init__((num_experts, output_dims, input_dims), entry)
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
-
-    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
-        """(E, out, in) weight in ``dtype`` for :class:`mlx_dupq.layers.cpu.DensePrefillSwitchGLU`."""
-        k = self._kernel()
-        if k is None:
-            return self.dequantized().astype(dtype)
-        return mx.dequantize(k.weight, k.scales.astype(dtype), k.biases.astype(dtype), group_size=k.group_size,
-                             bits=k.bits)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = route.switch(self, [(list(range(self.num_experts)), self._stored(), self.entry)], x, indices)

@@ -74,22 +74,17 @@ class _CodesQuantizedSwitchLinear(DensePrefillQuantizedSwitchLinear):
 
 
 class _CodesDupqMixin:
-    def _matmul(self, x: mx.array) -> mx.array:
-        codes = getattr(self, CODES, None)
-        if codes is None or not _dense(x, self):
-            return super()._matmul(x)
+    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
         k = self._kernel()  # the kernel scales / offsets of the current stored arrays (codes kept)
-        return x @ from_codes(codes, k.scales, k.biases, x.dtype).T
+        return from_codes(getattr(self, CODES), k.scales, k.biases, dtype)
 
 
 class _CodesDupqLinear(_CodesDupqMixin, DupqLinear):
     pass
 
 
-class _CodesDupqSwitchLinear(DupqSwitchLinear):
-    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
-        k = self._kernel()
-        return from_codes(getattr(self, CODES), k.scales, k.biases, dtype)
+class _CodesDupqSwitchLinear(_CodesDupqMixin, DupqSwitchLinear):
+    pass
 
 
 class _CodesDupqEmbedding(_CodesDupqMixin, DupqEmbedding):

@@ -142,6 +142,11 @@ def refine(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text: a :calib set or a file \\[default: mix:calib]."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, or cosine (--lr decayed to 0 at the "
                                            "last step) \\[default: convert --bpw's]."),
+    chat_samples: Optional[int] = typer.Option(None, "--chat-samples", help="Training windows of chat "
+                                               "conversations beside the text's \\[default: convert --bpw's]."),
+    chat_data: Optional[str] = typer.Option(None, "--chat-data", help="'self' (the teacher's own answers to prompts "
+                                            "built from the calibration text, generated once and cached) or a "
+                                            ".jsonl file of {\"messages\": [...]} lines \\[default: self]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
 ):
     """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed).
@@ -153,7 +158,7 @@ def refine(
         relative = False
     spec = E2ESpec.from_dict(base).replace(steps=steps, lr=lr, relative=relative, seq_len=seq_len, batch=batch,
                                            trainable=trainable, data=data, lr_per_scale=lr_per_scale or None,
-                                           schedule=schedule)
+                                           schedule=schedule, chat_samples=chat_samples, chat_data=chat_data)
     spec = spec.replace(samples=samples if samples is not None else max(spec.steps, 1) * spec.batch)
     with training_bar() as cb:
         res = distill_pack(pack, teacher, spec, out=output, resume=resume, progress=cb)

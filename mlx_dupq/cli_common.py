@@ -84,9 +84,10 @@ def training_bar():
                 shown["valid"] = f"valid KL {info['kl']:.4f}"
                 if bar.disable:  # logs: one line per validation
                     err.print(f"[dim]step {done}/{total}: {shown['valid']}[/dim]")
-            key = "targets" if phase == "targets" else "train"
+            key = phase if phase in ("targets", "chat") else "train"
             if key not in tasks:
-                tasks[key] = bar.add_task("teacher targets" if key == "targets" else "distilling", total=1, info="")
+                label = {"targets": "teacher targets", "chat": "teacher answers (chat data)"}.get(key, "distilling")
+                tasks[key] = bar.add_task(label, total=1, info="")
             text = f"loss {info['loss']:.4f}  {shown['valid']}" if "loss" in info else shown["valid"]
             bar.update(tasks[key], completed=done, total=max(total, 1), info=text)
 

@@ -13,6 +13,9 @@ gradients of the quantized layers' scales and biases come from ``mx.quantized_ma
   stored ``scales`` / ``biases`` become trainable parameters, the stored layout stays (a symmetric
   format stores no biases: only its scales train). A module holding packed (integer) arrays of a
   kind not listed is refused in one line;
+- chat data (``chat_samples``): windows of conversations in the chat template beside the text windows
+  (:mod:`mlx_dupq.refine.chat_data`: the teacher's own answers, or a file), their validation windows
+  beside the text's;
 - data: ``samples + valid_samples`` disjoint windows of ``seq_len + 1`` tokens, picked at random
   (``seed``) among the non-overlapping windows of the calibration text; the validation windows are
   never trained on. The teacher runs once (:mod:`mlx_dupq.refine.teacher`; a model name, path or
@@ -73,10 +76,11 @@ from ..eval.data import load_text, tokenize
 from ..io import pack as packio
 from ..io.manifest import read_manifest, write_manifest
 from ..io.base import Source
-from ..io.loader import load, load_model
+from ..io.loader import float_model, load, load_model
 from ..io.source import open_source
 from ..layers.act_quant import ActQuantInput
 from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
+from . import chat_data
 from .e2e_spec import E2ESpec
 from .teacher import Progress, Targets, build_targets, window_key
 from .train_codes import unpack_codes
@@ -178,15 +182,45 @@ def calibration_windows(ids: np.ndarray, spec: E2ESpec) -> tuple[np.ndarray, np.
 
     The stream is cut into non-overlapping windows of L + 1 tokens; a seeded permutation picks the
     validation windows first and the training windows next, so the two never overlap."""
-    w = spec.seq_len + 1
+    return _windows(ids, spec.samples, spec.valid_samples, spec.seq_len, spec.seed, "the calibration text")
+
+
+def _windows(ids: np.ndarray, samples: int, valid: int, seq_len: int, seed: int, what: str
+             ) -> tuple[np.ndarray, np.ndarray]:
+    w = seq_len + 1
     n = len(ids) // w
-    need = spec.samples + spec.valid_samples
+    need = samples + valid
     if n < need:
-        raise DupqError(f"the calibration text has {len(ids)} tokens, {n} windows of {w}; {need} are needed "
+        raise DupqError(f"{what} has {len(ids)} tokens, {n} windows of {w}; {need} are needed "
                         f"(samples + valid_samples): use more text, fewer samples or a shorter seq_len")
     chunks = np.asarray(ids[: n * w], dtype=np.int32).reshape(n, w)
-    order = np.random.default_rng(spec.seed).permutation(n)
-    return chunks[order[spec.valid_samples : need]], chunks[order[: spec.valid_samples]]
+    order = np.random.default_rng(seed).permutation(n)
+    return chunks[order[valid:need]], chunks[order[:valid]]
+
+
+def chat_windows(teacher, tokenizer, spec: E2ESpec, progress: Progress | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The chat windows of ``spec`` (:mod:`mlx_dupq.refine.chat_data`): (train (chat_samples, L+1),
+    valid (chat_valid, L+1), a name with the conversations' count and digest). ``teacher``: the float
+    teacher as :func:`distill_pack` holds it (a source is loaded whole to generate, then freed)."""
+    if spec.chat_data != "self":
+        convs, name = chat_data.read_conversations(spec.chat_data), f"chat:{Path(spec.chat_data).name}"
+    else:
+        need = (spec.chat_samples + spec.chat_valid()) * (spec.seq_len + 1)
+        if isinstance(teacher, Source):
+            cache = chat_data.cache_path(teacher.fingerprint(), spec.data, spec.seed, spec.chat_max_tokens,
+                                         spec.chat_temp)
+            get = lambda: float_model(teacher)  # noqa: E731
+        else:
+            cache, get = None, lambda: teacher  # noqa: E731
+        convs = chat_data.self_conversations(get, tokenizer, need, spec.data, spec.seed, spec.chat_max_tokens,
+                                             spec.chat_temp, cache, progress)
+        release_memory()
+        name = "chat:self"
+    ids = chat_data.conversation_ids(tokenizer, convs)
+    train, valid = _windows(ids, spec.chat_samples, spec.chat_valid(), spec.seq_len, spec.seed + 1,
+                            f"the chat data ({len(convs)} conversations)")
+    return train, valid, f"{name}[{len(convs)} conversations, {chat_data.digest(convs)}]"
 
 
 def _rank_windows(windows: np.ndarray, batch: int, seq_len: int, group) -> list[int]:
@@ -462,9 +496,15 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
         float_teacher, t_name = open_source(teacher), teacher_name or str(teacher)
     ids, data_name = _text_ids(tokenizer, spec.data if data is None else data)
     train_w, valid_w = calibration_windows(ids, spec)
+    run_data = data_name
+    if spec.chat_samples:
+        chat_t, chat_v, chat_name = chat_windows(float_teacher, tokenizer, spec, progress)
+        train_w, valid_w = np.concatenate([train_w, chat_t]), np.concatenate([valid_w, chat_v])
+        run_data = f"{data_name}+{chat_name}"
 
     work = out.with_name(out.name + ".e2e-work") if work is None else Path(work)
-    fp = _fingerprint(pack, t_name, spec, data_name, size)
+    fp = _fingerprint(pack, t_name, spec, run_data, size)
+    # (the targets are named by their windows' tokens: the chat windows need no part in this fingerprint)
     resuming, mine_work = _prepare_work(work, resume, fp, _targets_fingerprint(t_name, spec, data_name), group)
     k = spec.top_k
     keep = (len(train_w) + len(valid_w)) * spec.seq_len * k * 6 <= MEMORY_TARGETS_BYTES
@@ -585,7 +625,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
                        train_tokens=len(train_w) * spec.seq_len, valid_tokens=len(valid_w) * spec.seq_len,
                        seconds=time.perf_counter() - t0, history=state["history"], lr=lr)
     if rank == 0:
-        record = {"options": spec.to_dict(), "teacher": t_name, "data": data_name, "processes": size,
+        record = {"options": spec.to_dict(), "teacher": t_name, "data": run_data, "processes": size,
                   **{k: v for k, v in result.to_dict().items() if k != "seconds"}}
         inside = (work.name,) if work.parent == pack else ()
         write_refined(pack, out, final, record, skip=inside)

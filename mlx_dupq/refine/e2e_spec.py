@@ -27,6 +27,13 @@ lr_per_scale   ``lr`` is in units of the pack's median |scale| (over every train
                models whose weights differ in size (SmolLM2-135M's 3-bit pack: median 0.24,
                Qwen2.5-Coder-0.5B's w2-t3: 0.017, where absolute lr 1e-4 diverged)
 grad_checkpoint  recompute each decoder layer in the backward pass (mlx-lm's ``grad_checkpoint``)
+chat_samples   training windows of chat conversations (:mod:`mlx_dupq.refine.chat_data`) beside the
+               ``samples`` windows of plain text, plus ``round(valid_samples x chat_samples / samples)``
+               (at least 1) validation windows of them; 0 = plain text only
+chat_data      ``self`` (the float teacher's own answers to prompts built from the calibration text,
+               generated once and cached) or a JSON-lines file of conversations in mlx-lm's chat format
+chat_max_tokens  the longest generated answer (tokens)
+chat_temp      sampling temperature of the generated answers (top-p 0.95; 0 = greedy)
 schedule       ``constant`` (``lr`` at every step, as DWQ) or ``cosine`` (``lr`` decayed along a half
                cosine to 0 at ``steps``, as EfficientQAT's end-to-end stage)
 """
@@ -63,6 +70,10 @@ class E2ESpec:
     relative: bool = False
     lr_per_scale: bool = False
     schedule: str = "constant"
+    chat_samples: int = 0
+    chat_data: str = "self"
+    chat_max_tokens: int = 256
+    chat_temp: float = 0.7
     version: int = E2E_VERSION
 
     def __post_init__(self):
@@ -77,7 +88,7 @@ class E2ESpec:
             raise UsageError(f"nothing to train; name at least one of {', '.join(TRAINABLE)}")
         object.__setattr__(self, "trainable", tuple(t for t in TRAINABLE if t in tr))
         for name in ("steps", "samples", "valid_samples", "seq_len", "batch", "top_k", "eval_every",
-                     "patience", "seed", "version"):
+                     "patience", "seed", "chat_samples", "chat_max_tokens", "version"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise UsageError(f"e2e option {name} must be an integer, got {v!r}")
@@ -86,6 +97,12 @@ class E2ESpec:
         for name in ("samples", "valid_samples", "seq_len", "batch", "top_k", "eval_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"e2e option {name} must be >= 1, got {getattr(self, name)}")
+        if self.chat_samples < 0:
+            raise UsageError(f"e2e chat_samples must be >= 0, got {self.chat_samples}")
+        if self.chat_max_tokens < 1:
+            raise UsageError(f"e2e chat_max_tokens must be >= 1, got {self.chat_max_tokens}")
+        if not isinstance(self.chat_data, str) or not self.chat_data.strip():
+            raise UsageError(f"e2e chat_data must be 'self' or a .jsonl file, got {self.chat_data!r}")
         if self.patience < 0:
             raise UsageError(f"e2e patience must be >= 0, got {self.patience}")
         object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
@@ -96,13 +113,15 @@ class E2ESpec:
                              "scales every group's step); set one")
         if self.lr_per_scale and "scales" not in self.trainable:
             raise UsageError("e2e option lr_per_scale needs scales among trainable; add it or drop lr_per_scale")
-        for name in ("lr", "temperature"):
+        for name in ("lr", "temperature", "chat_temp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise UsageError(f"e2e option {name} must be a number, got {v!r}")
             object.__setattr__(self, name, float(v))
         if not self.lr > 0:
             raise UsageError(f"e2e lr must be > 0, got {self.lr}")
+        if self.chat_temp < 0:
+            raise UsageError(f"e2e chat_temp must be >= 0, got {self.chat_temp}")
         if not self.temperature > 0:
             raise UsageError(f"e2e temperature must be > 0, got {self.temperature}")
         if self.samples < self.batch:
@@ -133,6 +152,10 @@ class E2ESpec:
         if not isinstance(table, dict):
             raise UsageError(f"recipe [refine.e2e] must be a table of options, got {table!r}")
         return cls.from_dict(table)
+
+    def chat_valid(self) -> int:
+        """Validation windows of chat data (0 without chat data)."""
+        return max(1, round(self.valid_samples * self.chat_samples / self.samples)) if self.chat_samples else 0
 
     def replace(self, **kw) -> "E2ESpec":
         """A copy with the given (non-None) options changed, validated again."""

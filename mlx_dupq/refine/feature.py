@@ -74,11 +74,16 @@ class RefineFeature(Feature):
 
     def _distill(self, ctx: ConvertContext, pack_dir: Path) -> None:
         spec, work = self.e2e, pack_dir / E2E_WORK
-        ctx.progress(f"e2e distillation: {spec.steps} steps x {spec.batch} x {spec.seq_len} tokens of {spec.data}, "
-                     f"lr {spec.lr:g}, temperature {spec.temperature:g}", 0, spec.steps)
+        chat = f" (+ {spec.chat_samples} windows of chat, {spec.chat_data})" if spec.chat_samples else ""
+        ctx.progress(f"e2e distillation: {spec.steps} steps x {spec.batch} x {spec.seq_len} tokens of "
+                     f"{spec.data}{chat}, lr {spec.lr:g}, temperature {spec.temperature:g}", 0, spec.steps)
         t0, first = time.time(), {}
 
         def progress(phase: str, done: int, total: int, info: dict) -> None:
+            if phase == "chat":
+                ctx.progress(f"e2e distillation: the teacher's answers for the chat data: {done}/{total}",
+                             done, total)
+                return
             if phase == "targets":
                 ctx.progress(f"e2e distillation: teacher targets of {info['windows']} windows: {done}/{total} "
                              f"{info['unit']}", done, total)

@@ -12,6 +12,7 @@ float32 and one chunk of logits. Both give the same targets up to float rounding
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -45,13 +46,18 @@ class Targets:
         self.root, self.split, self.keep = root, split, keep
         self.mem: dict[int, tuple[mx.array, mx.array]] = {}
         self.index: dict[bytes, int] = {}
+        self.names: list[str] = []
 
     def _file(self, i: int) -> Path:
-        return self.root / f"{self.split}-{i:06d}.safetensors"
+        # named by the window's tokens, not its place: a run with other samples (or chat windows) finds
+        # the targets of every window it shares with an earlier one
+        return self.root / f"{self.split}-{self.names[i]}.safetensors"
 
     def todo(self, windows: np.ndarray, mine: list[int]) -> list[int]:
         """Index ``windows`` (n, L+1) for :meth:`get`; the windows of ``mine`` with no saved targets."""
-        self.index = {window_key(windows[i]): i for i in range(len(windows))}
+        keys = [window_key(windows[i]) for i in range(len(windows))]
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.names = [hashlib.sha256(k).hexdigest()[:20] for k in keys]
         return [i for i in mine if self.root is None or not self._file(i).exists()]
 
     def add(self, ids: list[int], logits: mx.array, top_k: int, temperature: float) -> None:
@@ -65,7 +71,7 @@ class Targets:
         mx.eval(vals, idx)
         for r, i in enumerate(ids):
             if self.root is not None:
-                tmp = self.root / f"tmp-{self.split}-{i:06d}.safetensors"
+                tmp = self.root / f"tmp-{self._file(i).name}"
                 mx.save_safetensors(str(tmp), {"logits": vals[r], "indices": idx[r]})
                 os.replace(tmp, self._file(i))
             if self.keep:

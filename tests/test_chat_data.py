@@ -163,7 +163,7 @@ def test_convert_with_chat_windows_caches_the_teachers_answers(chat_env, tmp_pat
 
     def no_teacher(*a, **kw):
         raise AssertionError("the cached answers should have been used")
-    monkeypatch.setattr(e2e_mod, "float_model", no_teacher)
+    monkeypatch.setattr(e2e_mod, "_generator", no_teacher)
     seen.clear()
     mlx_dupq.convert(src, tmp_path / "q", rec, progress=lambda m, d, t: seen.append(m))
     meta_q = json.loads((tmp_path / "q" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]

@@ -79,6 +79,7 @@ from ..io.base import Source
 from ..io.loader import float_model, load, load_model
 from ..io.source import open_source
 from ..layers.act_quant import ActQuantInput
+from ..layers.cpu import use_dense_prefill
 from ..layers.quant_linear import DupqEmbedding, DupqLinear, DupqSwitchLinear
 from . import chat_data
 from .e2e_spec import E2ESpec
@@ -198,6 +199,14 @@ def _windows(ids: np.ndarray, samples: int, valid: int, seq_len: int, seed: int,
     return chunks[order[valid:need]], chunks[order[:valid]]
 
 
+def _generator(src: Source) -> nn.Module:
+    """The whole float model of ``src`` to generate with (MoE blocks on the CPU's dense-experts path)."""
+    m = float_model(src)
+    if mx.default_device() == mx.cpu:
+        use_dense_prefill(m)
+    return m
+
+
 def chat_windows(teacher, tokenizer, spec: E2ESpec, progress: Progress | None = None
                  ) -> tuple[np.ndarray, np.ndarray, str]:
     """The chat windows of ``spec`` (:mod:`mlx_dupq.refine.chat_data`): (train (chat_samples, L+1),
@@ -210,7 +219,7 @@ def chat_windows(teacher, tokenizer, spec: E2ESpec, progress: Progress | None = 
         if isinstance(teacher, Source):
             cache = chat_data.cache_path(teacher.fingerprint(), spec.data, spec.seed, spec.chat_max_tokens,
                                          spec.chat_temp)
-            get = lambda: float_model(teacher)  # noqa: E731
+            get = lambda: _generator(teacher)  # noqa: E731
         else:
             cache, get = None, lambda: teacher  # noqa: E731
         convs = chat_data.self_conversations(get, tokenizer, need, spec.data, spec.seed, spec.chat_max_tokens,

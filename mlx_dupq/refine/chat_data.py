@@ -279,14 +279,13 @@ def self_conversations(teacher_model: Callable[[], nn.Module], tokenizer, need_t
     while have < need_tokens:
         if model is None:
             model = teacher_model()
-        # a round at a time, sized by the mean length so far (or a guess), so the cache grows in whole rounds
+        # one round at a time (the cache grows in whole rounds, kept after each); the total shown is
+        # estimated from the mean length so far (a first guess: max_tokens per conversation)
         per = max(1, have // len(convs)) if convs else max_tokens
-        rounds = max(1, -(-(need_tokens - have) // (per * ROUND)))
         n0 = len(convs)
-        want = prompts(data, n0 + rounds * ROUND, seed)[n0:]
-        est = n0 + len(want)
-        new = generate_answers(model, tokenizer, want, max_tokens, temp, seed, first_round=n0 // ROUND,
-                               progress=progress, done_before=n0, total=est)
+        est = n0 + max(1, -(-(need_tokens - have) // (per * ROUND))) * ROUND
+        new = generate_answers(model, tokenizer, prompts(data, n0 + ROUND, seed)[n0:], max_tokens, temp, seed,
+                               first_round=n0 // ROUND, progress=progress, done_before=n0, total=est)
         convs += new
         have += len(conversation_ids(tokenizer, new))
         if cache is not None:

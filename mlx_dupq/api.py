@@ -6,7 +6,7 @@ importing mlx-lm; the library itself is used through its own modules.
 
 from __future__ import annotations
 
-from .auto import E2E_DEFAULTS, plan_auto
+from .auto import E2E_DEFAULTS, e2e_windows, plan_auto
 from .bench_run import bench_models
 from .eval.agree import agree_models, DEFAULT_PROMPTS, read_prompts
 from .eval import data as eval_data
@@ -34,4 +34,4 @@ from .search.sensitivity import parse_candidates
 from .serve import log_requests, make_server
 from .specs import parse_bits, parse_group_size
 
-__all__ = ["DEFAULT_PROMPTS", "E2E_DEFAULTS", "E2ESpec", "Objective", "RECIPE_KINDS", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "describe_measured", "distill_pack", "eval_data", "export_gguf", "fetch", "inspect_model", "list_models", "load", "load_text", "log_requests", "make_server", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "plan_auto", "read_prompts", "recipe_catalog", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "verify_pack", "write_dup_recipe", "write_recipe", "write_report"]
+__all__ = ["DEFAULT_PROMPTS", "E2E_DEFAULTS", "E2ESpec", "Objective", "RECIPE_KINDS", "agree_models", "allocate_model", "bench_models", "convert", "decode_comparison", "describe_measured", "distill_pack", "e2e_windows", "eval_data", "export_gguf", "fetch", "inspect_model", "list_models", "load", "load_text", "log_requests", "make_server", "packio", "parse_bits", "parse_candidates", "parse_group_size", "perplexity", "pipeline_bench", "pipeline_perplexity", "plan_auto", "read_prompts", "recipe_catalog", "run_harness", "run_tasks", "search_dup", "split_tasks", "stream", "stream_pipelined", "verify_pack", "write_dup_recipe", "write_recipe", "write_report"]

@@ -116,11 +116,29 @@ BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out
 #: Two changes measured on that pack did not beat this (docs/learned.md): 130 steps after a shorter block
 #: stage (validation KL stopped falling after ~100 steps at 0.738; ``learned_..._mingain_e130.json``), and a
 #: cosine decay from relative 1e-3 (0.750 at step 80 against 0.728; ``learned_..._cosine.json``).
-E2E_DEFAULTS = dict(steps=80, lr=5e-4, relative=True, batch=1, seq_len=256, samples=80, valid_samples=4,
-                    temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20, patience=0,
-                    data="mix:calib", grad_checkpoint=True)
+#: A third of the windows are chat turns (``chat_samples``, ``chat_data = "self"``: the float teacher's own
+#: answers to prompts built from the calibration text, :mod:`mlx_dupq.refine.chat_data`). On SmolLM2-135M's
+#: 3-bit pack, 120 steps (80 text + 40 chat windows against 120 text windows): KL on 5,969 held-out answer
+#: tokens 1.121 vs 1.243, greedy answers to three prompts begin with the right sentence (then loop) where
+#: the text-only pack answers with nothing; brown:eval PPL 105.65 vs 102.98 (4,088 tokens;
+#: ``bench/results/chat_eval_smollm2-135m.json``, docs/e2e.md "Chat turns"). smollm2-135m-moe's 3-bit pack,
+#: 200 steps (134 text + 66 chat against 200 text): KL 0.949 vs 1.073, PPL 97.96 vs 91.83 (docs/moe.md).
+E2E_CHAT_SHARE = 1 / 3
+E2E_DEFAULTS = dict(steps=80, lr=5e-4, relative=True, batch=1, seq_len=256, samples=54, chat_samples=26,
+                    valid_samples=4, temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20,
+                    patience=0, data="mix:calib", grad_checkpoint=True)
 E2E_WHY = ("relative steps of 5e-4 per group: one absolute lr did not train Qwen2.5-Coder-0.5B's mixed "
-           "2-8-bit pack, this did (docs/e2e.md)")
+           "2-8-bit pack, this did; a third of the windows are chat turns of the teacher's own answers, so "
+           "the pack answers in chat (docs/e2e.md)")
+
+
+def e2e_windows(steps: int, batch: int, samples: int | None = None, chat_samples: int | None = None
+                ) -> tuple[int, int]:
+    """(text windows, chat windows) of an e2e stage of ``steps`` x ``batch`` windows, each seen once:
+    :data:`E2E_CHAT_SHARE` of them chat turns, unless given."""
+    total = max(steps, 1) * batch
+    chat = int(total * E2E_CHAT_SHARE) if chat_samples is None else chat_samples
+    return (max(total - chat, batch) if samples is None else samples), chat
 
 
 @dataclass(frozen=True)
@@ -225,10 +243,11 @@ def _e2e(steps: int | None) -> tuple[dict | None, Choice]:
     if importlib.util.find_spec(E2E_MODULE) is None:
         return None, Choice("e2e distillation", "skipped", f"{E2E_MODULE} is not in this installation")
     opts = dict(E2E_DEFAULTS, steps=E2E_DEFAULTS["steps"] if steps is None else steps)
-    opts["samples"] = max(opts["steps"], 1) * opts["batch"]  # every training window seen once
+    opts["samples"], opts["chat_samples"] = e2e_windows(opts["steps"], opts["batch"])  # every window seen once
     spec = E2ESpec.from_dict(opts)  # validates (a bad --e2e-steps: one line, before anything runs)
     return spec.to_dict(), Choice(
-        "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens, "
+        "e2e distillation", f"{spec.steps} steps x {spec.batch} x {spec.seq_len} tokens "
+        f"({spec.samples} text, {spec.chat_samples} chat windows), "
         f"lr {spec.lr:g}{_lr_unit(spec)}{' decayed along a cosine' if spec.schedule == 'cosine' else ''}, "
         f"temperature {spec.temperature:g}, {', '.join(spec.trainable)}",
         f"{spec.data}; {E2E_WHY}; --e2e-steps N changes the steps (0 skips)")

@@ -134,8 +134,8 @@ def refine(
                                             "units, as mlx-lm's DWQ \\[default: relative]."),
     lr_per_scale: bool = typer.Option(False, "--lr-per-scale", help="--lr in units of the pack's median |scale| "
                                       "(one step size for every group; implies --absolute)."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Training windows \\[default: steps x batch, "
-                                          "each seen once]."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Training windows of text \\[default: "
+                                          "steps x batch less the chat windows, each seen once]."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window \\[default: 256]."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Windows per step, split across processes \\[default: 1]."),
     trainable: Optional[str] = typer.Option(None, "--trainable", help="Any of scales,biases,norms,routers (MoE routers) \\[default: scales,biases]."),
@@ -143,7 +143,7 @@ def refine(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, or cosine (--lr decayed to 0 at the "
                                            "last step) \\[default: convert --bpw's]."),
     chat_samples: Optional[int] = typer.Option(None, "--chat-samples", help="Training windows of chat "
-                                               "conversations beside the text's \\[default: convert --bpw's]."),
+                                               "turns beside the text's \\[default: a third of steps x batch]."),
     chat_data: Optional[str] = typer.Option(None, "--chat-data", help="'self' (the teacher's own answers to prompts "
                                             "built from the calibration text, generated once and cached) or a "
                                             ".jsonl file of {\"messages\": [...]} lines \\[default: self]."),
@@ -152,14 +152,15 @@ def refine(
     """Distill PACK's scales/biases (and norms) against TEACHER's next-token distribution (codes fixed).
 
     The defaults are the end-to-end stage of `convert --bpw` (the settings measured best, docs/e2e.md)."""
-    distill_pack, E2ESpec, e2e_defaults = lib("distill_pack", "E2ESpec", "E2E_DEFAULTS")
+    distill_pack, E2ESpec, e2e_defaults, e2e_windows = lib("distill_pack", "E2ESpec", "E2E_DEFAULTS", "e2e_windows")
     base = dict(e2e_defaults)
     if lr_per_scale:
         relative = False
     spec = E2ESpec.from_dict(base).replace(steps=steps, lr=lr, relative=relative, seq_len=seq_len, batch=batch,
                                            trainable=trainable, data=data, lr_per_scale=lr_per_scale or None,
-                                           schedule=schedule, chat_samples=chat_samples, chat_data=chat_data)
-    spec = spec.replace(samples=samples if samples is not None else max(spec.steps, 1) * spec.batch)
+                                           schedule=schedule, chat_data=chat_data)
+    text, chat = e2e_windows(spec.steps, spec.batch, samples, chat_samples)
+    spec = spec.replace(samples=text, chat_samples=chat)
     with training_bar() as cb:
         res = distill_pack(pack, teacher, spec, out=output, resume=resume, progress=cb)
     out.print(f"[green]wrote[/green] {res.out}  validation KL {res.valid_kl_before:.4f} -> {res.valid_kl_after:.4f} "

@@ -31,11 +31,12 @@ def test_bpw_runs_the_e2e_stage(monkeypatch, capsys, tiny_dirs, tmp_path):
     out = tmp_path / "pack"
     code, o, e = run(monkeypatch, capsys, "convert", tiny_dirs["llama"], "-o", out, "--bpw", "3.5", "--e2e-steps", "3")
     assert code == 0, e
-    assert "3 steps x 1 x 256 tokens" in o
+    assert "3 steps x 1 x 256 tokens (2" in o and "text, 1 chat windows)" in o
     cfg = json.loads((out / "config.json").read_text())["mlx_dupq"]
     assert cfg["bits_per_weight"] <= 3.5 and cfg["recipe"]["refine"]["e2e"]["steps"] == 3
     rec = cfg["refine"]["e2e"]
     assert rec["steps_run"] == 3 and rec["valid_kl_after"] <= rec["valid_kl_before"]
+    assert rec["options"]["chat_samples"] == 1 and "+chat:self[" in rec["data"]  # the teacher's own answers
     assert "e2e distillation" in e and sorted(p.name for p in tmp_path.iterdir()) == ["pack"]
 
 

@@ -121,7 +121,8 @@ def test_cli_refine_errors_are_one_line(e2e_env, tmp_path, monkeypatch, capsys):
     opts = json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]["options"]
     from mlx_dupq.auto import E2E_DEFAULTS  # refine's defaults are convert --bpw's e2e stage
 
-    assert opts["relative"] is True and opts["lr"] == E2E_DEFAULTS["lr"] and opts["samples"] == 2 * 4
+    assert opts["relative"] is True and opts["lr"] == E2E_DEFAULTS["lr"]
+    assert (opts["samples"], opts["chat_samples"]) == (6, 2)  # 2 x 4 windows, a third of them chat turns
     out2 = tmp_path / "out2"
     code, o, err = run(monkeypatch, capsys, "refine", pack, "--teacher", src, "-o", out2, "--data", text, "--steps",
                        "1", "--seq-len", "32", "--lr", "1e-5", "--absolute")

@@ -85,7 +85,7 @@ def _dwq_windows(tok, args, steps: int) -> tuple[list, list, int, int, dict]:
     ``calib``: ``steps`` x 2 training + 4 validation windows of ``--calib-len`` tokens drawn from
     ``--calib`` like the other calibrated rows (at most ``--calib-samples`` in all), batch 2;
     ``e2e``: the very windows the e2e stage of ``convert --bpw`` trains and validates on
-    (:data:`mlx_dupq.auto.E2E_DEFAULTS` with ``steps`` steps, text ``--calib``: disjoint windows of
+    (:data:`mlx_dupq.auto.E2E_DEFAULTS` with ``steps`` steps, text only, ``--calib``: disjoint windows of
     seq_len + 1 tokens, seed 0), batch as that stage's; each window feeds seq_len tokens (DWQ drops
     the last), so the token budget is the stage's."""
     if args.dwq_windows == "e2e":
@@ -95,6 +95,9 @@ def _dwq_windows(tok, args, steps: int) -> tuple[list, list, int, int, dict]:
         from mlx_dupq.refine.e2e_spec import E2ESpec
 
         opts, _ = _e2e(steps)
+        # all of them text, as the e2e stage before its chat turns (DWQ has no chat data; the rows compared
+        # were measured text-only)
+        opts = dict(opts, samples=opts["samples"] + opts.get("chat_samples", 0), chat_samples=0)
         spec = E2ESpec.from_dict(dict(opts, data=args.calib))
         train_w, valid_w = calibration_windows(tokenize(tok, load_text(args.calib)), spec)
         train, valid = [(w.tolist(), 0) for w in train_w], [(w.tolist(), 0) for w in valid_w]

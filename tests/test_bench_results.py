@@ -174,7 +174,7 @@ def test_dwq_e2e_windows_are_the_e2e_stages_tokens(tmp_path, monkeypatch):
     train, valid, batch, max_len, rec = w2._dwq_windows(tok, args, 5)
 
     opts, _ = _e2e(5)
-    spec = E2ESpec.from_dict(dict(opts, data=str(text)))
+    spec = E2ESpec.from_dict(dict(opts, data=str(text), samples=5, chat_samples=0))  # text only (DWQ has no chat)
     want_t, want_v = calibration_windows(tokenize(tok, load_text(str(text))), spec)
     assert [t for t, _ in train] == want_t.tolist() and [t for t, _ in valid] == want_v.tolist()
     assert (len(train), len(valid), batch) == (5 * spec.batch, spec.valid_samples, spec.batch)

@@ -134,6 +134,8 @@ def test_chat_file_and_too_little_chat_data(chat_env, tmp_path):
     model, tok = load(src)
     tr, va, name = chat_windows(model, tok, _spec(text, chat_data=str(conv)))
     assert name.startswith("chat:chats.jsonl[12 conversations") and tr.shape == (4, 33)
+    with pytest.raises(DupqError, match="is not a file"):  # named, so checked even with no chat windows
+        distill_pack(w2, src, _spec(text, chat_samples=0, chat_data=str(tmp_path / "nope.jsonl")), out=tmp_path / "out")
     conv.write_text(json.dumps(lines[0]) + "\n")
     with pytest.raises(DupqError, match=r"the chat data \(1 conversations\) has .* windows"):
         chat_windows(model, tok, _spec(text, chat_data=str(conv)))

@@ -482,6 +482,9 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
     if not packio.is_pack(pack):
         raise DupqError(f"{pack} is not an mlx-dupq pack (a float or mlx-lm model?); convert it first: "
                         "mlx-dupq convert MODEL -o PACK")
+    if spec.chat_data != "self" and not Path(spec.chat_data).expanduser().is_file():
+        raise DupqError(f"chat data {spec.chat_data} is not a file; pass 'self' (the teacher's own answers) or a "
+                        ".jsonl file with one {\"messages\": [...]} per line")
     out = pack if out is None else Path(out).expanduser()
     if out != pack and out.exists() and not packio.is_pack(out):
         raise DupqError(f"{out} exists and is not a pack; choose another output path")

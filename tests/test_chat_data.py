@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -170,3 +171,31 @@ def test_convert_with_chat_windows_caches_the_teachers_answers(chat_env, tmp_pat
     mlx_dupq.convert(src, tmp_path / "q", rec, progress=lambda m, d, t: seen.append(m))
     meta_q = json.loads((tmp_path / "q" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
     assert meta_q["data"] == meta["data"] and not any("answers for the chat data" in m for m in seen)
+
+
+def test_two_ranks_share_rank0s_chat_windows(chat_env, tmp_path, monkeypatch):
+    """Under mlx.launch rank 0 generates the conversations and sends them: the 2-rank pack records the same
+    chat data and ends at the one-process run's validation KL."""
+    import shutil
+    import sys
+
+    from mlx_dupq.testing import mlx_launch
+
+    if shutil.which("mlx.launch") is None:
+        pytest.skip("mlx.launch is not on PATH (it ships with mlx)")
+    src, w2, text = chat_env
+    monkeypatch.setenv("MLX_DUPQ_CACHE", str(tmp_path / "cache"))
+    spec = _spec(text, batch=2, steps=4)
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
+    one = distill_pack(w2, src, spec, out=tmp_path / "one")
+    worker = Path(__file__).resolve().parent / "e2e_dp_worker.py"
+    try:
+        r = mlx_launch(2, [sys.executable, str(worker), str(w2), str(src), str(tmp_path / "spec.json"),
+                           str(tmp_path / "two")], timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    except RuntimeError:
+        pytest.skip("no free consecutive ports on localhost")
+    assert (tmp_path / "two" / "config.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads((tmp_path / k / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+            for k in ("one", "two")]
+    assert recs[1]["processes"] == 2 and recs[1]["data"] == recs[0]["data"] and "+chat:self[" in recs[0]["data"]
+    assert recs[1]["valid_kl_after"] == pytest.approx(one.valid_kl_after, rel=1e-4)

@@ -207,11 +207,26 @@ def _generator(src: Source) -> nn.Module:
     return m
 
 
-def chat_windows(teacher, tokenizer, spec: E2ESpec, progress: Progress | None = None
+def chat_windows(teacher, tokenizer, spec: E2ESpec, progress: Progress | None = None, group=None
                  ) -> tuple[np.ndarray, np.ndarray, str]:
     """The chat windows of ``spec`` (:mod:`mlx_dupq.refine.chat_data`): (train (chat_samples, L+1),
     valid (chat_valid, L+1), a name with the conversations' count and digest). ``teacher``: the float
-    teacher as :func:`distill_pack` holds it (a source is loaded whole to generate, then freed)."""
+    teacher as :func:`distill_pack` holds it (a source is loaded whole to generate, then freed).
+    Under data parallelism (``group`` of size > 1) rank 0 reads or generates the conversations and sends
+    them to the others, so every rank holds the same windows (ranks on other machines sample nothing)."""
+    if group is not None and group.size() > 1 and group.rank() != 0:
+        convs, name = _from_rank0_json(None, group)
+    else:
+        convs, name = _chat_conversations(teacher, tokenizer, spec, progress)
+        if group is not None and group.size() > 1:
+            _from_rank0_json([convs, name], group)
+    ids = chat_data.conversation_ids(tokenizer, convs)
+    train, valid = _windows(ids, spec.chat_samples, spec.chat_valid(), spec.seq_len, spec.seed + 1,
+                            f"the chat data ({len(convs)} conversations)")
+    return train, valid, f"{name}[{len(convs)} conversations, {chat_data.digest(convs)}]"
+
+
+def _chat_conversations(teacher, tokenizer, spec: E2ESpec, progress: Progress | None) -> tuple[list, str]:
     if spec.chat_data != "self":
         convs, name = chat_data.read_conversations(spec.chat_data), f"chat:{Path(spec.chat_data).name}"
     else:
@@ -226,10 +241,7 @@ def chat_windows(teacher, tokenizer, spec: E2ESpec, progress: Progress | None = 
                                              spec.chat_temp, cache, progress)
         release_memory()
         name = "chat:self"
-    ids = chat_data.conversation_ids(tokenizer, convs)
-    train, valid = _windows(ids, spec.chat_samples, spec.chat_valid(), spec.seq_len, spec.seed + 1,
-                            f"the chat data ({len(convs)} conversations)")
-    return train, valid, f"{name}[{len(convs)} conversations, {chat_data.digest(convs)}]"
+    return convs, name
 
 
 def _rank_windows(windows: np.ndarray, batch: int, seq_len: int, group) -> list[int]:
@@ -510,7 +522,7 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
     train_w, valid_w = calibration_windows(ids, spec)
     run_data = data_name
     if spec.chat_samples:
-        chat_t, chat_v, chat_name = chat_windows(float_teacher, tokenizer, spec, progress)
+        chat_t, chat_v, chat_name = chat_windows(float_teacher, tokenizer, spec, progress, group)
         train_w, valid_w = np.concatenate([train_w, chat_t]), np.concatenate([valid_w, chat_v])
         run_data = f"{data_name}+{chat_name}"
 

@@ -49,7 +49,7 @@ def held_out(teacher, tok, n: int, seed: int, max_tokens: int, temp: float, path
     ps = chat_data.prompts("mix:calib", n, seed, split="eval")
     convs = chat_data.generate_answers(teacher, tok, ps, max_tokens, temp, seed)
     if path is not None:
-        chat_data._write_jsonl(path, convs)
+        chat_data.write_conversations(path, convs)
     return convs
 
 

@@ -15,7 +15,12 @@ from .._env import machine_record
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write ``data`` as indented JSON through a temp file + rename (never a half-written file).
+    """Write ``data`` as indented JSON through a temp file + rename (never a half-written file)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) through a temp file + rename (never a half-written file).
 
     The temp file is this process's own (``NAME.PID.tmp``), so that runs writing the same file at the
     same time never write into each other's temp file; it is removed when the write fails."""
@@ -23,9 +28,8 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

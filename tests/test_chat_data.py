@@ -199,3 +199,25 @@ def test_two_ranks_share_rank0s_chat_windows(chat_env, tmp_path, monkeypatch):
             for k in ("one", "two")]
     assert recs[1]["processes"] == 2 and recs[1]["data"] == recs[0]["data"] and "+chat:self[" in recs[0]["data"]
     assert recs[1]["valid_kl_after"] == pytest.approx(one.valid_kl_after, rel=1e-4)
+
+
+def test_no_chat_template_trains_on_text_and_says_so(chat_env, tmp_path):
+    """A base model (no chat template) asked for chat windows, as convert --bpw does by default: the text
+    windows train, the record says the chat windows were skipped."""
+    import shutil
+
+    src, w2, text = chat_env
+    pack = tmp_path / "base"
+    shutil.copytree(w2, pack)
+    cfg = pack / "tokenizer_config.json"
+    tc = json.loads(cfg.read_text())
+    tc.pop("chat_template", None)
+    cfg.write_text(json.dumps(tc))
+    (pack / "chat_template.jinja").unlink(missing_ok=True)
+    from mlx_dupq.io.manifest import read_manifest, write_manifest
+    write_manifest(pack, read_manifest(pack)["recipe"])  # (an edited pack: hashed again)
+    assert not getattr(load(pack)[1], "chat_template", None)
+    res = distill_pack(pack, src, _spec(text), out=tmp_path / "r")
+    rec = json.loads((tmp_path / "r" / "config.json").read_text())["mlx_dupq"]["refine"]["e2e"]
+    assert rec["data"] == f"{text} (no chat template: the 4 chat windows skipped)"
+    assert res.train_tokens == 8 * 32 and res.valid_tokens == 2 * 32

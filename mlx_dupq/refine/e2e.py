@@ -521,10 +521,12 @@ def distill_pack(pack_dir: str | Path, teacher: str | Path | Source | nn.Module,
     ids, data_name = _text_ids(tokenizer, spec.data if data is None else data)
     train_w, valid_w = calibration_windows(ids, spec)
     run_data = data_name
-    if spec.chat_samples:
+    if spec.chat_samples and getattr(tokenizer, "chat_template", None):
         chat_t, chat_v, chat_name = chat_windows(float_teacher, tokenizer, spec, progress, group)
         train_w, valid_w = np.concatenate([train_w, chat_t]), np.concatenate([valid_w, chat_v])
         run_data = f"{data_name}+{chat_name}"
+    elif spec.chat_samples:  # a base model (convert --bpw asks for chat windows by default): text only
+        run_data = f"{data_name} (no chat template: the {spec.chat_samples} chat windows skipped)"
 
     work = out.with_name(out.name + ".e2e-work") if work is None else Path(work)
     fp = _fingerprint(pack, t_name, spec, run_data, size)

@@ -20,8 +20,8 @@
    float model's on the calibration tokens; one forward pass per plan). Round to nearest is not
    GPTQ: rotation helps GPTQ more than RTN (docs/quality.md), so this comparison leans against
    rotation.
-2. **GPTQ** on calibration text (``mix:calib``: Brown, Lee news and Python source, 16 x 512 tokens), the
-   head included when separate. The plan's sensitivities use the same text. Prose alone
+2. **GPTQ** on calibration text (``mix:calib``: Brown, Lee news and Python source, :data:`CALIB_SAMPLES`
+   x 512 tokens), the head included when separate. The plan's sensitivities use the same text. Prose alone
    (``brown:calib``, the default before) left Qwen2.5-Coder-0.5B's ``--bpw 2.5`` pack at 1.51x its
    reference on prose but 3.04x on held-out code (``bench/results/learned_qwen2.5-coder-0.5b.json``).
 3. **bit allocation** to ``B`` with the cheap ``proxy`` sensitivity (each module's relative output
@@ -89,19 +89,25 @@ HEAD_CANDIDATES = (TERNARY_SPEC, *LAYER_CANDIDATES)
 #: its hash before a rebase). RTN overstates the GPTQ'd decoder's error and not the mse embedding's.
 EMBED_FLOORS = (4, 3, TERNARY)
 ROTATION_NAME = "block Hadamard + online down_proj"
+#: calibration sequences of 512 tokens for GPTQ and the block stage. 64 rather than the 16 of the hand recipes:
+#: on Qwen2.5-Coder-0.5B's --bpw 2.5 plan, GPTQ alone (no refinement) measured brown:eval 73.09 / code:eval 5.716
+#: on 64 x 512 tokens against 82.78 / 6.240 on 16 x 512 (2,044 tokens each; GPTQ's part of the layer loop ~2x)
+CALIB_SAMPLES = 64
 E2E_MODULE = "mlx_dupq.refine.e2e"
 #: The ``[refine.block]`` stage of ``convert --bpw``: every calibration sequence but the held-out ones
-#: (14 x 512 tokens), 4 epochs (56 steps), lr 1e-4 on scales, biases and norms. On layer 3 of
+#: (62 x 512 tokens), each once (62 steps), lr 1e-4 on scales, biases and norms. It was 4 epochs of 14 x 512
+#: (56 steps) when GPTQ had 16 sequences: the same steps, 4x the distinct tokens. On layer 3 of
 #: Qwen2.5-Coder-0.5B under ``w2-t3`` it took the held-out output error from 0.0019 to 0.0008, where
 #: BlockSpec's own defaults (8 steps of 4 x 256 tokens) reached 0.0015 and lr 1e-3 0.0013
 #: (``bench/results/block_sweep_qwen2.5-coder-0.5b.json``).
 #: GPTQ's coordinate-descent sweeps in ``convert --bpw`` (``[quantizer] cd_sweeps``, docs/quality.md).
 CD_SWEEPS = 0
-#: 4 epochs of 14 x 512 tokens. ``min_gain`` 0.01 (a layer stopping after an epoch gaining < 1 %) cut
+#: With 4 epochs of 14 x 512 tokens, ``min_gain`` 0.01 (a layer stopping after an epoch gaining < 1 %) cut
 #: Qwen2.5-Coder-0.5B's --bpw 2.5 layer loop from 1,170 to 831 s but left the pack's validation KL
 #: before e2e at 0.974 against 0.954, still behind after 80 e2e steps (0.748 vs 0.728; docs/learned.md)
-BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=4, lr=1e-4)
-BLOCK_WHY = "56 steps of 512 tokens (docs/learned.md); kept only if the held-out error drops"
+BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=1, lr=1e-4)
+BLOCK_WHY = (f"{CALIB_SAMPLES - BlockSpec().holdout} steps of 512 tokens, each calibration sequence once "
+             "(docs/learned.md); kept only if the held-out error drops")
 #: the e2e stage of ``convert --bpw``: Adam on the stored scales and biases, each group's step 5e-4 of
 #: its own initial |scale| (``relative``). One absolute step cannot fit a pack whose layers mix 2 to 8
 #: bits: Qwen2.5-Coder-0.5B's ``--bpw 2.5`` pack (scales spanning ~50x between layers) did not train at
@@ -264,7 +270,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
         raise DupqError(f"--e2e-steps {e2e_steps!r} must be an integer >= 0 (0 skips end-to-end distillation)")
     e2e, e2e_choice = _e2e(e2e_steps)
     rotation, rot_why, unties = _rotation(model)
-    quantizer = QuantizerSpec(method="gptq", calib_data=calib_data, calib_samples=16, calib_seq_len=512,
+    quantizer = QuantizerSpec(method="gptq", calib_data=calib_data, calib_samples=CALIB_SAMPLES, calib_seq_len=512,
                               calib_head=True, cd_sweeps=cd_sweeps)
     base = Recipe(name=f"auto-{bpw:g}", default=QuantSpec(2, 64), embed=QuantSpec(4, 64), lm_head=QuantSpec(4, 64),
                   rotation=None, quantizer=quantizer)
@@ -306,7 +312,7 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
                       "its widest candidate): that plan")
     choices = [
         rot_choice,
-        Choice("quantizer", "GPTQ, 16 x 512 tokens" + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),
+        Choice("quantizer", f"GPTQ, {CALIB_SAMPLES} x 512 tokens" + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),
                f"{calib_data}; lm_head calibrated on the final states"),
         Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
                f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),

@@ -91,7 +91,9 @@ EMBED_FLOORS = (4, 3, TERNARY)
 ROTATION_NAME = "block Hadamard + online down_proj"
 #: calibration sequences of 512 tokens for GPTQ and the block stage. 64 rather than the 16 of the hand recipes:
 #: on Qwen2.5-Coder-0.5B's --bpw 2.5 plan, GPTQ alone (no refinement) measured brown:eval 73.09 / code:eval 5.716
-#: on 64 x 512 tokens against 82.78 / 6.240 on 16 x 512 (2,044 tokens each; GPTQ's part of the layer loop ~2x)
+#: on 64 x 512 tokens against 82.78 / 6.240 on 16 x 512 (2,044 tokens each); the whole --bpw 2.5 (block stage once
+#: over 62 sequences, e2e 80 steps) 64.36 / 5.323 against 68.53 / 5.431, but its layer loop took 2,170 s, not ~1,170
+#: (``bench/results/learned_qwen2.5-coder-0.5b_calib64.json``, docs/learned.md "Calibration tokens")
 CALIB_SAMPLES = 64
 E2E_MODULE = "mlx_dupq.refine.e2e"
 #: The ``[refine.block]`` stage of ``convert --bpw``: every calibration sequence but the held-out ones
@@ -129,6 +131,8 @@ BLOCK_WHY = (f"{CALIB_SAMPLES - BlockSpec().holdout} steps of 512 tokens, each c
 #: the text-only pack answers with nothing; brown:eval PPL 105.65 vs 102.98 (4,088 tokens;
 #: ``bench/results/chat_eval_smollm2-135m.json``, docs/e2e.md "Chat turns"). smollm2-135m-moe's 3-bit pack,
 #: 200 steps (134 text + 66 chat against 200 text): KL 0.949 vs 1.073, PPL 97.96 vs 91.83 (docs/moe.md).
+#: Qwen2.5-Coder-0.5B's --bpw 2.5 pack, 80 steps (54 text + 26 chat against 80 text): brown:eval 68.53 vs 68.35,
+#: code:eval 5.431 vs 5.364 (``bench/results/learned_qwen2.5-coder-0.5b_chat.json``, docs/learned.md).
 E2E_CHAT_SHARE = 1 / 3
 E2E_DEFAULTS = dict(steps=80, lr=5e-4, relative=True, batch=1, seq_len=256, samples=54, chat_samples=26,
                     valid_samples=4, temperature=1.0, top_k=256, trainable=["scales", "biases"], eval_every=20,

@@ -8,8 +8,9 @@
 # reference's 41.58 = 1.38x on brown:eval, 4 x 512 tokens: bench/results/quickstart_qwen2.5-coder-0.5b_epyc.json),
 # not the built-in default SmolLM2-135M: at <= 3 bits/weight SmolLM2's best pack, `convert --bpw 3.0`
 # with its end-to-end distillation stage, is 3.3x its reference (96.2 vs 29.3,
-# bench/results/learned_smollm2-135m_bpw3.0_e2e.json) and answers the prompt below with nothing
-# (issue 14). `MODEL=default RECIPE=smollm2-gptq-mixed-3.0` shows SmolLM2 anyway;
+# bench/results/learned_smollm2-135m_bpw3.0_e2e.json) and answers the prompt below with nothing, or,
+# with chat turns in the e2e stage (the default since), with a sentence that loops
+# (bench/results/chat_eval_smollm2-135m.json; issue 14). `MODEL=default RECIPE=smollm2-gptq-mixed-3.0` shows SmolLM2 anyway;
 # `BPW=3.0` converts with the automatic pipeline (`convert --bpw 3.0`) instead of RECIPE.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -316,7 +316,8 @@ def plan_auto(model: str, bpw: float, *, calib_data: str = "mix:calib", e2e_step
                       "its widest candidate): that plan")
     choices = [
         rot_choice,
-        Choice("quantizer", f"GPTQ, {CALIB_SAMPLES} x 512 tokens" + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),
+        Choice("quantizer", f"GPTQ, {CALIB_SAMPLES} x 512 tokens"
+               + (f", {cd_sweeps} coordinate-descent sweeps" if cd_sweeps else ""),
                f"{calib_data}; lm_head calibrated on the final states"),
         Choice("allocation", f"{rec.description.split('; ')[-1]}; {_head_specs(plan)}",
                f"proxy sensitivity, {floor_why}; {rec.description.split(' (')[1].split(')')[0]}"),

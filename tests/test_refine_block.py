@@ -103,7 +103,8 @@ def test_scale_bias_gradients_match_finite_differences(spec):
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"steps": -3}, {"lr": 0}, {"lr_weights": -1e-5},
                                  {"trainable": ["scales", "codes"]}, {"trainable": []}, {"batch": 0},
                                  {"target": "teacher"}, {"unknown": 1}, {"min_gain": 1.0}, {"min_gain": -0.1},
-                                 {"min_gain": 0.01, "holdout": 0}, {"experts": "yes"}])
+                                 {"min_gain": 0.01, "holdout": 0}, {"experts": "yes"},
+                                 {"check_every": 0}])
 def test_bad_options_fail_in_one_line(bad):
     with pytest.raises(DupqError) as e:
         Recipe.from_dict({"name": "x", "refine": {"block": bad}})
@@ -178,13 +179,14 @@ def test_block_min_gain_stops_after_a_weak_epoch(tiny_dirs, tmp_path, calib_file
     stopped run is the first quarter of the full one."""
     block = dict(epochs=4, batch=2, lr=5e-3, samples=None, holdout=2)
     reps = {}
-    for name, gain in (("all", 0.0), ("stop", 0.99)):
+    for name, extra in (("all", {}), ("stop", {"min_gain": 0.99}), ("step", {"min_gain": 0.99, "check_every": 1})):
         out = tmp_path / name
-        mlx_dupq.convert(tiny_dirs["llama"], out, _recipe(calib_file, block={**block, "min_gain": gain}))
+        mlx_dupq.convert(tiny_dirs["llama"], out, _recipe(calib_file, block={**block, **extra}))
         reps[name] = json.loads((out / "config.json").read_text())["mlx_dupq"]["refine"]["block"]
     per_epoch = 3  # 8 calibration sequences, 2 held out, batch 2
     assert [r["steps"] for r in reps["all"]["layers"].values()] == [4 * per_epoch] * 2
     assert [r["steps"] for r in reps["stop"]["layers"].values()] == [per_epoch] * 2
+    assert [r["steps"] for r in reps["step"]["layers"].values()] == [1] * 2  # check_every: checked after each step
     assert reps["stop"]["options"]["min_gain"] == 0.99
     for r in reps["stop"]["layers"].values():
         assert r["error"] == min(r["init_error"], r["trained_error"])

@@ -212,6 +212,7 @@ def _refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], en
     windows = x_tr.shape[0]
     per_epoch = max(1, -(-windows // spec.batch))
     total = spec.steps if spec.steps is not None else spec.epochs * per_epoch
+    check = spec.check_every or per_epoch  # steps between min_gain's held-out checks
     loss_val = float("nan")
     ran, last_err = total, init_err
     if total > 0 and n_trainable > 0:
@@ -237,11 +238,11 @@ def _refine_layer(layer: nn.Module, prefix: str, arrays: dict[str, mx.array], en
             if step % 4 == 3 or step == total - 1:
                 eta = (time.time() - t_train) / (step + 1) * (total - step - 1)
                 say(f"refine {prefix}: step {step + 1}/{total}, loss {loss_val:.4g}, ETA {eta:.0f}s")
-            if spec.min_gain > 0 and hold and (step + 1) % per_epoch == 0 and step + 1 < total:
+            if spec.min_gain > 0 and hold and (step + 1) % check == 0 and step + 1 < total:
                 err = _error(layer, x_ho, y_ho)  # the fake-quantized layer as it trains
                 if not err < last_err * (1 - spec.min_gain):
-                    say(f"refine {prefix}: held-out error {last_err:.4g} -> {err:.4g} in epoch "
-                        f"{(step + 1) // per_epoch}, below min_gain {spec.min_gain:g}: stopped")
+                    say(f"refine {prefix}: held-out error {last_err:.4g} -> {err:.4g} in steps "
+                        f"{step + 2 - check}-{step + 1}, below min_gain {spec.min_gain:g}: stopped")
                     ran = step + 1
                     break
                 last_err = err

@@ -48,8 +48,9 @@ class BlockSpec:
                 alongside); "quantized": the float layer applied to the quantized stream's input
     holdout:    calibration sequences held out to choose between initialisation and trained result
     seed:       shuffling of the training windows
-    min_gain:   stop after an epoch that lowered the held-out error by less than this fraction of
-                its value before the epoch (0: run every epoch); needs ``holdout`` >= 1
+    min_gain:   stop after an epoch (or ``check_every`` steps) that lowered the held-out error by less
+                than this fraction of its value before it (0: run every step); needs ``holdout`` >= 1
+    check_every: steps between the held-out checks of ``min_gain`` (None: one epoch)
     experts:    train the switch (MoE expert) layers too, as every other quantized linear (False:
                 hold them at their quantized values; per-expert-width layers are always held)
     """
@@ -66,6 +67,7 @@ class BlockSpec:
     holdout: int = 2
     seed: int = 0
     min_gain: float = 0.0
+    check_every: int | None = None
     experts: bool = True
 
     def __post_init__(self):
@@ -77,6 +79,7 @@ class BlockSpec:
         _positive_int("batch", self.batch)
         _positive_int("samples", self.samples, allow_none=True)
         _positive_int("seq_len", self.seq_len, allow_none=True)
+        _positive_int("check_every", self.check_every, allow_none=True)
         object.__setattr__(self, "lr", _positive_float("lr", self.lr))
         object.__setattr__(self, "lr_weights", _positive_float("lr_weights", self.lr_weights))
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0:

@@ -61,7 +61,7 @@ class BlockStage:
         self.layers[prefix] = report.to_dict()
         write_json_atomic(self.path, {"layers": self.layers})
         say(f"refine {prefix}: held-out error {report.init_error:.4g} -> {report.trained_error:.4g} "
-            f"(kept {report.kept}, {report.seconds:.0f}s)")
+            f"(kept {report.kept}, {report.steps} steps, {report.seconds:.0f}s)")
         return out, dequantized
 
     def record(self) -> dict:

@@ -110,7 +110,7 @@ CD_SWEEPS = 0
 #: With 64 x 512 tokens the 62-step pass took ~35 s of each layer's ~82 s on Qwen2.5-Coder-0.5B's --bpw 2.5
 #: pack; 17 of its 24 layers gained < 1 % held-out error (3 none), layer 2 lost (init kept), layer 3 gained 35 %; a layer
 #: now stops after 16 steps that gained < 0.5 % (``check_every``, ``min_gain``): the whole convert 3,103 s quiet
-#: (+303 s of teacher answers on a fresh machine) against ~68 min, 63.11 / 5.437 against 64.36 / 5.323
+#: (+322 s of teacher answers on a fresh machine) against ~68 min, 63.11 / 5.437 against 64.36 / 5.323
 #: (``bench/results/learned_qwen2.5-coder-0.5b_check16.json``, docs/learned.md).
 BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=1, lr=1e-4, check_every=16, min_gain=0.005)
 BLOCK_WHY = (f"up to {CALIB_SAMPLES - BlockSpec().holdout} steps of 512 tokens, each calibration sequence once, "

@@ -6,7 +6,7 @@
 ``convert --bpw``'s e2e stage trains on chat turns whose answers the float teacher writes
 (:mod:`mlx_dupq.refine.chat_data`); they are cached under ``$MLX_DUPQ_CACHE/chat`` and read back by every
 later conversion, so a timed conversion on a machine that made them before leaves their time out. This runs
-the stage's own step (``e2e._chat_conversations``) with ``convert --bpw``'s options (``auto.E2E_DEFAULTS``)
+the stage's own step (``e2e._chat_conversations``) with ``convert --bpw``'s options (``auto._e2e``)
 on FLOAT_DIR (a float model directory, as convert's teacher) and records the seconds, the number of
 answers and their digest. Point ``MLX_DUPQ_CACHE`` at an empty directory to time the generation; the
 answers are left there (compare them with the user cache's file of the same name: same options and
@@ -16,9 +16,9 @@ seed give the same bytes).
 from __future__ import annotations
 
 import argparse
-import sys
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ reexec_with_fast_blas()
 
 from mlx_lm.utils import load_tokenizer  # noqa: E402
 
-from mlx_dupq.auto import E2E_DEFAULTS, e2e_windows  # noqa: E402
+from mlx_dupq.auto import _e2e  # noqa: E402
 from mlx_dupq.cache import cache_dir  # noqa: E402
 from mlx_dupq.io.atomic import write_result  # noqa: E402
 from mlx_dupq.io.source import open_source  # noqa: E402
@@ -41,9 +41,7 @@ def main() -> None:
     ap.add_argument("float_dir", type=Path, help="the float teacher (a model directory)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    opts = dict(E2E_DEFAULTS)
-    opts["samples"], opts["chat_samples"] = e2e_windows(opts["steps"], opts["batch"])
-    spec = E2ESpec.from_dict(opts)
+    spec = E2ESpec.from_dict(_e2e(None)[0])  # convert --bpw's own e2e options
     src = open_source(args.float_dir)
     cache = chat_data.cache_path(src.fingerprint(), spec.data, spec.seed, spec.chat_max_tokens, spec.chat_temp)
     cached = cache.is_file()

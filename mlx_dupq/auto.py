@@ -114,8 +114,8 @@ CD_SWEEPS = 0
 #: (``bench/results/learned_qwen2.5-coder-0.5b_check16.json``, docs/learned.md).
 BLOCK_DEFAULTS = dict(samples=None, seq_len=None, epochs=1, lr=1e-4, check_every=16, min_gain=0.005)
 BLOCK_WHY = (f"up to {CALIB_SAMPLES - BlockSpec().holdout} steps of 512 tokens, each calibration sequence once, "
-             "a layer stopping after 16 steps that gain < 0.5 % (docs/learned.md); kept only if the held-out "
-             "error drops")
+             f"a layer stopping after {BLOCK_DEFAULTS['check_every']} steps that gain "
+             f"< {BLOCK_DEFAULTS['min_gain'] * 100:g} % (docs/learned.md); kept only if the held-out error drops")
 #: the e2e stage of ``convert --bpw``: Adam on the stored scales and biases, each group's step 5e-4 of
 #: its own initial |scale| (``relative``). One absolute step cannot fit a pack whose layers mix 2 to 8
 #: bits: Qwen2.5-Coder-0.5B's ``--bpw 2.5`` pack (scales spanning ~50x between layers) did not train at
